@@ -1,0 +1,5 @@
+import sys
+
+from iopfd.cli import main
+
+sys.exit(main())

@@ -1,0 +1,75 @@
+"""The ``iopfd`` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _cmd_probe(args: argparse.Namespace) -> int:
+    from iopfd.iommufd.probe import probe
+
+    features = probe(args.device)
+    width = max(len(f.name) for f in features)
+    print(f"{'feature':<{width}}  {'status':<7}  detail")
+    for f in features:
+        print(f"{f.name:<{width}}  {f.status:<7}  {f.detail}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from iopfd import demo
+
+    return demo.main(here=args.here, kernel=args.kernel, faults=args.faults)
+
+
+def _cmd_lab(args: argparse.Namespace) -> int:
+    from iopfd.lab import kernel, vm
+    from iopfd.lab.errors import LabError
+
+    try:
+        if args.lab_command == "build":
+            built = kernel.ensure_built(args.kernel)
+            print(built.directory)
+            return 0
+        return vm.run(args.argv, kernel=args.kernel, timeout=args.timeout)
+    except LabError as exc:
+        print(f"iopfd lab: {exc}", file=sys.stderr)
+        return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from iopfd.lab.kernel import DEFAULT_KERNEL, KERNELS
+
+    parser = argparse.ArgumentParser(prog="iopfd", description="User-space IOMMUFD I/O page-fault delivery daemon")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("probe", help="show what the running kernel offers (iommufd, fault queues, vEVENTQ, ...)")
+    p.add_argument("--device", default="/dev/iommu", help="iommufd device node (default: %(default)s)")
+    p.set_defaults(func=_cmd_probe)
+
+    p = sub.add_parser("demo", help="trigger mock faults in the kernel lab and answer them end to end")
+    p.add_argument("--here", action="store_true", help="run on this kernel instead of booting the lab")
+    p.add_argument("--kernel", choices=sorted(KERNELS), default=DEFAULT_KERNEL, help="lab kernel (default: %(default)s)")
+    p.add_argument("--faults", type=int, default=1000, help="mock faults to trigger (default: %(default)s)")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("lab", help="the kernel lab: build the mock-IOMMU kernel, run commands inside it")
+    lab_sub = p.add_subparsers(dest="lab_command", required=True)
+    b = lab_sub.add_parser("build", help="build (or find in the cache) a lab kernel; prints its cache directory")
+    b.add_argument("--kernel", choices=sorted(KERNELS), default=DEFAULT_KERNEL)
+    r = lab_sub.add_parser("run", help="boot a lab kernel and run a command in it (this checkout as cwd)")
+    r.add_argument("--kernel", choices=sorted(KERNELS), default=DEFAULT_KERNEL)
+    r.add_argument("--timeout", type=float, default=1800, help="seconds before the guest is killed")
+    r.add_argument("argv", nargs="+", metavar="COMMAND")
+    p.set_defaults(func=_cmd_lab)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

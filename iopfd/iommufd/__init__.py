@@ -1,0 +1,28 @@
+"""Typed objects over the iommufd and VFIO cdev ioctls; see docs/architecture.md."""
+
+from iopfd.iommufd.context import Iommufd
+from iopfd.iommufd.errors import (
+    Busy, InvalidArgument, IommufdError, IommufdUnavailable, NotFound, NotSupported, PermissionDenied,
+)
+from iopfd.iommufd.fault import (
+    INVALID, LAST_PAGE, PASID_VALID, SUCCESS, Fault, FaultGroup, FaultQueue, MalformedFaultData,
+    is_fault_fd, parse_groups, respond_all,
+)
+from iopfd.iommufd.hwpt import Hwpt
+from iopfd.iommufd.ioas import Ioas
+from iopfd.iommufd.selftest import FaultingMockSetup, MockDevice
+from iopfd.iommufd.uapi import lib
+from iopfd.iommufd.vfio import VfioDevice, list_devices
+
+PERM_READ = lib.IOMMU_PGFAULT_PERM_READ
+PERM_WRITE = lib.IOMMU_PGFAULT_PERM_WRITE
+PERM_EXEC = lib.IOMMU_PGFAULT_PERM_EXEC
+PERM_PRIV = lib.IOMMU_PGFAULT_PERM_PRIV
+
+__all__ = [
+    "Busy", "Fault", "FaultGroup", "FaultQueue", "FaultingMockSetup", "Hwpt", "INVALID", "InvalidArgument",
+    "Ioas", "Iommufd", "IommufdError", "IommufdUnavailable", "LAST_PAGE", "MalformedFaultData", "MockDevice",
+    "NotFound", "NotSupported", "PASID_VALID", "PERM_EXEC", "PERM_PRIV", "PERM_READ", "PERM_WRITE",
+    "PermissionDenied", "SUCCESS", "VfioDevice", "is_fault_fd", "lib", "list_devices", "parse_groups",
+    "respond_all",
+]

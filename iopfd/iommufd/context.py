@@ -1,0 +1,73 @@
+"""An iommufd context: one open /dev/iommu, the owner of every object allocated through it."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+from iopfd.iommufd.errors import IommufdUnavailable, error_for
+from iopfd.iommufd.uapi import ioctl, new
+
+DEVICE = "/dev/iommu"
+
+
+class Iommufd:
+    """An open ``/dev/iommu``. Closing it destroys every object not kept alive by an open fault fd."""
+
+    def __init__(self, fd: int, *, owned: bool = True) -> None:
+        self.fd = fd
+        self._owned = owned
+
+    @classmethod
+    def open(cls, path: str = DEVICE) -> Iommufd:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise IommufdUnavailable(
+                f"open {path}", errno.ENOENT,
+                "no /dev/iommu: the kernel was built without CONFIG_IOMMUFD (or, with IOMMUFD=m, "
+                "the module is not loaded: modprobe iommufd)",
+            ) from None
+        except OSError as exc:
+            raise error_for(f"open {path}", exc.errno) from None
+        return cls(fd)
+
+    def ioctl(self, name: str, cdata, **kwargs) -> None:
+        ioctl(self.fd, name, cdata, **kwargs)
+
+    def destroy(self, object_id: int) -> None:
+        """IOMMU_DESTROY: any object ID. EBUSY while something still uses the object."""
+        self.ioctl("IOMMU_DESTROY", new("struct iommu_destroy", id=object_id))
+
+    def close(self) -> None:
+        if self.fd >= 0 and self._owned:
+            os.close(self.fd)
+        self.fd = -1
+
+    def __enter__(self) -> Iommufd:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+class Object:
+    """An iommufd object with an ID; leaving its ``with`` block destroys it."""
+
+    def __init__(self, ctx: Iommufd, object_id: int) -> None:
+        self.ctx = ctx
+        self.id = object_id
+
+    def destroy(self) -> None:
+        if self.id:
+            self.ctx.destroy(self.id)
+            self.id = 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.destroy()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} id={self.id}>"

@@ -1,0 +1,94 @@
+"""What the running kernel offers: each feature is tried for real, not guessed from a version."""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass
+
+from iopfd.iommufd.context import Iommufd
+from iopfd.iommufd.errors import IommufdError
+from iopfd.iommufd.fault import FaultQueue
+from iopfd.iommufd.hwpt import Hwpt
+from iopfd.iommufd.ioas import Ioas
+from iopfd.iommufd.selftest import FaultingMockSetup, MockDevice
+from iopfd.iommufd.uapi import ioctl, new
+from iopfd.iommufd.vfio import list_devices
+
+YES, NO, UNKNOWN = "yes", "no", "unknown"
+
+
+@dataclass(frozen=True)
+class Feature:
+    name: str
+    status: str
+    detail: str
+
+
+def _known_ioctl(ctx: Iommufd, name: str, ctype: str) -> tuple[str, str]:
+    """Issue ``name`` with an all-zero argument: ENOTTY means the kernel lacks it, any other answer that it has it."""
+    try:
+        ioctl(ctx.fd, name, new(ctype))
+    except IommufdError as exc:
+        if exc.errno == errno.ENOTTY:
+            return NO, f"{name} unknown to this kernel"
+    return YES, f"{name} known"
+
+
+def probe(device: str = "/dev/iommu") -> list[Feature]:
+    features: list[Feature] = []
+    vfio = list_devices()
+    vfio_feature = Feature("VFIO cdev devices", YES if vfio else NO, ", ".join(vfio) or "none in /dev/vfio/devices")
+    try:
+        ctx = Iommufd.open(device)
+    except IommufdError as exc:
+        features.append(Feature("iommufd", NO, str(exc)))
+        for name in ("fault queues", "selftest mock IOMMU", "I/O page faults end to end",
+                     "faults on paging HWPTs", "vIOMMU", "vEVENTQ"):
+            features.append(Feature(name, UNKNOWN, f"needs {device}"))
+        return [*features, vfio_feature]
+
+    with ctx:
+        features.append(Feature("iommufd", YES, f"{device} opened"))
+        try:
+            with FaultQueue.alloc(ctx) as queue:
+                features.append(Feature("fault queues", YES, f"IOMMU_FAULT_QUEUE_ALLOC gave fault object {queue.id}"))
+        except IommufdError as exc:
+            features.append(Feature("fault queues", NO, str(exc)))
+        features.extend(_probe_selftest(ctx))
+        for name, ioctl_name, ctype in (("vIOMMU", "IOMMU_VIOMMU_ALLOC", "struct iommu_viommu_alloc"),
+                                        ("vEVENTQ", "IOMMU_VEVENTQ_ALLOC", "struct iommu_veventq_alloc")):
+            features.append(Feature(name, *_known_ioctl(ctx, ioctl_name, ctype)))
+    return [*features, vfio_feature]
+
+
+def _probe_selftest(ctx: Iommufd) -> list[Feature]:
+    names = ("selftest mock IOMMU", "I/O page faults end to end", "faults on paging HWPTs")
+    try:
+        with Ioas.alloc(ctx) as ioas, MockDevice.create(ctx, ioas.id) as device:
+            found = [Feature(names[0], YES, "IOMMU_TEST_CMD created a mock device")]
+            with FaultQueue.alloc(ctx) as queue:
+                try:
+                    with Hwpt.alloc(ctx, dev_id=device.dev_id, pt_id=ioas.id, fault_id=queue.id):
+                        found.append(Feature(names[2], YES, "a paging HWPT took a fault_id"))
+                except IommufdError as exc:
+                    found.append(Feature(names[2], NO, str(exc)))
+    except IommufdError as exc:
+        return [Feature(names[0], NO, str(exc)),
+                Feature(names[1], UNKNOWN, "needs the mock IOMMU or a PRI-capable device"),
+                Feature(names[2], UNKNOWN, "needs the mock IOMMU or a PRI-capable device")]
+    found.insert(1, _probe_fault_round_trip(ctx))
+    return found
+
+
+def _probe_fault_round_trip(ctx: Iommufd) -> Feature:
+    name = "I/O page faults end to end"
+    try:
+        with FaultQueue.alloc(ctx) as queue, FaultingMockSetup(ctx, queue.id) as rig:
+            rig.device.trigger_iopf(addr=0x100000, grpid=1)
+            groups = queue.read()
+            consumed = queue.respond([(g.cookie, 0) for g in groups])
+    except IommufdError as exc:
+        return Feature(name, NO, str(exc))
+    if len(groups) != 1 or consumed != 1:
+        return Feature(name, NO, f"triggered 1 fault, read {len(groups)} groups, {consumed} answered")
+    return Feature(name, YES, "mock fault triggered, read and answered")

@@ -16,7 +16,8 @@ class IommufdError(OSError):
 
     def __init__(self, operation: str, err: int, hint: str | None = None) -> None:
         self.operation = operation
-        name = errno.errorcode.get(err, str(err))
+        # Linux aliases ENOTSUP to EOPNOTSUPP; the uapi documents the latter.
+        name = "EOPNOTSUPP" if err == errno.EOPNOTSUPP else errno.errorcode.get(err, str(err))
         message = f"{operation} failed: {name} ({os.strerror(err)})"
         if hint:
             message += f": {hint}"

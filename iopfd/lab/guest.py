@@ -17,7 +17,9 @@ GUEST_ENV = "IOPFD_LAB_GUEST"
 def main(argv: list[str]) -> int:
     status_file, separator, *command = argv
     assert separator == "--", "usage: python -m iopfd.lab.guest STATUS_FILE -- ARGV..."
-    env = {**os.environ, GUEST_ENV: "1", "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    # The host's virtualenv first on PATH, so ``python`` and ``iopfd`` are this checkout's.
+    path = f"{os.path.dirname(sys.executable)}:{os.environ.get('PATH', '/usr/bin:/bin')}"
+    env = {**os.environ, "PATH": path, GUEST_ENV: "1", "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1"}
     try:
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
                                 stdin=subprocess.DEVNULL)

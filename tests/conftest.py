@@ -1,0 +1,126 @@
+"""Runs kernel-lab tests where they belong.
+
+On the host, every test marked ``guest`` is collected as usual and then stands in for its twin
+inside the lab: the first one to run boots the lab kernel once and runs all selected guest tests in
+it; each then reports the guest's outcome (with the guest's traceback on failure) in the host's
+normal pytest summary. Inside the guest (IOPFD_LAB_GUEST set) the same tests run for real and their
+results are written to the file named by ``--lab-report``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from iopfd.lab.guest import GUEST_ENV
+
+IN_GUEST = bool(os.environ.get(GUEST_ENV))
+GUEST_TIMEOUT = 3600  # seconds for one lab boot running the whole guest suite (build excluded)
+_RESULTS = pytest.StashKey[dict]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    from iopfd.lab.kernel import DEFAULT_KERNEL
+
+    group = parser.getgroup("iopfd kernel lab")
+    group.addoption("--lab-kernel", default=DEFAULT_KERNEL, help="lab kernel for kernel tests (default: %(default)s)")
+    group.addoption("--lab-report", default=None, help=argparse.SUPPRESS)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "guest: runs inside the lab guest (implies kernel)")
+    if IN_GUEST and config.getoption("--lab-report"):
+        config.pluginmanager.register(_GuestReporter(Path(config.getoption("--lab-report"))), "iopfd-lab-report")
+
+
+class _GuestReporter:
+    def __init__(self, path: Path) -> None:
+        self._file = open(path, "a", buffering=1)
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        longrepr = str(report.longrepr) if report.longrepr else ""
+        if report.skipped and isinstance(report.longrepr, tuple):
+            longrepr = report.longrepr[2]
+        self._file.write(json.dumps({"nodeid": report.nodeid, "when": report.when, "outcome": report.outcome,
+                                     "longrepr": longrepr, "duration": report.duration}) + "\n")
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    if IN_GUEST:
+        return
+    for index, item in enumerate(items):
+        if item.get_closest_marker("guest"):
+            items[index] = LabItem.from_parent(item.parent, name=item.name, original=item)
+
+
+class LabTestFailure(Exception):
+    pass
+
+
+class LabItem(pytest.Item):
+    """Host-side stand-in for one guest test: reports the outcome the lab run gave it."""
+
+    def __init__(self, *, original: pytest.Item, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.own_markers = list(original.own_markers)
+        self.add_marker(pytest.mark.timeout(0))  # the lab run has its own limit
+        self.kernel = self.config.getoption("--lab-kernel")
+
+    def runtest(self) -> None:
+        results = self.session.stash.get(_RESULTS, None)
+        if results is None:
+            results = self.session.stash[_RESULTS] = _run_guest_suite(self.session, self.kernel)
+        if isinstance(results, Exception):
+            raise LabTestFailure(f"the kernel lab failed, so this test could not run: {results}")
+        phases = results.get(self.nodeid)
+        if not phases:
+            raise LabTestFailure("the lab guest reported no result for this test (see the guest output above)")
+        for phase in phases:
+            if phase["outcome"] == "failed":
+                raise LabTestFailure(f"failed in the lab guest ({self.kernel}) during {phase['when']}:\n{phase['longrepr']}")
+        for phase in phases:
+            if phase["outcome"] == "skipped":
+                pytest.skip(f"skipped in the lab guest: {phase['longrepr']}")
+
+    def repr_failure(self, excinfo, style=None):
+        if isinstance(excinfo.value, LabTestFailure):
+            return str(excinfo.value)
+        return super().repr_failure(excinfo, style)
+
+    def reportinfo(self):
+        return self.path, None, f"[lab {self.kernel}] {self.name}"
+
+
+def _run_guest_suite(session: pytest.Session, kernel: str) -> dict | Exception:
+    from iopfd.lab import vm
+    from iopfd.lab.errors import LabError
+    from iopfd.lab.kernel import cache_root
+
+    nodeids = [item.nodeid for item in session.items if isinstance(item, LabItem)]
+    shared = cache_root() / "runs" / f"pytest-{os.getpid()}"
+    shared.mkdir(parents=True, exist_ok=True)
+    report = shared / "report.jsonl"
+    report.unlink(missing_ok=True)
+    argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rfEs", "--color=no",
+            f"--lab-report={report}", "--rootdir", str(session.config.rootpath), *nodeids]
+    capture = session.config.pluginmanager.getplugin("capturemanager")
+    writer = session.config.get_terminal_writer()
+    try:
+        with capture.global_and_fixture_disabled():
+            writer.line(f"\n[lab] running {len(nodeids)} kernel tests inside lab kernel {kernel}")
+            vm.run(argv, kernel=kernel, timeout=GUEST_TIMEOUT, shared_dir=shared,
+                   on_line=lambda line: writer.write("[guest] " + line, flush=True))
+    except LabError as exc:
+        return exc
+    results: dict[str, list[dict]] = {}
+    if report.exists():
+        for line in report.read_text().splitlines():
+            entry = json.loads(line)
+            results.setdefault(entry["nodeid"], []).append(entry)
+    return results

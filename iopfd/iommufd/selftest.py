@@ -85,6 +85,7 @@ class FaultingMockSetup:
         try:
             self.ioas = self._keep(Ioas.alloc(ctx))
             self.device = self._keep(MockDevice.create(ctx, self.ioas.id))
+            self._ioas_domain = self.device.hwpt_id
             self.parent = self._keep(Hwpt.nest_parent(ctx, dev_id=self.device.dev_id, ioas_id=self.ioas.id))
             self.nested = self._keep(Hwpt.nested(ctx, dev_id=self.device.dev_id, parent_id=self.parent.id,
                                                  data_type=lib.IOMMU_HWPT_DATA_SELFTEST,
@@ -99,9 +100,10 @@ class FaultingMockSetup:
         return obj
 
     def close(self) -> None:
-        """Detach the device from the nested HWPT (answering what is pending), then destroy in reverse."""
-        if getattr(self, "nested", None) is not None and self.device.hwpt_id == self.nested.id:
-            self.device.replace(self.ioas.id)
+        """Move the device back to its IOAS domain (answering what is pending), then destroy in reverse."""
+        device = getattr(self, "device", None)
+        if device is not None and device.hwpt_id != self._ioas_domain:
+            self._ioas_domain = device.replace(self.ioas.id)
         while self._stack:
             self._stack.pop().destroy()
 

@@ -49,15 +49,20 @@ def run(argv: Sequence[str], *, kernel: str = lab_kernel.DEFAULT_KERNEL, timeout
         status_file = shared / "guest-status"
         status_file.unlink(missing_ok=True)
         console_log = lab_kernel.cache_root() / "last-console.log"
-        inner = [sys.executable, "-m", "iopfd.lab.guest", str(status_file), "--", *argv]
+        # The command travels in a file: virtme-ng passes --exec on the kernel command line,
+        # which is limited to 2048 bytes (a long command silently loses root= and the boot panics).
+        script = shared / "guest-command.sh"
+        script.write_text(shlex.join([sys.executable, "-m", "iopfd.lab.guest", str(status_file), "--", *argv]) + "\n")
         command = [
             str(vng), "--run", str(built.bzimage), "--disable-kvm", "--force-9p", "--verbose",
             "--cpus", str(cpus), "--memory", memory, "--cwd", str(REPO), "--rwdir", str(shared),
             "--append", "loglevel=4",
-            "--exec", shlex.join(inner),
+            "--exec", f"sh {shlex.quote(str(script))}",
         ]
         started = time.monotonic()
-        print(f"[lab] booting lab kernel {kernel} under QEMU (TCG): {shlex.join(argv)}", file=sys.stderr, flush=True)
+        shown = shlex.join(argv)
+        shown = shown if len(shown) <= 160 else shown[:157] + "..."
+        print(f"[lab] booting lab kernel {kernel} under QEMU (TCG): {shown}", file=sys.stderr, flush=True)
         with open(console_log, "w") as log:
             proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True, cwd=REPO)

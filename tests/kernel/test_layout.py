@@ -1,0 +1,119 @@
+"""The binding's struct layouts and constants equal the lab kernel's real uapi headers.
+
+A C program is generated from what ``iopfd._uapi.ffi`` declares, compiled against the headers that
+``make headers_install`` produced for the lab kernel (plus the selftest's ``iommufd_test.h`` from the
+same source tree), and run: every sizeof, offsetof and constant must match. Declarations that this
+kernel does not have yet (newer uapi) are listed per kernel; the test proves they really are absent
+and that a struct which later grew ends exactly where the newer field starts.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from iopfd._uapi import ffi
+from iopfd.iommufd.uapi import lib
+
+pytestmark = [pytest.mark.kernel, pytest.mark.timeout(3600)]
+
+# What the binding declares but each lab kernel's uapi does not have (newer kernels add them).
+ABSENT = {
+    "6.12": {
+        "structs": {"iommu_viommu_alloc", "iommu_vdevice_alloc", "iommu_veventq_alloc", "iommufd_vevent_header"},
+        "fields": {"vfio_device_attach_iommufd_pt": "pasid", "vfio_device_detach_iommufd_pt": "pasid"},
+        "constants": {
+            "IOMMU_HWPT_ALLOC_PASID", "IOMMU_VIOMMU_ALLOC", "IOMMU_VDEVICE_ALLOC", "IOMMU_VEVENTQ_ALLOC",
+            "IOMMU_VIOMMU_TYPE_DEFAULT", "IOMMU_VIOMMU_TYPE_ARM_SMMUV3", "IOMMU_VEVENTQ_TYPE_DEFAULT",
+            "IOMMU_VEVENTQ_TYPE_ARM_SMMUV3", "IOMMU_VEVENTQ_FLAG_LOST_EVENTS", "VFIO_DEVICE_ATTACH_PASID",
+            "VFIO_DEVICE_DETACH_PASID",
+        },
+    },
+}
+INCLUDES = "#include <stddef.h>\n#include <stdio.h>\n#include <linux/iommufd.h>\n#include <linux/vfio.h>\n"
+
+
+@pytest.fixture(scope="module")
+def built(request):
+    from iopfd.lab.kernel import ensure_built
+
+    return ensure_built(request.config.getoption("--lab-kernel"))
+
+
+@pytest.fixture(scope="module")
+def absent(built):
+    return ABSENT[built.kernel.name]
+
+
+def declared_fields(ctype, prefix: str = "", base: int = 0):
+    """(dotted path, offset) of every field, nested structs of anonymous unions included."""
+    ctype = ffi.typeof(ctype) if isinstance(ctype, str) else ctype
+    for name, field in ctype.fields:
+        path = f"{prefix}{name}"
+        yield path, base + field.offset
+        if field.type.kind == "struct":
+            yield from declared_fields(field.type, f"{path}.", base + field.offset)
+
+
+def compile_and_run(built, body: str, tmp_path: Path, name: str = "layout") -> subprocess.CompletedProcess:
+    source = tmp_path / f"{name}.c"
+    source.write_text(f'{INCLUDES}#include "{built.selftest_header}"\nint main(void) {{\n{body}\nreturn 0;\n}}\n')
+    binary = tmp_path / name
+    result = subprocess.run(["gcc", "-std=gnu11", "-Wall", "-Werror", "-I", str(built.headers), "-o", str(binary),
+                             str(source)], capture_output=True, text=True)
+    if result.returncode != 0:
+        return result
+    return subprocess.run([str(binary)], capture_output=True, text=True, check=True)
+
+
+def test_struct_sizes_and_field_offsets_match_the_kernel_headers(built, absent, tmp_path):
+    expected: dict[str, int] = {}
+    lines = []
+    for struct_name in ffi.list_types()[1]:
+        if struct_name in absent["structs"]:
+            continue
+        ctype = f"struct {struct_name}"
+        missing_field = absent["fields"].get(struct_name)
+        for path, offset in declared_fields(ctype):
+            if path == missing_field:
+                # The kernel's struct is the prefix before the newer field.
+                lines.append(f'printf("sizeof {struct_name} %zu\\n", sizeof({ctype}));')
+                expected[f"sizeof {struct_name}"] = offset
+                break
+            lines.append(f'printf("offsetof {struct_name}.{path} %zu\\n", offsetof({ctype}, {path}));')
+            expected[f"offsetof {struct_name}.{path}"] = offset
+        else:
+            lines.append(f'printf("sizeof {struct_name} %zu\\n", sizeof({ctype}));')
+            expected[f"sizeof {struct_name}"] = ffi.sizeof(ctype)
+    result = compile_and_run(built, "\n".join(lines), tmp_path)
+    assert result.returncode == 0, result.stderr
+    actual = {key: int(value) for key, value in (line.rsplit(" ", 1) for line in result.stdout.splitlines())}
+    assert actual == expected
+    assert len(actual) > 100  # every struct and field was really checked
+
+
+def test_constants_match_the_kernel_headers(built, absent, tmp_path):
+    names = [name for name in dir(lib) if name not in absent["constants"]]
+    body = "\n".join(f'printf("{n} %llu\\n", (unsigned long long)({n}));' for n in names)
+    result = compile_and_run(built, body, tmp_path)
+    assert result.returncode == 0, result.stderr
+    actual = {key: int(value) for key, value in (line.split() for line in result.stdout.splitlines())}
+    assert actual == {name: getattr(lib, name) for name in names}
+    assert len(actual) >= 50
+
+
+def test_declarations_listed_as_newer_are_really_absent_from_this_kernel(built, absent, tmp_path):
+    probes = {f"struct {s}": f"struct {s} probe; (void)probe;" for s in absent["structs"]}
+    probes |= {f"{s}.{f}": f"(void)offsetof(struct {s}, {f});" for s, f in absent["fields"].items()}
+    probes |= {c: f"(void)({c});" for c in absent["constants"]}
+    present = [what for index, (what, body) in enumerate(sorted(probes.items()))
+               if compile_and_run(built, body, tmp_path, f"absent{index}").returncode == 0]
+    assert present == [], f"now in the kernel headers, so check them: remove from ABSENT[{built.kernel.name!r}]"
+
+
+def test_no_kernel_header_is_in_the_repository():
+    repo = Path(__file__).resolve().parents[2]
+    tracked = subprocess.run(["git", "ls-files"], cwd=repo, capture_output=True, text=True, check=True).stdout.split()
+    assert not [p for p in tracked if p.endswith(".h")]

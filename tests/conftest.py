@@ -38,6 +38,16 @@ def pytest_configure(config: pytest.Config) -> None:
         config.pluginmanager.register(_GuestReporter(Path(config.getoption("--lab-report"))), "iopfd-lab-report")
 
 
+@pytest.fixture(scope="session")
+def built(request):
+    """The lab kernel's build artefacts, built first if needed (with its progress shown)."""
+    from iopfd.lab.kernel import ensure_built
+
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled():
+        return ensure_built(request.config.getoption("--lab-kernel"))
+
+
 class _GuestReporter:
     def __init__(self, path: Path) -> None:
         self._file = open(path, "a", buffering=1)

@@ -36,13 +36,6 @@ INCLUDES = "#include <stddef.h>\n#include <stdio.h>\n#include <linux/iommufd.h>\
 
 
 @pytest.fixture(scope="module")
-def built(request):
-    from iopfd.lab.kernel import ensure_built
-
-    return ensure_built(request.config.getoption("--lab-kernel"))
-
-
-@pytest.fixture(scope="module")
 def absent(built):
     return ABSENT[built.kernel.name]
 

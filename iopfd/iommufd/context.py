@@ -4,11 +4,24 @@ from __future__ import annotations
 
 import errno
 import os
+from dataclasses import dataclass
+
+from iopfd._uapi import ffi
 
 from iopfd.iommufd.errors import IommufdUnavailable, error_for
 from iopfd.iommufd.uapi import ioctl, new
 
 DEVICE = "/dev/iommu"
+
+
+@dataclass(frozen=True)
+class HwInfo:
+    """What IOMMU_GET_HW_INFO reports. There is no PRI/IOPF bit: that shows only at attach time."""
+
+    data_type: int
+    data: bytes
+    max_pasid_log2: int  # 0: no PASID support
+    capabilities: int    # IOMMU_HW_CAP_*
 
 
 class Iommufd:
@@ -38,6 +51,14 @@ class Iommufd:
     def destroy(self, object_id: int) -> None:
         """IOMMU_DESTROY: any object ID. EBUSY while something still uses the object."""
         self.ioctl("IOMMU_DESTROY", new("struct iommu_destroy", id=object_id))
+
+    def hw_info(self, dev_id: int, data_len: int = 64) -> HwInfo:
+        """IOMMU_GET_HW_INFO for a bound device: its IOMMU type, vendor data and PASID capability."""
+        data = ffi.new("char[]", data_len)
+        cmd = new("struct iommu_hw_info", dev_id=dev_id, data_len=data_len, data_uptr=int(ffi.cast("uintptr_t", data)))
+        self.ioctl("IOMMU_GET_HW_INFO", cmd, hints={errno.ENOENT: f"dev_id {dev_id} is not a device bound to this iommufd"})
+        return HwInfo(cmd.out_data_type, bytes(ffi.buffer(data, cmd.data_len)), cmd.out_max_pasid_log2,
+                      cmd.out_capabilities)
 
     def close(self) -> None:
         if self.fd >= 0 and self._owned:

@@ -26,6 +26,7 @@ ABSENT = {
         "fields": {"vfio_device_attach_iommufd_pt": "pasid", "vfio_device_detach_iommufd_pt": "pasid"},
         "constants": {
             "IOMMU_HWPT_ALLOC_PASID", "IOMMU_VIOMMU_ALLOC", "IOMMU_VDEVICE_ALLOC", "IOMMU_VEVENTQ_ALLOC",
+            "IOMMU_IOAS_MAP_FILE", "IOMMU_IOAS_CHANGE_PROCESS", "IOMMU_HW_QUEUE_ALLOC",
             "IOMMU_VIOMMU_TYPE_DEFAULT", "IOMMU_VIOMMU_TYPE_ARM_SMMUV3", "IOMMU_VEVENTQ_TYPE_DEFAULT",
             "IOMMU_VEVENTQ_TYPE_ARM_SMMUV3", "IOMMU_VEVENTQ_FLAG_LOST_EVENTS", "VFIO_DEVICE_ATTACH_PASID",
             "VFIO_DEVICE_DETACH_PASID",

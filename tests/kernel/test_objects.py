@@ -141,3 +141,15 @@ def test_test_cmd_errors_name_the_ioctl(ctx):
     with pytest.raises(NotFound) as info:
         test_cmd(ctx, lib.IOMMU_TEST_OP_MOCK_DOMAIN_REPLACE, 0xFFFF, mock_domain_replace={"pt_id": 1})
     assert str(info.value).startswith("IOMMU_TEST_CMD failed: ENOENT")
+
+
+def test_hw_info_of_a_mock_device_reports_the_selftest_type(ctx):
+    import struct
+
+    with Ioas.alloc(ctx) as ioas, MockDevice.create(ctx, ioas.id) as device:
+        info = ctx.hw_info(device.dev_id)
+        assert info.data_type == lib.IOMMU_HW_INFO_TYPE_SELFTEST
+        assert len(info.data) == ffi.sizeof("struct iommu_test_hw_info")
+        assert struct.unpack("<II", info.data)[1] == lib.IOMMU_HW_INFO_SELFTEST_REGVAL
+        with pytest.raises(NotFound, match="not a device bound"):
+            ctx.hw_info(0xFFFF)

@@ -33,6 +33,6 @@ def ensure_packages(specs: list[str]) -> None:
                        f"install them as root: apt-get install {' '.join(missing)}")
     print(f"[lab] installing {' '.join(missing)} with apt-get", file=sys.stderr, flush=True)
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for argv in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing]):
+    for argv in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", *missing]):
         if subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, check=False).returncode != 0:
             raise LabError(f"'{' '.join(argv)}' failed; see its output above")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -133,4 +134,5 @@ def _run_guest_suite(session: pytest.Session, kernel: str) -> dict | Exception:
         for line in report.read_text().splitlines():
             entry = json.loads(line)
             results.setdefault(entry["nodeid"], []).append(entry)
+    shutil.rmtree(shared, ignore_errors=True)
     return results

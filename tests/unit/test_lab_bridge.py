@@ -50,7 +50,7 @@ def test_guest_outcomes_are_reported_on_the_host(pytester, monkeypatch, tmp_path
     monkeypatch.setattr(vm, "run", fake_guest(calls))
     pytester.makeconftest(CONFTEST)
     pytester.makepyfile(test_guest=GUEST_TESTS)
-    result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "-rA")
+    result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "-p", "no:asyncio", "-rA")
     result.assert_outcomes(passed=1, failed=2, skipped=1)
     assert len(calls) == 1  # one boot for the whole session
     result.stdout.fnmatch_lines([  # in the order pytest prints them
@@ -70,7 +70,7 @@ def test_a_lab_that_cannot_boot_fails_every_kernel_test(pytester, monkeypatch, t
     monkeypatch.setattr(vm, "run", broken)
     pytester.makeconftest(CONFTEST)
     pytester.makepyfile(test_guest=GUEST_TESTS)
-    result = pytester.runpytest_inprocess("-p", "no:cacheprovider")
+    result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "-p", "no:asyncio")
     result.assert_outcomes(failed=4)
     result.stdout.fnmatch_lines(["*the kernel lab failed, so this test could not run: kernel build step failed*"])
 
@@ -79,4 +79,4 @@ def test_unit_tests_do_not_boot_the_lab(pytester, monkeypatch):
     monkeypatch.setattr(vm, "run", lambda *a, **k: pytest.fail("booted the lab"))
     pytester.makeconftest(CONFTEST)
     pytester.makepyfile(test_unit="def test_plain(): pass\n")
-    pytester.runpytest_inprocess("-p", "no:cacheprovider").assert_outcomes(passed=1)
+    pytester.runpytest_inprocess("-p", "no:cacheprovider", "-p", "no:asyncio").assert_outcomes(passed=1)

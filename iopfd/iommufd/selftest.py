@@ -20,7 +20,7 @@ NO_IOPF = ("the kernel lacks IOMMU_IOPF, so no device can attach to a fault-capa
 SELFTEST_NESTED_DATA = struct.pack("<I", lib.IOMMU_TEST_IOTLB_DEFAULT)  # struct iommu_hwpt_selftest
 
 
-def test_cmd(ctx: Iommufd, op: int, object_id: int = 0, hints=None, **members):
+def selftest_cmd(ctx: Iommufd, op: int, object_id: int = 0, hints=None, **members):
     """IOMMU_TEST_CMD: ``members`` maps a union member name to a dict of its fields."""
     cmd = new("struct iommu_test_cmd", op=op, id=object_id)
     for member, fields in members.items():
@@ -46,10 +46,10 @@ class MockDevice(Object):
     def create(cls, ctx: Iommufd, pt_id: int, *, flags: int = 0) -> MockDevice:
         """IOMMU_TEST_OP_MOCK_DOMAIN(_FLAGS) on an IOAS (gets an automatic paging domain) or a HWPT."""
         if flags:
-            cmd = test_cmd(ctx, lib.IOMMU_TEST_OP_MOCK_DOMAIN_FLAGS, pt_id, mock_domain_flags={"dev_flags": flags})
+            cmd = selftest_cmd(ctx, lib.IOMMU_TEST_OP_MOCK_DOMAIN_FLAGS, pt_id, mock_domain_flags={"dev_flags": flags})
             out = cmd.mock_domain_flags
         else:
-            out = test_cmd(ctx, lib.IOMMU_TEST_OP_MOCK_DOMAIN, pt_id).mock_domain
+            out = selftest_cmd(ctx, lib.IOMMU_TEST_OP_MOCK_DOMAIN, pt_id).mock_domain
         return cls(ctx, out.out_stdev_id, out.out_idev_id, out.out_hwpt_id)
 
     def replace(self, pt_id: int) -> int:
@@ -57,7 +57,7 @@ class MockDevice(Object):
 
         Replacing away from a fault-capable HWPT answers its pending groups INVALID.
         """
-        cmd = test_cmd(self.ctx, lib.IOMMU_TEST_OP_MOCK_DOMAIN_REPLACE, self.id,
+        cmd = selftest_cmd(self.ctx, lib.IOMMU_TEST_OP_MOCK_DOMAIN_REPLACE, self.id,
                        mock_domain_replace={"pt_id": pt_id}, hints={errno.ENODEV: NO_IOPF})
         self.hwpt_id = cmd.mock_domain_replace.pt_id
         return self.hwpt_id
@@ -68,7 +68,7 @@ class MockDevice(Object):
 
         The kernel returns success even when nothing takes the fault (it is answered INVALID inside).
         """
-        test_cmd(self.ctx, lib.IOMMU_TEST_OP_TRIGGER_IOPF, trigger_iopf={
+        selftest_cmd(self.ctx, lib.IOMMU_TEST_OP_TRIGGER_IOPF, trigger_iopf={
             "dev_id": self.dev_id, "pasid": pasid, "grpid": grpid, "perm": perm, "addr": addr})
 
 

@@ -135,11 +135,11 @@ def test_destroying_the_fault_object_while_its_fd_is_open_is_busy(ctx, queue):
     queue.id = 0
 
 
-def test_test_cmd_errors_name_the_ioctl(ctx):
-    from iopfd.iommufd.selftest import test_cmd
+def test_selftest_cmd_errors_name_the_ioctl(ctx):
+    from iopfd.iommufd.selftest import selftest_cmd
 
     with pytest.raises(NotFound) as info:
-        test_cmd(ctx, lib.IOMMU_TEST_OP_MOCK_DOMAIN_REPLACE, 0xFFFF, mock_domain_replace={"pt_id": 1})
+        selftest_cmd(ctx, lib.IOMMU_TEST_OP_MOCK_DOMAIN_REPLACE, 0xFFFF, mock_domain_replace={"pt_id": 1})
     assert str(info.value).startswith("IOMMU_TEST_CMD failed: ENOENT")
 
 

@@ -34,7 +34,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "guest: runs inside the lab guest (implies kernel)")
+    config.addinivalue_line("markers", "guest: runs inside the lab guest (mark it kernel as well)")
     if IN_GUEST and config.getoption("--lab-report"):
         config.pluginmanager.register(_GuestReporter(Path(config.getoption("--lab-report"))), "iopfd-lab-report")
 

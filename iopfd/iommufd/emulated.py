@@ -35,7 +35,7 @@ class PageRequest:
 
 
 class EmulatedFaultQueue:
-    """The kernel side (``report``, ``detach``) and the fd side (``read_raw``, ``write_raw``, ``fileno``)."""
+    """The kernel side (``report``, ``detach``) and the fd side (``read``, ``write``, ``fileno``)."""
 
     def __init__(self) -> None:
         self._partials: list[PageRequest] = []

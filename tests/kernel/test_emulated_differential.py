@@ -36,11 +36,7 @@ class Driver:
         return [g.cookie for g in parse_groups(data)]
 
     def write(self, responses: list[tuple[int, int]]) -> None:
-        data = b"".join(RESPONSE.pack(*r) for r in responses)
-        try:
-            self.transcript.append(("write", len(data), self._write(data)))
-        except OSError as exc:
-            self.transcript.append(("write", len(data), errno.errorcode[exc.errno]))
+        self.write_bytes(b"".join(RESPONSE.pack(*r) for r in responses))
 
     def write_bytes(self, data: bytes) -> None:
         try:

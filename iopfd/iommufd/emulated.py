@@ -15,7 +15,7 @@ import os
 from collections import deque
 from dataclasses import dataclass
 
-from iopfd.iommufd.fault import INVALID, LAST_PAGE, PASID_VALID, RECORD, RESPONSE, SUCCESS
+from iopfd.iommufd.fault import INVALID, LAST_PAGE, PASID_VALID, RECORD, RESPONSE, SUCCESS, FaultQueue
 
 MAX_COOKIE = 0xFFFFFFFF
 
@@ -66,6 +66,10 @@ class EmulatedFaultQueue:
         self._update_readiness()
 
     # -- fd side -----------------------------------------------------------------------------
+    def open(self, **kwargs) -> EmulatedFaultFd:
+        """A FaultQueue reading and writing this emulation, as the daemon's engine uses one."""
+        return EmulatedFaultFd(self, **kwargs)
+
     def fileno(self) -> int:
         return self._eventfd
 
@@ -135,3 +139,26 @@ class EmulatedFaultQueue:
             pass
         if self._deliver:
             os.eventfd_write(self._eventfd, 1)
+
+
+class EmulatedFaultFd(FaultQueue):
+    """FaultQueue over an EmulatedFaultQueue: its buffer growth and response batching run unchanged;
+    only the three system calls go to the emulation."""
+
+    def __init__(self, emulated: EmulatedFaultQueue, **kwargs) -> None:
+        super().__init__(None, 0, emulated.fileno(), **kwargs)
+        self.emulated = emulated
+
+    def _readinto(self, buffer: bytearray) -> int:
+        data = self.emulated.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+    def _write(self, data: bytes | bytearray | memoryview) -> int:
+        return self.emulated.write(bytes(data))
+
+    def _has_input(self) -> bool:
+        return self.emulated.undelivered > 0
+
+    def close(self) -> None:
+        self.fd = -1  # the eventfd belongs to the emulated queue

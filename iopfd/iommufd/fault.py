@@ -54,41 +54,123 @@ class Fault:
         return bool(self.flags & PASID_VALID)
 
 
-@dataclass(frozen=True, slots=True)
 class FaultGroup:
-    """A whole page-request group: answered once, by cookie."""
+    """A whole page-request group, answered once by cookie. It keeps its records as bytes (one
+    object per group, none per record); ``faults`` unpacks them on demand. ``queue`` names the
+    fault queue it was read from, for policies that match on it."""
 
-    cookie: int
-    faults: tuple[Fault, ...]
+    __slots__ = ("cookie", "records", "queue", "_words")
+
+    def __init__(self, cookie: int, records: bytes, queue: str = "") -> None:
+        self.cookie = cookie
+        self.records = records
+        self.queue = queue
+        self._words = memoryview(records).cast("I")  # 10 native-endian u32 per record, as the kernel wrote them
+
+    def __repr__(self) -> str:
+        return f"FaultGroup(cookie={self.cookie}, dev_id={self.dev_id}, faults={self.fault_count}, queue={self.queue!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, FaultGroup):
+            return NotImplemented
+        return (self.cookie, self.records, self.queue) == (other.cookie, other.records, other.queue)
+
+    __hash__ = None  # type: ignore[assignment]
 
     @property
+    def fault_count(self) -> int:
+        return len(self.records) // RECORD.size
+
+    @property
+    def faults(self) -> tuple[Fault, ...]:
+        return tuple(Fault(flags & KNOWN_FLAGS, dev_id, pasid, grpid, perm, addr)
+                     for flags, dev_id, pasid, grpid, perm, _reserved, addr, _length, _cookie
+                     in RECORD.iter_unpack(self.records))
+
+    # The response goes to the device for the (pasid, grpid) of the last record; all records share
+    # the device. Fields below read the u32 view directly: policies call them on the hot path.
+    @property
     def dev_id(self) -> int:
-        return self.faults[-1].dev_id
+        return self._words[-9]
+
+    @property
+    def pasid_valid(self) -> bool:
+        return bool(self._words[-10] & PASID_VALID)
+
+    @property
+    def pasid(self) -> int | None:
+        """The group's PASID, or None when its records carry none."""
+        return self._words[-8] if self._words[-10] & PASID_VALID else None
+
+    @property
+    def grpid(self) -> int:
+        return self._words[-7]
+
+    @property
+    def perm(self) -> int:
+        """Every permission any record of the group asks for."""
+        perm = 0
+        for value in self._words[4::_WORDS].tolist():
+            perm |= value
+        return perm
+
+    @property
+    def addresses(self) -> list[int]:
+        words = self._words
+        return [words[i] | words[i + 1] << 32 for i in range(6, len(words), _WORDS)]
+
+
+_WORDS = RECORD.size // 4
 
 
 class MalformedFaultData(ValueError):
     """The bytes read are not a sequence of whole fault groups."""
 
 
-def parse_groups(data: memoryview | bytes) -> list[FaultGroup]:
-    """Split records read from a fault fd into groups; raise MalformedFaultData if they are not whole."""
+def assemble_groups(data: memoryview | bytes, queue: str = "") -> tuple[list[FaultGroup], list[tuple[int, str]]]:
+    """Split records read from a fault fd into whole groups, by cookie, each ending at LAST_PAGE.
+
+    Returns the groups and the malformed ones as ``(cookie, reason)``: a run of records that does
+    not end at LAST_PAGE or mixes cookies. Their cookies are still pending in the kernel and must be
+    answered; cookie 0 (never issued) is reported but cannot be. Works on two u32 columns (flags,
+    cookies) of the read, so no Python object is made per record.
+    """
     if len(data) % RECORD.size:
         raise MalformedFaultData(f"{len(data)} bytes is not a whole number of {RECORD.size}-byte records")
+    view = memoryview(data)
+    words = view.cast("B").cast("I")
+    flags = words[0::_WORDS].tolist()
+    cookies = words[9::_WORDS].tolist()
     groups: list[FaultGroup] = []
-    pending: list[Fault] = []
-    cookie = None
-    for flags, dev_id, pasid, grpid, perm, _reserved, addr, _length, rec_cookie in RECORD.iter_unpack(data):
-        if rec_cookie == 0:
-            raise MalformedFaultData("record with cookie 0 (the kernel never issues cookie 0)")
-        if pending and rec_cookie != cookie:
-            raise MalformedFaultData(f"group with cookie {cookie} ends without LAST_PAGE before cookie {rec_cookie}")
-        cookie = rec_cookie
-        pending.append(Fault(flags & KNOWN_FLAGS, dev_id, pasid, grpid, perm, addr))
-        if flags & LAST_PAGE:
-            groups.append(FaultGroup(cookie, tuple(pending)))
-            pending = []
-    if pending:
-        raise MalformedFaultData(f"group with cookie {cookie} has no LAST_PAGE record at the end of the read")
+    malformed: list[tuple[int, str]] = []
+    start = 0
+    for index, (flag, cookie) in enumerate(zip(flags, cookies)):
+        if not flag & LAST_PAGE:
+            continue
+        run = cookies[start:index + 1]
+        if cookie and run.count(cookie) == len(run):
+            groups.append(FaultGroup(cookie, bytes(view[start * RECORD.size:(index + 1) * RECORD.size]), queue))
+        else:
+            malformed += _malformed_run(run, f"group with cookie {run[0]} ends without LAST_PAGE before "
+                                             f"cookie {cookie}" if cookie else "record with cookie 0")
+        start = index + 1
+    if start < len(cookies):
+        malformed += _malformed_run(cookies[start:], f"group with cookie {cookies[start]} has no LAST_PAGE "
+                                                     "record at the end of the read")
+    return groups, malformed
+
+
+def _malformed_run(cookies: list[int], reason: str) -> list[tuple[int, str]]:
+    if 0 in cookies:
+        reason = "record with cookie 0 (the kernel never issues cookie 0)"
+    return [(cookie, reason) for cookie in dict.fromkeys(cookies)]
+
+
+def parse_groups(data: memoryview | bytes, queue: str = "") -> list[FaultGroup]:
+    """Strict form of assemble_groups(): raise MalformedFaultData on the first malformed group."""
+    groups, malformed = assemble_groups(data, queue)
+    if malformed:
+        raise MalformedFaultData(malformed[0][1])
     return groups
 
 
@@ -139,24 +221,36 @@ class FaultQueue(Object):
     def buffer_records(self) -> int:
         return len(self._buffer) // RECORD.size
 
-    def read_raw(self) -> memoryview:
+    def read_raw(self, *, confirm_empty: bool = True) -> memoryview:
         """Read as many whole groups as fit in the buffer (growing it when the first group does not
-        fit); returns a view of the bytes read, valid until the next read. Empty: nothing pending."""
+        fit); returns a view of the bytes read, valid until the next read. Empty: nothing pending.
+
+        Kernels before 6.12.101 return 0 bytes, not EINVAL, when the first group does not fit; only
+        poll() tells that apart from an empty queue. ``confirm_empty=False`` skips that poll() when
+        the caller knows the queue was just drained (it read groups a moment ago).
+        """
         while True:
             try:
-                n = os.readv(self.fd, [self._buffer])
+                n = self._readinto(self._buffer)
             except OSError as exc:
                 if exc.errno == errno.EINVAL:  # 6.12.101+: the first pending group does not fit
                     self._grow()
                     continue
                 raise error_for("read fault fd", exc.errno) from None
-            if n == 0 and self._has_input():  # older 6.12: 0 bytes, the group stays queued
+            if n == 0 and confirm_empty and self._has_input():
                 self._grow()
                 continue
             return memoryview(self._buffer)[:n]
 
     def read(self) -> list[FaultGroup]:
         return parse_groups(self.read_raw())
+
+    # The three system calls, apart so the emulated queue can stand in for the kernel.
+    def _readinto(self, buffer: bytearray) -> int:
+        return os.readv(self.fd, [buffer])
+
+    def _write(self, data: bytes | bytearray | memoryview) -> int:
+        return os.write(self.fd, data)
 
     def _has_input(self) -> bool:
         poller = select.poll()
@@ -176,12 +270,11 @@ class FaultQueue(Object):
         The kernel stops at the first entry it refuses (cookie not pending, or a bad code), so a
         return value short of ``len(responses)`` names the refused entry by index.
         """
-        data = b"".join(RESPONSE.pack(cookie, code) for cookie, code in responses)
-        return self.write_raw(data)
+        return self.write_raw(b"".join([RESPONSE.pack(cookie, code) for cookie, code in responses]))
 
     def write_raw(self, data: bytes | bytearray | memoryview) -> int:
         try:
-            written = os.write(self.fd, data)
+            written = self._write(data)
         except OSError as exc:
             if exc.errno == errno.EINVAL:  # the first entry was refused
                 return 0

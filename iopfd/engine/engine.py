@@ -1,0 +1,40 @@
+"""All the fault queues one daemon serves, each named, each with its own policy and limits."""
+
+from __future__ import annotations
+
+import asyncio
+
+from iopfd.engine.queue import QueueServer
+
+
+class Engine:
+    def __init__(self) -> None:
+        self.queues: dict[str, QueueServer] = {}
+
+    def add(self, server: QueueServer) -> None:
+        if server.name in self.queues:
+            raise ValueError(f"a queue named {server.name!r} is already served")
+        self.queues[server.name] = server
+
+    def start(self) -> None:
+        for server in self.queues.values():
+            server.start()
+
+    @property
+    def reading(self) -> bool:
+        """Every queue is being read (what READY=1 promises)."""
+        return bool(self.queues) and all(server.reading for server in self.queues.values())
+
+    async def stop(self, grace: float) -> None:
+        """Stop every queue at once (they share the grace period) and answer all they read."""
+        await asyncio.gather(*(server.stop(grace) for server in self.queues.values()))
+
+    def totals(self) -> dict[str, int]:
+        """Summed counts over all queues, for STATUS= and the demo."""
+        totals = {"pending": 0, "faults": 0}
+        for server in self.queues.values():
+            totals["pending"] += server.pending
+            totals["faults"] += server.stats.faults
+            for outcome, count in server.stats.outcomes.items():
+                totals[outcome] = totals.get(outcome, 0) + count
+        return totals

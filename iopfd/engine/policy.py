@@ -1,0 +1,39 @@
+"""What the engine asks of a policy: a response code for each fault group."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from iopfd.iommufd.fault import INVALID, SUCCESS, FaultGroup
+
+CODES = {"success": SUCCESS, "invalid": INVALID}
+
+
+class Policy:
+    """Decides fault groups. ``decide`` returns SUCCESS or INVALID for one group.
+
+    A policy that can decide many groups at once also defines ``decide_batch(groups)`` returning one
+    code per group, in order; the engine then calls it once per read() instead of ``decide`` per
+    group. The engine bounds every call by the queue's response deadline and turns an exception or
+    a code other than SUCCESS/INVALID into an INVALID answer, so a policy need not defend itself.
+    A policy must not block the event loop: anything slow is awaited.
+
+    A routing policy (like ``rules``) instead defines ``select(group) -> Policy``, synchronous and
+    cheap: the engine then runs the selected policy, batching the groups each one gets.
+    """
+
+    name = "policy"
+
+    async def decide(self, group: FaultGroup) -> int:
+        raise NotImplementedError
+
+
+class BatchPolicy(Policy):
+    """A policy whose decisions come in batches; ``decide`` is the one-group case of the batch."""
+
+    async def decide_batch(self, groups: Sequence[FaultGroup]) -> Sequence[int]:
+        raise NotImplementedError
+
+    async def decide(self, group: FaultGroup) -> int:
+        (code,) = await self.decide_batch([group])
+        return code

@@ -1,0 +1,319 @@
+"""One fault queue served end to end: read() -> groups -> policy -> answer -> one write() per loop turn.
+
+A fault's path, top to bottom of this file: ``_on_readable`` reads whole groups when the event loop
+says the fd is readable; ``_admit`` sheds what exceeds ``max_pending`` and hands the rest to the
+policy; ``_decided`` (the policy's answer), ``_on_deadline`` (no answer in time) or ``stop`` (the
+daemon is exiting) answers the group exactly once; ``_flush`` writes every answer of the loop turn
+in one write() and skips exactly the entries the kernel refuses.
+
+Invariant: every group read is in ``_pending`` until answered, then in ``_outgoing`` until written.
+Entries, not cookies, identify groups: the kernel reuses a cookie as soon as it is answered, so a
+late decision for an abandoned group must never answer the new group that got its cookie.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import structlog
+
+from iopfd.engine.policy import Policy
+from iopfd.engine.stats import QueueStats
+from iopfd.iommufd.errors import IommufdError
+from iopfd.iommufd.fault import INVALID, SUCCESS, FaultGroup, FaultQueue, assemble_groups, respond_all
+
+log = structlog.get_logger("iopfd.engine")
+
+# Reads per readiness callback before yielding to the loop, so one flooding queue cannot starve the
+# others (readiness is level-triggered: the loop calls back at once if more is queued).
+MAX_READS_PER_WAKEUP = 64
+# Timers may fire a hair early; answering 100 µs early is well inside any deadline.
+DEADLINE_SLACK = 1e-4
+# Routing policies (rules) may select other routing policies; the config forbids cycles.
+MAX_ROUTING_DEPTH = 16
+# How long stop() waits for cancelled policy tasks to unwind.
+CANCEL_WAIT = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class QueueConfig:
+    name: str
+    response_deadline: float = 1.0
+    deadline_code: int = INVALID
+    max_pending: int = 4096
+
+
+class _Pending:
+    """A group read and not yet answered; ``task`` is the policy call deciding it."""
+
+    __slots__ = ("group", "read_at", "task")
+
+    def __init__(self, group: FaultGroup, read_at: float) -> None:
+        self.group = group
+        self.read_at = read_at
+        self.task: asyncio.Task | None = None
+
+
+class QueueServer:
+    """Serves one fault queue (any number of HWPTs, devices and PASIDs) with one policy."""
+
+    def __init__(self, source: FaultQueue, policy: Policy, config: QueueConfig) -> None:
+        self.source = source
+        self.policy = policy
+        self.config = config
+        self.name = config.name
+        self.stats = QueueStats()
+        self.failure: str | None = None  # why the queue stopped being served, if it did
+        self._pending: dict[int, _Pending] = {}
+        self._outgoing: list[tuple[int, int, str, float]] = []  # (cookie, code, outcome, read_at)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._reading = False
+        self._deadline_timer: asyncio.TimerHandle | None = None
+        self._flush_handle: asyncio.Handle | None = None
+        self._drained: asyncio.Event | None = None
+        self._log = log.bind(queue=self.name)
+        self._log_groups = _debug_enabled()
+
+    @property
+    def reading(self) -> bool:
+        return self._reading
+
+    @property
+    def pending(self) -> int:
+        """Groups read and not yet written back."""
+        return len(self._pending) + len(self._outgoing)
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self.source.fileno(), self._on_readable)
+        self._reading = True
+        self._log.info("serving fault queue", fd=self.source.fileno(), policy=self.policy.name,
+                       response_deadline=self.config.response_deadline, max_pending=self.config.max_pending)
+
+    def stop_reading(self) -> None:
+        if self._reading:
+            self._loop.remove_reader(self.source.fileno())
+            self._reading = False
+
+    # -- read ----------------------------------------------------------------------------------
+    def _on_readable(self) -> None:
+        for attempt in range(MAX_READS_PER_WAKEUP):
+            try:
+                # Only the first read of a wakeup can meet an old 6.12 kernel's "0 bytes but POLLIN".
+                data = self.source.read_raw(confirm_empty=attempt == 0)
+            except IommufdError as exc:
+                self._fail(f"cannot read the fault fd: {exc}")
+                return
+            if not data:
+                return
+            groups, malformed = assemble_groups(data, self.name)
+            self.stats.read_batches.observe(len(groups))
+            self._admit(groups, malformed, self._loop.time())
+
+    def _admit(self, groups: list[FaultGroup], malformed: list[tuple[int, str]], now: float) -> None:
+        admitted = []
+        room = self.config.max_pending - len(self._pending)
+        shed = 0
+        for group in groups:
+            self.stats.faults += group.fault_count
+            if group.cookie in self._pending:  # the kernel hands out each cookie once; never answer twice
+                self._log.error("cookie read twice while pending; ignored", cookie=group.cookie)
+                continue
+            if room <= 0:
+                self._queue(group.cookie, INVALID, "shed", now)
+                shed += 1
+                continue
+            room -= 1
+            entry = _Pending(group, now)
+            self._pending[group.cookie] = entry
+            admitted.append(entry)
+        if shed:
+            self._log.warning("queue full: groups shed with INVALID", shed=shed, max_pending=self.config.max_pending)
+        for cookie, reason in malformed:
+            self._log.error("malformed fault group answered INVALID", cookie=cookie, reason=reason)
+            if cookie:  # cookie 0 is never issued, so there is nothing to answer
+                self._queue(cookie, INVALID, "error", now)
+        if admitted:
+            self._arm_deadline()
+            self._dispatch(admitted)
+
+    # -- decide --------------------------------------------------------------------------------
+    def _dispatch(self, entries: list[_Pending]) -> None:
+        if getattr(self.policy, "select", None) is None:
+            self._start(self.policy, entries)
+            return
+        routed: dict[int, tuple[Policy, list[_Pending]]] = {}
+        for entry in entries:
+            try:
+                policy = _route(self.policy, entry.group)
+            except Exception:
+                self._log.exception("policy raised selecting a sub-policy; group answered INVALID",
+                                    policy=self.policy.name, cookie=entry.group.cookie)
+                self._answer(entry, INVALID, "error")
+                continue
+            routed.setdefault(id(policy), (policy, []))[1].append(entry)
+        for policy, routed_entries in routed.values():
+            self._start(policy, routed_entries)
+
+    def _start(self, policy: Policy, entries: list[_Pending]) -> None:
+        """One task per batch for policies with ``decide_batch``, else one per group."""
+        if getattr(policy, "decide_batch", None) is not None:
+            task = self._loop.create_task(self._run_batch(policy, entries))
+            for entry in entries:
+                entry.task = task
+        else:
+            for entry in entries:
+                entry.task = self._loop.create_task(self._run_one(policy, entry))
+
+    async def _run_one(self, policy: Policy, entry: _Pending) -> None:
+        try:
+            code = await policy.decide(entry.group)
+        except Exception:
+            self._log.exception("policy raised; group answered INVALID", policy=policy.name,
+                                cookie=entry.group.cookie)
+            self._answer(entry, INVALID, "error")
+            return
+        self._decided(policy, entry, code)
+
+    async def _run_batch(self, policy: Policy, entries: list[_Pending]) -> None:
+        try:
+            codes = await policy.decide_batch([entry.group for entry in entries])
+            if len(codes) != len(entries):
+                raise ValueError(f"decide_batch returned {len(codes)} codes for {len(entries)} groups")
+        except Exception:
+            self._log.exception("policy raised; groups answered INVALID", policy=policy.name,
+                                groups=len(entries))
+            for entry in entries:
+                self._answer(entry, INVALID, "error")
+            return
+        for entry, code in zip(entries, codes):
+            self._decided(policy, entry, code)
+
+    def _decided(self, policy: Policy, entry: _Pending, code: object) -> None:
+        if code == SUCCESS and type(code) is not bool:
+            self._answer(entry, SUCCESS, "success")
+        elif code == INVALID and type(code) is not bool:
+            self._answer(entry, INVALID, "invalid")
+        else:
+            self._log.error("policy returned neither SUCCESS nor INVALID; group answered INVALID",
+                            policy=policy.name, cookie=entry.group.cookie, returned=repr(code)[:80])
+            self._answer(entry, INVALID, "error")
+
+    def _arm_deadline(self) -> None:
+        if self._deadline_timer is None and self._pending:
+            oldest = next(iter(self._pending.values()))  # insertion order is read order
+            self._deadline_timer = self._loop.call_at(oldest.read_at + self.config.response_deadline,
+                                                      self._on_deadline)
+
+    def _on_deadline(self) -> None:
+        self._deadline_timer = None
+        limit = self._loop.time() - self.config.response_deadline + DEADLINE_SLACK
+        expired = []
+        for entry in self._pending.values():
+            if entry.read_at > limit:
+                break
+            expired.append(entry)
+        if expired:
+            self._abandon(expired, "policy missed the response deadline")
+        self._arm_deadline()
+
+    def _abandon(self, entries: Sequence[_Pending], why: str) -> None:
+        """Answer with the deadline code and cancel the policy calls still deciding."""
+        for entry in entries:
+            self._answer(entry, self.config.deadline_code, "deadline")
+            if entry.task is not None:
+                entry.task.cancel()  # no-op once done; a batch's task is shared by its entries
+        self._log.warning(f"{why}; groups answered with the deadline code", policy=self.policy.name,
+                          groups=len(entries), code=self.config.deadline_code)
+
+    # -- answer --------------------------------------------------------------------------------
+    def _answer(self, entry: _Pending, code: int, outcome: str) -> None:
+        cookie = entry.group.cookie
+        if self._pending.get(cookie) is not entry:
+            return  # already answered (deadline, shutdown): a late decision changes nothing
+        del self._pending[cookie]
+        self._queue(cookie, code, outcome, entry.read_at)
+        if not self._pending and self._drained is not None:
+            self._drained.set()
+
+    def _queue(self, cookie: int, code: int, outcome: str, read_at: float) -> None:
+        self._outgoing.append((cookie, code, outcome, read_at))
+        if self._flush_handle is None:
+            self._flush_handle = self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        outgoing, self._outgoing = self._outgoing, []
+        if not outgoing:
+            return
+        try:
+            refused = respond_all(self.source, [(cookie, code) for cookie, code, _, _ in outgoing])
+        except IommufdError as exc:
+            self._log.error("cannot write responses; these groups stay unanswered", error=str(exc),
+                            cookies=[cookie for cookie, *_ in outgoing])
+            self.stats.write_errors += len(outgoing)
+            self._fail(f"cannot write the fault fd: {exc}")
+            return
+        now = self._loop.time()
+        stats = self.stats
+        for cookie, code, outcome, read_at in outgoing:
+            stats.outcomes[outcome] += 1
+            stats.latency.observe(now - read_at)
+        if self._log_groups:
+            for cookie, code, outcome, read_at in outgoing:
+                self._log.debug("group answered", cookie=cookie, code=code, outcome=outcome,
+                                latency=round(now - read_at, 6))
+        for index in refused:
+            stats.write_errors += 1
+            self._log.warning("kernel refused a response: the group was already answered "
+                              "(its device was detached or replaced)", cookie=outgoing[index][0])
+
+    def _fail(self, reason: str) -> None:
+        if self.failure is None:
+            self.failure = reason
+            self._log.error("fault queue no longer served", reason=reason)
+        self.stop_reading()
+
+    # -- stop ----------------------------------------------------------------------------------
+    async def stop(self, grace: float) -> None:
+        """Stop reading, give in-flight policy calls up to ``grace`` seconds, answer what is still
+        pending with the deadline code, and write it all back. Nothing read stays unanswered."""
+        self.stop_reading()
+        if self._pending and grace > 0:
+            self._drained = asyncio.Event()
+            try:
+                await asyncio.wait_for(self._drained.wait(), grace)
+            except TimeoutError:
+                pass
+            self._drained = None
+        if self._deadline_timer is not None:
+            self._deadline_timer.cancel()
+            self._deadline_timer = None
+        left = list(self._pending.values())
+        if left:
+            self._abandon(left, "shutting down")
+        self._flush()
+        tasks = {entry.task for entry in left if entry.task is not None}
+        if tasks:
+            await asyncio.wait(tasks, timeout=CANCEL_WAIT)
+
+
+def _route(policy: Policy, group: FaultGroup) -> Policy:
+    """Follow routing policies (those with ``select``, like rules) down to the one that decides."""
+    for _ in range(MAX_ROUTING_DEPTH):
+        select = getattr(policy, "select", None)
+        if select is None:
+            return policy
+        policy = select(group)
+    raise RecursionError(f"more than {MAX_ROUTING_DEPTH} routing policies in a chain")
+
+
+def _debug_enabled() -> bool:
+    try:
+        return structlog.get_logger().is_enabled_for(10)  # logging.DEBUG
+    except AttributeError:  # a logger type without level filtering logs everything
+        return True

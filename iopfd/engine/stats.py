@@ -1,0 +1,53 @@
+"""Per-queue counters kept as plain integers on the hot path; the service exports them at scrape time."""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+
+OUTCOMES = ("success", "invalid", "deadline", "shed", "error")
+# Response latency, read() to write(): 10 µs (a policy that answers at once) to 5 s (past any deadline).
+LATENCY_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2,
+                   0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+READ_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+class Histogram:
+    """Bucket counts with Prometheus semantics (a value lands in the first bucket whose bound is >= it)."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        """``(le, count)`` pairs, as prometheus_client's HistogramMetricFamily takes them."""
+        pairs, running = [], 0
+        for bound, count in zip((*map(str, self.bounds), "+Inf"), self.counts):
+            running += count
+            pairs.append((bound, running))
+        return pairs
+
+
+class QueueStats:
+    """What one queue did: groups per outcome, faults read, refused or failed responses, latency."""
+
+    def __init__(self) -> None:
+        self.outcomes = dict.fromkeys(OUTCOMES, 0)
+        self.faults = 0
+        self.write_errors = 0
+        self.latency = Histogram(LATENCY_BUCKETS)
+        self.read_batches = Histogram(READ_BATCH_BUCKETS)
+
+    @property
+    def answered(self) -> int:
+        return sum(self.outcomes.values())

@@ -1,0 +1,401 @@
+"""The engine against the emulated fault queue: every group read is answered exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import pytest
+import pytest_asyncio
+from structlog.testing import capture_logs
+
+from iopfd.engine import Engine, Policy, QueueConfig, QueueServer
+from iopfd.iommufd import INVALID, SUCCESS
+from iopfd.iommufd.emulated import EmulatedFaultQueue, PageRequest
+from iopfd.iommufd.fault import LAST_PAGE, RECORD, FaultGroup, FaultQueue
+from iopfd.policies import AcceptPolicy, ForwardPolicy, Policies, RejectPolicy
+
+pytestmark = pytest.mark.asyncio
+
+
+class Gate(Policy):
+    """Decides each group when the test says so (or never)."""
+
+    name = "gate"
+
+    def __init__(self) -> None:
+        self.waiting: dict[int, asyncio.Future] = {}
+
+    async def decide(self, group: FaultGroup) -> int:
+        future = asyncio.get_running_loop().create_future()
+        self.waiting[group.cookie] = future
+        return await future
+
+    def release(self, code: int = SUCCESS) -> None:
+        for future in self.waiting.values():
+            if not future.done():
+                future.set_result(code)
+        self.waiting.clear()
+
+
+class Served:
+    def __init__(self, policy: Policy, **config) -> None:
+        self.emulated = EmulatedFaultQueue()
+        self.server = QueueServer(self.emulated.open(), policy, QueueConfig("q", **config))
+
+    def report(self, count: int, *, dev_id: int = 1, start: int = 0) -> None:
+        for i in range(start, start + count):
+            self.emulated.report(PageRequest(dev_id=dev_id, addr=0x1000 * (i + 1), grpid=i % 512))
+
+    def codes(self) -> list[int]:
+        return [code for _, code in self.emulated.answers]
+
+    async def settle(self, timeout: float = 5.0) -> None:
+        """Until the daemon has read everything and written every answer back."""
+        async with asyncio.timeout(timeout):
+            while self.emulated.undelivered or self.server.pending:
+                await asyncio.sleep(0.001)
+
+    async def until(self, condition, timeout: float = 5.0) -> None:
+        async with asyncio.timeout(timeout):
+            while not condition():
+                await asyncio.sleep(0.001)
+
+
+@pytest_asyncio.fixture
+async def served():
+    made = []
+
+    def make(policy: Policy, **config) -> Served:
+        made.append(Served(policy, **config))
+        made[-1].server.start()
+        return made[-1]
+
+    yield make
+    for s in made:
+        await s.server.stop(0)
+        s.emulated.close()
+
+
+async def test_accept_answers_every_group_success(served):
+    s = served(AcceptPolicy())
+    s.report(1000)
+    await s.settle()
+    assert s.codes() == [SUCCESS] * 1000
+    assert s.emulated.pending_cookies == []
+    assert s.server.stats.outcomes["success"] == 1000 and s.server.stats.faults == 1000
+    assert s.server.stats.latency.count == 1000
+    assert s.server.stats.read_batches.sum == 1000
+
+
+async def test_reject_answers_invalid(served):
+    s = served(RejectPolicy())
+    s.report(10)
+    await s.settle()
+    assert s.codes() == [INVALID] * 10 and s.server.stats.outcomes["invalid"] == 10
+
+
+async def test_multi_record_groups_are_answered_once_each(served):
+    s = served(AcceptPolicy())
+    for grpid in range(5):
+        for i in range(3):
+            s.emulated.report(PageRequest(dev_id=2, addr=0x1000 * i, grpid=grpid, last=i == 2))
+    await s.settle()
+    assert [len(group) for group, _ in s.emulated.answers] == [3] * 5
+    assert s.server.stats.faults == 15 and s.server.stats.outcomes["success"] == 5
+
+
+async def test_a_group_larger_than_the_buffer_grows_it(served):
+    emulated = EmulatedFaultQueue()
+    server = QueueServer(emulated.open(batch_records=2), AcceptPolicy(), QueueConfig("q"))
+    server.start()
+    for i in range(9):
+        emulated.report(PageRequest(dev_id=1, addr=0x1000 * i, grpid=1, last=i == 8))
+    async with asyncio.timeout(5):
+        while not emulated.answers:
+            await asyncio.sleep(0.001)
+    assert emulated.answers[0][1] == SUCCESS and server.source.buffer_records >= 9
+    await server.stop(0)
+
+
+async def test_per_group_policy_decides_each_group(served):
+    class ByDevice(Policy):
+        async def decide(self, group):
+            await asyncio.sleep(0)
+            return SUCCESS if group.dev_id == 1 else INVALID
+
+    s = served(ByDevice())
+    s.report(3, dev_id=1)
+    s.report(2, dev_id=2)
+    await s.settle()
+    assert sorted((group[0].dev_id, code) for group, code in s.emulated.answers) == \
+        [(1, SUCCESS)] * 3 + [(2, INVALID)] * 2
+
+
+@pytest.mark.parametrize("behaviour", ["raise", "none", "seven", "true", "string"])
+async def test_a_broken_policy_costs_the_group_an_invalid_answer_and_a_log_line(served, behaviour):
+    class Broken(Policy):
+        name = "broken"
+
+        async def decide(self, group):
+            if behaviour == "raise":
+                raise RuntimeError("policy bug")
+            return {"none": None, "seven": 7, "true": True, "string": "success"}[behaviour]
+
+    s = served(Broken())
+    with capture_logs() as logs:
+        s.report(3)
+        await s.settle()
+    assert s.codes() == [INVALID] * 3 and s.server.stats.outcomes["error"] == 3
+    assert sum(1 for entry in logs if entry["log_level"] == "error") == 3
+    s.report(1)  # the queue is still served
+    await s.settle()
+    assert len(s.codes()) == 4
+
+
+async def test_a_batch_policy_returning_the_wrong_number_of_codes_is_an_error(served):
+    class Short(Policy):
+        async def decide_batch(self, groups):
+            return [SUCCESS]
+
+    s = served(Short())
+    s.report(5)
+    await s.settle()
+    assert s.codes() == [INVALID] * 5 and s.server.stats.outcomes["error"] == 5
+
+
+@pytest.mark.parametrize("deadline_code", [INVALID, SUCCESS])
+async def test_a_hanging_policy_is_abandoned_at_the_deadline(served, deadline_code):
+    gate = Gate()
+    s = served(gate, response_deadline=0.05, deadline_code=deadline_code)
+    s.report(4)
+    await s.until(lambda: len(gate.waiting) == 4)
+    assert s.codes() == []  # not before the deadline
+    await s.settle()
+    assert s.codes() == [deadline_code] * 4 and s.server.stats.outcomes["deadline"] == 4
+    await asyncio.sleep(0)
+    assert all(future.cancelled() for future in gate.waiting.values())  # the policy calls were cancelled
+    assert min(s.server.stats.latency.sum / 4, 1) >= 0.05 - 1e-3
+
+
+async def test_a_late_decision_never_answers_the_group_that_reused_its_cookie(served):
+    class LateThenGate(Gate):
+        """The first call ignores cancellation and answers late; later calls wait for the test."""
+
+        def __init__(self):
+            super().__init__()
+            self.late: asyncio.Future | None = None
+
+        async def decide(self, group):
+            if self.late is None:
+                self.late = asyncio.get_running_loop().create_future()
+                try:
+                    await asyncio.sleep(3600)
+                except asyncio.CancelledError:
+                    await self.late  # swallow the cancellation, answer when the test says
+                    return INVALID
+            return await super().decide(group)
+
+    policy = LateThenGate()
+    s = served(policy, response_deadline=0.05, deadline_code=SUCCESS)
+    s.report(1)
+    await s.until(lambda: len(s.codes()) == 1)  # answered by the deadline: cookie 1 is free again
+    s.report(1, start=1)
+    await s.until(lambda: 1 in policy.waiting)  # the second group got cookie 1
+    policy.late.set_result(None)  # the first decision arrives late, for cookie 1
+    await asyncio.sleep(0.01)
+    assert s.emulated.pending_cookies == [1] and s.codes() == [SUCCESS]
+    policy.release(INVALID)
+    await s.settle()
+    assert s.codes() == [SUCCESS, INVALID]
+
+
+async def test_beyond_max_pending_groups_are_shed_at_once(served):
+    gate = Gate()
+    s = served(gate, max_pending=4, response_deadline=30)
+    with capture_logs() as logs:
+        s.report(10)
+        await s.until(lambda: len(s.codes()) == 6)
+    assert s.codes() == [INVALID] * 6 and s.server.stats.outcomes["shed"] == 6
+    assert len(gate.waiting) == 4 and s.server.pending == 4
+    assert any("shed" in entry["event"] for entry in logs)
+    gate.release(SUCCESS)
+    await s.settle()
+    assert s.codes() == [INVALID] * 6 + [SUCCESS] * 4
+
+
+async def test_memory_stays_bounded_in_a_storm(served):
+    gate = Gate()
+    s = served(gate, max_pending=64, response_deadline=30)
+    for _ in range(20):
+        s.report(500)
+        await s.until(lambda: s.emulated.undelivered == 0)
+        assert s.server.pending <= 64
+    assert s.server.stats.outcomes["shed"] == 10000 - 64
+    gate.release()
+    await s.settle()
+    assert len(s.codes()) == 10000
+
+
+async def test_a_refused_response_is_skipped_and_counted_the_rest_written(served):
+    gate = Gate()
+    s = served(gate, response_deadline=30)
+    s.report(2, dev_id=1)
+    s.report(2, dev_id=2)
+    s.report(2, dev_id=1, start=2)
+    await s.until(lambda: len(gate.waiting) == 6)
+    s.emulated.detach(2)  # the kernel answers dev 2's read groups itself
+    assert s.codes() == [INVALID, INVALID]
+    with capture_logs() as logs:
+        gate.release(SUCCESS)  # one write of 6 responses; entries 2 and 3 are refused
+        await s.settle()
+    assert s.codes() == [INVALID, INVALID] + [SUCCESS] * 4
+    assert s.server.stats.write_errors == 2
+    assert sum("refused" in entry["event"] for entry in logs) == 2
+
+
+async def test_malformed_groups_are_answered_invalid(served):
+    class Crafted(FaultQueue):
+        """Returns records the kernel would never produce, once, then nothing."""
+
+        def __init__(self, emulated, data):
+            super().__init__(None, 0, emulated.fileno())
+            self.data, self.written = data, []
+
+        def _readinto(self, buffer):
+            data, self.data = self.data, b""
+            buffer[:len(data)] = data
+            return len(data)
+
+        def _write(self, data):
+            self.written += [int.from_bytes(data[i:i + 4], "little") for i in range(0, len(data), 8)]
+            return len(data)
+
+    def record(cookie, last=True):
+        return RECORD.pack(LAST_PAGE if last else 0, 1, 0, 0, 1, 0, 0x1000, 0, cookie)
+
+    emulated = EmulatedFaultQueue()
+    source = Crafted(emulated, record(3, last=False) + record(4) + record(5) + record(0) + record(6, last=False))
+    server = QueueServer(source, AcceptPolicy(), QueueConfig("q"))
+    server.start()
+    with capture_logs() as logs:
+        server._on_readable()
+        await asyncio.sleep(0.01)
+    assert sorted(source.written) == [3, 4, 5, 6]
+    assert server.stats.outcomes == {"success": 1, "invalid": 0, "deadline": 0, "shed": 0, "error": 3}
+    assert sum(entry["event"].startswith("malformed") for entry in logs) == 4  # incl. cookie 0
+    await server.stop(0)
+    emulated.close()
+
+
+async def test_stop_gives_policies_grace_then_answers_the_rest(served):
+    class SlowThenHang(Policy):
+        async def decide(self, group):
+            await asyncio.sleep(0.02 if group.dev_id == 1 else 3600)
+            return SUCCESS
+
+    s = served(SlowThenHang(), response_deadline=30, deadline_code=INVALID)
+    s.report(3, dev_id=1)
+    s.report(2, dev_id=2)
+    await s.until(lambda: s.emulated.undelivered == 0)
+    await s.server.stop(0.5)
+    assert sorted((group[0].dev_id, code) for group, code in s.emulated.answers) == \
+        [(1, SUCCESS)] * 3 + [(2, INVALID)] * 2
+    assert s.emulated.pending_cookies == [] and s.server.pending == 0
+    s.report(1)  # not read any more
+    await asyncio.sleep(0.01)
+    assert s.emulated.undelivered == 1
+
+
+async def test_rules_route_groups_and_a_hanging_sub_policy_delays_only_its_groups(served):
+    gate = Gate()
+    policies = Policies({"r": ("rules", {"rules": [{"dev_id": [1], "policy": "gate"},
+                                                   {"dev_id": [2], "policy": "accept"}],
+                                         "default": "reject"})})
+    policies._built["gate"] = gate  # a test double standing in for a named policy
+    s = served(policies.get("r"), response_deadline=30)
+    s.report(2, dev_id=1)
+    s.report(2, dev_id=2)
+    s.report(1, dev_id=3)
+    await s.until(lambda: len(s.codes()) == 3)
+    assert sorted((group[0].dev_id, code) for group, code in s.emulated.answers) == \
+        [(2, SUCCESS), (2, SUCCESS), (3, INVALID)]
+    gate.release(INVALID)
+    await s.settle()
+    assert s.server.stats.outcomes["invalid"] == 3 and s.server.stats.outcomes["success"] == 2
+
+
+class InProcessPeer:
+    """A VMM-side peer living in the test: receives groups as events, answers by cookie."""
+
+    name = "peer"
+
+    def __init__(self) -> None:
+        self.events: asyncio.Queue[FaultGroup] = asyncio.Queue()
+        self.answers: dict[int, asyncio.Future] = {}
+
+    async def forward(self, groups: Sequence[FaultGroup]) -> list[int]:
+        loop = asyncio.get_running_loop()
+        futures = []
+        for group in groups:
+            self.answers[group.cookie] = future = loop.create_future()
+            futures.append(future)
+            self.events.put_nowait(group)
+        return list(await asyncio.gather(*futures))
+
+    def respond(self, cookie: int, code: int) -> None:
+        self.answers.pop(cookie).set_result(code)
+
+
+async def test_forward_hands_groups_to_the_connected_peer(served):
+    forward = Policies({"vm": ("forward", {})}).get("vm")
+    peer = InProcessPeer()
+    forward.connect(peer)
+    s = served(forward, response_deadline=30)
+    s.report(3)
+    received = [await peer.events.get() for _ in range(3)]
+    assert [group.addresses for group in received] == [[0x1000], [0x2000], [0x3000]]
+    for group in received:
+        peer.respond(group.cookie, SUCCESS if group.addresses[0] != 0x2000 else INVALID)
+    await s.settle()
+    assert s.codes() == [SUCCESS, INVALID, SUCCESS]
+
+
+async def test_forward_without_a_peer_and_with_a_silent_peer(served):
+    forward = ForwardPolicy("vm")
+    s = served(forward, response_deadline=0.05, deadline_code=SUCCESS)
+    s.report(2)
+    await s.settle()
+    assert s.codes() == [INVALID, INVALID]  # when_disconnected
+    peer = InProcessPeer()
+    forward.connect(peer)
+    s.report(1)
+    await s.settle()  # the peer never answers: the deadline does
+    assert s.codes() == [INVALID, INVALID, SUCCESS] and s.server.stats.outcomes["deadline"] == 1
+    forward.disconnect(peer)
+    assert forward.peer is None
+
+
+async def test_one_engine_serves_many_named_queues():
+    engine = Engine()
+    queues = {name: EmulatedFaultQueue() for name in ("vm1", "vm2")}
+    for name, emulated in queues.items():
+        engine.add(QueueServer(emulated.open(), AcceptPolicy() if name == "vm1" else RejectPolicy(),
+                               QueueConfig(name)))
+    with pytest.raises(ValueError, match="already served"):
+        engine.add(QueueServer(queues["vm1"].open(), AcceptPolicy(), QueueConfig("vm1")))
+    assert not engine.reading
+    engine.start()
+    assert engine.reading
+    for i, emulated in enumerate(queues.values()):
+        for n in range(5 + i):
+            emulated.report(PageRequest(dev_id=n, addr=0x1000, pasid=n, grpid=n))
+    async with asyncio.timeout(5):
+        while engine.totals()["success"] + engine.totals()["invalid"] < 11:
+            await asyncio.sleep(0.001)
+    await engine.stop(0)
+    assert engine.totals() == {"pending": 0, "faults": 11, "success": 5, "invalid": 6, "deadline": 0,
+                               "shed": 0, "error": 0}
+    assert [code for _, code in queues["vm2"].answers] == [INVALID] * 6
+    for emulated in queues.values():
+        emulated.close()

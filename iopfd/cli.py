@@ -17,6 +17,44 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from iopfd.service.config import EX_CONFIG, ConfigError, load_settings
+    from iopfd.service.logging import configure_logging
+    from iopfd.service.server import PolicyError, UsageError, prepare
+
+    try:
+        settings = load_settings(args.config, policy=args.policy, metrics_address=args.metrics_address)
+        configure_logging(settings.log_level, settings.log_format)
+        server = prepare(settings, args.fault_fd)
+    except (ConfigError, PolicyError) as exc:
+        print(f"iopfd run: invalid configuration\n{exc}", file=sys.stderr)
+        return EX_CONFIG
+    except UsageError as exc:
+        print(f"iopfd run: {exc}", file=sys.stderr)
+        return 2
+    return asyncio.run(server.serve())
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    from iopfd.service.config import EX_CONFIG, ConfigError, load_settings
+    from iopfd.service.server import PolicyError, policy_tables
+
+    try:
+        settings = load_settings(args.file)
+        policies = policy_tables(settings)
+        for name in sorted({settings.policy, *settings.policies}):
+            policies.get(name, f"policies.{name}" if name in settings.policies else "policy")
+        for index, queue in enumerate(settings.queues):
+            policies.get(queue.resolved(settings).policy, f"queues.{index}.policy")
+    except (ConfigError, PolicyError) as exc:
+        print(f"{args.file}: invalid configuration\n{exc}", file=sys.stderr)
+        return EX_CONFIG
+    print(f"{args.file}: ok ({len(settings.queues)} queue(s), {len(settings.policies)} policy table(s))")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from iopfd import demo
 
@@ -38,6 +76,15 @@ def _cmd_lab(args: argparse.Namespace) -> int:
         return 1
 
 
+def _fault_fd(text: str):
+    from iopfd.service.server import FaultFdArg
+
+    try:
+        return FaultFdArg.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     from iopfd.lab.kernel import DEFAULT_KERNEL, KERNELS
 
@@ -47,6 +94,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("probe", help="show what the running kernel offers (iommufd, fault queues, vEVENTQ, ...)")
     p.add_argument("--device", default="/dev/iommu", help="iommufd device node (default: %(default)s)")
     p.set_defaults(func=_cmd_probe)
+
+    p = sub.add_parser("run", help="serve fault queues: read fault groups, decide them, answer them")
+    p.add_argument("--config", metavar="FILE", help="TOML configuration (see config/iopfd.toml)")
+    p.add_argument("--fault-fd", metavar="N[:NAME]", action="append", default=[], type=_fault_fd,
+                   help="serve the inherited fault fd N as queue NAME (repeatable)")
+    p.add_argument("--policy", metavar="NAME", help="default policy for queues that name none (default: accept)")
+    p.add_argument("--metrics-address", metavar="HOST:PORT|off",
+                   help="Prometheus endpoint (default: 127.0.0.1:9769)")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("check-config", help="validate a configuration file and its policies, then exit")
+    p.add_argument("file", metavar="FILE")
+    p.set_defaults(func=_cmd_check_config)
 
     p = sub.add_parser("demo", help="trigger mock faults in the kernel lab and answer them end to end")
     p.add_argument("--here", action="store_true", help="run on this kernel instead of booting the lab")

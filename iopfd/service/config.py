@@ -1,0 +1,279 @@
+"""The daemon's configuration: a TOML file, ``IOPFD_*`` environment variables and CLI overrides.
+
+Sources, highest priority first: overrides passed to ``load_settings`` (CLI flags), environment
+variables (``IOPFD_POLICY=reject``, ``IOPFD_DEFAULTS__MAX_PENDING=10``; lists and tables as JSON),
+the TOML file, defaults. ``config/iopfd.toml`` documents every key. ``load_settings`` reports every
+problem at once in one ``ConfigError``, one ``path.to.field: message`` line each.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import reprlib
+import stat
+import tomllib
+from contextvars import ContextVar
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic_core import ErrorDetails, InitErrorDetails, PydanticCustomError
+from pydantic_settings import (
+    BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError, TomlConfigSettingsSource,
+)
+
+from iopfd.iommufd.fault import INVALID, SUCCESS
+
+EX_CONFIG = 78  # sysexits.h: configuration error
+BUILTIN_POLICIES = frozenset({"accept", "reject"})  # usable by name without a [policies.NAME] table
+EXAMPLE = "config/iopfd.toml"
+_ERROR_TYPE = "iopfd_config"  # our own messages already show the value and the fix
+_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_CODES = {"success": SUCCESS, "invalid": INVALID}
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; ``lines`` holds every ``(path, message)`` problem found."""
+
+    def __init__(self, lines: list[tuple[str, str]]) -> None:
+        super().__init__(lines)
+        self.lines = lines
+
+    def __str__(self) -> str:
+        return "\n".join(f"{path}: {message}" for path, message in self.lines)
+
+
+def _error(message: str, **context: Any) -> PydanticCustomError:
+    return PydanticCustomError(_ERROR_TYPE, message, context)
+
+
+def _check_name(name: str) -> str:
+    if not _NAME.fullmatch(name):
+        raise _error("invalid name '{name}': use 1 to 64 of A-Z a-z 0-9 _ . - (names appear in metric "
+                     "labels and logs)", name=name)
+    return name
+
+
+def _parse_address(text: str) -> tuple[str, int] | None:
+    """``HOST:PORT`` -> ``(host, port)``; ``off`` -> None."""
+    if text == "off":
+        return None
+    host, colon, port = text.rpartition(":")
+    if not colon or not host:
+        raise _error("'{text}' is not HOST:PORT or off; e.g. 127.0.0.1:9769, [::1]:9769, off", text=text)
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise _error("'{host}' in '{text}' is not an IPv6 address", host=host, text=text) from None
+    elif ":" in host:
+        raise _error("'{text}': write an IPv6 host in brackets, e.g. [::1]:9769", text=text)
+    if not re.fullmatch(r"[0-9]{1,5}", port) or int(port) > 65535:
+        raise _error("'{text}': the port must be a number from 0 to 65535", text=text)
+    return host, int(port)
+
+
+Name = Annotated[str, AfterValidator(_check_name)]
+Deadline = Annotated[float, Field(gt=0, le=60)]
+MaxPending = Annotated[int, Field(ge=1, le=1_048_576)]
+DeadlineCode = Literal["success", "invalid"]
+
+
+class QueueDefaults(BaseModel, extra="forbid"):
+    """[defaults]: what a queue gets for each key it does not set."""
+
+    response_deadline: Deadline = 1.0  # seconds a policy has before the group is answered with deadline_code
+    deadline_code: DeadlineCode = "invalid"
+    max_pending: MaxPending = 4096  # groups awaiting a decision; beyond it new groups are shed with INVALID
+
+
+@dataclass(frozen=True)
+class ResolvedQueue:
+    """One queue with the defaults applied, as the engine uses it."""
+
+    name: str
+    fd: int | None
+    policy: str
+    response_deadline: float
+    deadline_code: int  # SUCCESS or INVALID, the kernel's page response code
+    max_pending: int
+
+
+class QueueSettings(BaseModel, extra="forbid"):
+    """One [[queues]] entry: a fault fd and how its groups are answered."""
+
+    name: Name
+    fd: Annotated[int, Field(ge=0)] | None = None  # inherited fault fd; None: given later (e.g. --fault-fd)
+    policy: str | None = None
+    response_deadline: Deadline | None = None
+    deadline_code: DeadlineCode | None = None
+    max_pending: MaxPending | None = None
+
+    def resolved(self, settings: Settings) -> ResolvedQueue:
+        defaults = settings.defaults
+        return ResolvedQueue(
+            name=self.name,
+            fd=self.fd,
+            policy=settings.policy if self.policy is None else self.policy,
+            response_deadline=defaults.response_deadline if self.response_deadline is None else self.response_deadline,
+            deadline_code=_CODES[defaults.deadline_code if self.deadline_code is None else self.deadline_code],
+            max_pending=defaults.max_pending if self.max_pending is None else self.max_pending,
+        )
+
+
+class PolicySettings(BaseModel, extra="allow"):
+    """One [policies.NAME] table: the implementation's name and its own options."""
+
+    type: str = Field(min_length=1)  # built-in (accept, reject, rules, forward) or an "iopfd.policies" entry point
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The other keys; the policy layer validates them, as only it knows their meaning."""
+        return dict(self.model_extra or {})
+
+
+# The file load_settings() is loading. A context variable rather than a class attribute, so that
+# concurrent loads in other threads or tasks cannot see each other's file.
+_toml_path: ContextVar[Path | None] = ContextVar("iopfd_toml_path", default=None)
+
+
+class Settings(BaseSettings):
+    """The whole configuration; build it with ``load_settings``."""
+
+    model_config = SettingsConfigDict(env_prefix="IOPFD_", env_nested_delimiter="__", case_sensitive=False,
+                                      extra="forbid")
+
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["auto", "json", "console"] = "auto"  # auto: console on a TTY, JSON lines otherwise
+    metrics_address: str = "127.0.0.1:9769"  # HOST:PORT or off
+    shutdown_grace: float = Field(2.0, ge=0, le=60)  # seconds policies get on SIGTERM before deadline answers
+    policy: str = "accept"  # for queues that name none
+    defaults: QueueDefaults = Field(default_factory=QueueDefaults)
+    queues: list[QueueSettings] = []
+    policies: dict[Name, PolicySettings] = {}
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # No dotenv or secrets directory: the daemon reads its flags, its environment and one file.
+        path = _toml_path.get()
+        return (init_settings, env_settings) + (() if path is None else (_TomlSource(settings_cls, path),))
+
+    @field_validator("metrics_address")
+    @classmethod
+    def _valid_address(cls, value: str) -> str:
+        _parse_address(value)
+        return value
+
+    @property
+    def metrics_endpoint(self) -> tuple[str, int] | None:
+        """``(host, port)`` to serve metrics on, or None when metrics_address is ``off``."""
+        return _parse_address(self.metrics_address)
+
+    @model_validator(mode="after")
+    def _cross_check(self) -> Settings:
+        problems: list[InitErrorDetails] = []
+
+        def problem(loc: tuple[str | int, ...], value: Any, message: str, **context: Any) -> None:
+            problems.append(InitErrorDetails(type=_error(message, **context), loc=loc, input=value))
+
+        names: dict[str, int] = {}
+        fds: dict[int, int] = {}
+        for index, queue in enumerate(self.queues):
+            first = names.setdefault(queue.name, index)
+            if first != index:
+                problem(("queues", index, "name"), queue.name,
+                        "duplicate queue name '{name}', also used by queues.{first}; names must be unique",
+                        name=queue.name, first=first)
+            if queue.fd is not None and (owner := fds.setdefault(queue.fd, index)) != index:
+                problem(("queues", index, "fd"), queue.fd,
+                        "fd {fd} is also used by queues.{owner}; each fault fd belongs to one queue",
+                        fd=queue.fd, owner=owner)
+        known = BUILTIN_POLICIES | self.policies.keys()
+        references = [(("policy",), self.policy)]
+        references += [(("queues", index, "policy"), q.policy) for index, q in enumerate(self.queues)
+                       if q.policy is not None]
+        for loc, name in references:
+            if name not in known:
+                problem(loc, name, "unknown policy '{name}'; define [policies.{name}] or use {known}",
+                        name=name, known=", ".join(sorted(known)))
+        if problems:
+            # A ValidationError keeps each problem's own path, which a ValueError here could not.
+            raise ValidationError.from_exception_data(type(self).__name__, problems)
+        return self
+
+
+class _TomlSource(TomlConfigSettingsSource):
+    """The config file, with read and syntax errors reported as ConfigError."""
+
+    def _read_file(self, file_path: Path) -> dict[str, Any]:
+        try:
+            with open(file_path, "rb") as file:
+                return tomllib.load(file)
+        except tomllib.TOMLDecodeError as exc:  # its message ends with "(at line L, column C)"
+            raise ConfigError([(str(file_path), f"invalid TOML: {exc}")]) from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError([(str(file_path), f"invalid TOML: not UTF-8 text (byte {exc.start})")]) from None
+        except OSError as exc:
+            raise ConfigError([(str(file_path), _os_problem(exc))]) from None
+
+
+def _os_problem(exc: OSError) -> str:
+    if isinstance(exc, FileNotFoundError):
+        return f"no such file; check the path (a documented example is {EXAMPLE})"
+    if isinstance(exc, PermissionError):
+        return "permission denied; make the file readable by the user iopfd runs as"
+    return f"cannot read: {exc.strerror or exc}"
+
+
+def _path(loc: tuple[str | int, ...]) -> str:
+    # "[key]" marks a bad dict key (a policy table name); the key itself already names it.
+    return ".".join(str(part) for part in loc if part != "[key]") or "(file)"
+
+
+def _message(error: ErrorDetails) -> str:
+    if error["type"] == _ERROR_TYPE:
+        return error["msg"]
+    if error["type"] == "extra_forbidden":
+        return f"unknown key; remove it or fix its spelling ({EXAMPLE} lists every key)"
+    if error["type"] == "missing":
+        return "required key is missing; add it"
+    # pydantic names the model class; a TOML user wrote (or meant) a table
+    message = "Input should be a table" if error["type"] in ("model_type", "dict_type") else error["msg"]
+    return f"{message} (got {reprlib.repr(error['input'])})"
+
+
+def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:
+    """Settings from the TOML file at ``path`` (None: no file), the environment and ``overrides``.
+
+    ``overrides`` are field values that beat every other source (CLI flags); None values are skipped,
+    so unset options can be passed as they are. Raises ConfigError naming every problem.
+    """
+    if path is not None:
+        path = Path(path).expanduser()
+        # TomlConfigSettingsSource skips a missing file silently; a file that was named must exist.
+        try:
+            regular = stat.S_ISREG(path.stat().st_mode)
+        except OSError as exc:
+            raise ConfigError([(str(path), _os_problem(exc))]) from None
+        if not regular:
+            raise ConfigError([(str(path), "not a regular file; pass the config file itself")])
+    token = _toml_path.set(path)
+    try:
+        return Settings(**{key: value for key, value in overrides.items() if value is not None})
+    except ValidationError as exc:
+        raise ConfigError([(_path(error["loc"]), _message(error)) for error in exc.errors()]) from None
+    except SettingsError as exc:  # an IOPFD_* variable that is not valid JSON where JSON is needed
+        raise ConfigError([("(environment)", f"{exc}: {exc.__cause__}; give lists and tables as JSON")]) from None
+    finally:
+        _toml_path.reset(token)

@@ -1,0 +1,79 @@
+"""``iopfd run`` as a separate process, as systemd or a VMM starts it: fds inherited, NOTIFY_SOCKET owned here."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+STATUS_ANSWERED = re.compile(r"(\d+) groups answered")
+
+
+class DaemonProcess:
+    def __init__(self, tmp_path: Path, pass_fds: tuple[int, ...], *args: str, env: dict[str, str] | None = None):
+        self.notify_path = tmp_path / "notify.sock"
+        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        self.notify.bind(str(self.notify_path))
+        self.messages: list[str] = []
+        self.log_path = tmp_path / "iopfd.log"
+        self._log = self.log_path.open("wb")
+        environ = {**os.environ, "NOTIFY_SOCKET": str(self.notify_path), **(env or {})}
+        self.proc = subprocess.Popen([sys.executable, "-m", "iopfd", "run", *args], pass_fds=pass_fds,
+                                     env=environ, stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log)
+
+    def wait_message(self, predicate, timeout: float = 60.0) -> str:
+        """The first notify message (old or new) for which ``predicate`` holds."""
+        for message in self.messages:
+            if predicate(message):
+                return message
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            self.notify.settimeout(min(left, 0.5))
+            try:
+                message = self.notify.recv(4096).decode()
+            except TimeoutError:
+                if self.proc.poll() is not None:  # nothing queued and nobody left to send
+                    raise AssertionError(f"iopfd exited with {self.proc.returncode}:\n{self.output()}") from None
+                continue
+            self.messages.append(message)
+            if predicate(message):
+                return message
+        raise AssertionError(f"no such notify message in {timeout} s; got {self.messages[-5:]}\n{self.output()}")
+
+    def wait_ready(self) -> None:
+        self.wait_message(lambda m: "READY=1" in m.splitlines())
+
+    def wait_answered(self, groups: int, timeout: float = 120.0) -> None:
+        def enough(message: str) -> bool:
+            found = STATUS_ANSWERED.search(message)
+            return bool(found) and int(found.group(1)) >= groups
+        self.wait_message(enough, timeout)
+
+    def terminate(self, timeout: float = 60.0) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def output(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def log_events(self) -> list[dict]:
+        return [json.loads(line) for line in self.output().splitlines() if line.startswith("{")]
+
+    def totals(self) -> dict:
+        """The counts the daemon logs as it exits."""
+        (stopped,) = [event for event in self.log_events() if event["event"] == "stopped"]
+        return stopped
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.notify.close()
+        self._log.close()

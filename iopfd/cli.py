@@ -58,7 +58,7 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from iopfd import demo
 
-    return demo.main(here=args.here, kernel=args.kernel, faults=args.faults)
+    return demo.main(here=args.here, kernel=args.kernel, duration=args.duration)
 
 
 def _cmd_lab(args: argparse.Namespace) -> int:
@@ -108,10 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", metavar="FILE")
     p.set_defaults(func=_cmd_check_config)
 
-    p = sub.add_parser("demo", help="trigger mock faults in the kernel lab and answer them end to end")
+    p = sub.add_parser("demo", help="the daemon answering a stream of mock faults in the kernel lab, live")
     p.add_argument("--here", action="store_true", help="run on this kernel instead of booting the lab")
     p.add_argument("--kernel", choices=sorted(KERNELS), default=DEFAULT_KERNEL, help="lab kernel (default: %(default)s)")
-    p.add_argument("--faults", type=int, default=1000, help="mock faults to trigger (default: %(default)s)")
+    p.add_argument("--duration", type=float, default=10, help="seconds of faults (default: %(default)s; "
+                   "Ctrl-C stops early)")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("lab", help="the kernel lab: build the mock-IOMMU kernel, run commands inside it")

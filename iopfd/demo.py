@@ -1,59 +1,191 @@
-"""``iopfd demo``: faults from the kernel's mock IOMMU, read and answered through iopfd's typed layer.
+"""``iopfd demo``: the daemon answering a stream of mock page faults, with live figures.
 
-Until the daemon (``iopfd run``) exists, the demo drives the fault queue directly: it shows what
-the kernel offers (``iopfd probe``), then triggers mock page faults on a nested HWPT with a fault
-queue, reads every group and answers it, and checks the kernel took every answer.
+Boots the kernel lab (unless this kernel has the selftest mock IOMMU, or ``--here``), creates a mock
+device on a nested HWPT with a fault queue, starts ``iopfd run`` on that fault fd the way a VMM would
+(the fd inherited, READY=1 awaited on a notify socket the demo owns), triggers faults as fast as it
+can and prints groups/s, latency and outcomes each second from the daemon's metrics. At the end it
+stops the daemon with SIGTERM and asks the kernel whether any group is left unanswered.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import select
+import signal
+import socket
+import subprocess
 import sys
+import tempfile
 import time
+import urllib.request
+from pathlib import Path
 
 from iopfd.lab.guest import GUEST_ENV
 
+# Addresses below 0x8000_0000 are "guest memory" (accept); one fault in eight lands above (reject).
+DEMO_CONFIG = """\
+policy = "demo"
+[policies.demo]
+type = "rules"
+default = "reject"
+[[policies.demo.rules]]
+address = [0x0, 0x8000_0000]
+policy = "accept"
+"""
+STARTUP_TIMEOUT = 180  # importing the daemon takes ~12 s in the TCG lab guest
 
-def main(*, here: bool, kernel: str, faults: int) -> int:
-    if not here and not os.environ.get(GUEST_ENV):
+
+def main(*, here: bool, kernel: str, duration: float) -> int:
+    if not here and not os.environ.get(GUEST_ENV) and not _has_mock_iommu():
         from iopfd.lab import vm
         from iopfd.lab.errors import LabError
 
         try:
-            return vm.run([sys.executable, "-m", "iopfd", "demo", "--here", "--faults", str(faults)], kernel=kernel)
+            return vm.run([sys.executable, "-m", "iopfd", "demo", "--here", "--duration", str(duration)],
+                          kernel=kernel)
         except LabError as exc:
             print(f"iopfd demo: {exc}", file=sys.stderr)
             return 1
-    return run_here(faults)
+    return run_here(duration)
 
 
-def run_here(faults: int) -> int:
-    from iopfd.cli import main as cli_main
-    from iopfd.iommufd import Iommufd, FaultQueue, FaultingMockSetup, IommufdError, SUCCESS, PERM_READ, PERM_WRITE
+def _has_mock_iommu() -> bool:
+    from iopfd.iommufd.probe import YES, probe
 
-    print(f"kernel {os.uname().release}\n")
-    cli_main(["probe"])
-    print()
+    return os.path.exists("/dev/iommu") and any(f.name == "selftest mock IOMMU" and f.status == YES
+                                                for f in probe())
+
+
+def run_here(duration: float) -> int:
+    from iopfd.iommufd import FaultingMockSetup, FaultQueue, Iommufd, IommufdError
+
+    print(f"kernel {os.uname().release}")
     try:
-        with Iommufd.open() as ctx, FaultQueue.alloc(ctx) as queue, FaultingMockSetup(ctx, queue.id) as rig:
-            print(f"mock device dev_id={rig.device.dev_id} on nested HWPT {rig.nested.id} "
-                  f"(parent {rig.parent.id}), fault queue {queue.id} (fd {queue.fd})")
-            answered = 0
-            first = None
-            started = time.perf_counter()
-            for i in range(faults):
-                rig.device.trigger_iopf(addr=0x1000 * (i + 1), grpid=i % 512, perm=PERM_READ | PERM_WRITE)
-                if (i + 1) % 64 == 0 or i + 1 == faults:
-                    groups = queue.read()
-                    first = first or groups[0]
-                    answered += queue.respond([(g.cookie, SUCCESS) for g in groups])
-            elapsed = time.perf_counter() - started
-            still_pending = bool(select.select([queue.fd], [], [], 0)[0])
+        with Iommufd.open() as ctx, FaultQueue.alloc(ctx) as queue, FaultingMockSetup(ctx, queue.id) as rig, \
+                tempfile.TemporaryDirectory(prefix="iopfd-demo-") as tmp:
+            print(f"mock device dev_id={rig.device.dev_id} on nested HWPT {rig.nested.id}, "
+                  f"fault queue {queue.id} (fd {queue.fd})")
+            return _demo(queue, rig, Path(tmp), duration)
     except IommufdError as exc:
         print(f"iopfd demo: {exc}", file=sys.stderr)
         return 1
-    print(f"first group: cookie={first.cookie} {first.faults[0]}")
-    print(f"triggered {faults} faults; read and answered {answered} groups in {elapsed:.3f} s; "
-          f"queue {'still has' if still_pending else 'has no'} undelivered groups")
-    return 0 if answered == faults and not still_pending else 1
+
+
+def _demo(queue, rig, tmp: Path, duration: float) -> int:
+    from iopfd.iommufd import PERM_READ, SUCCESS
+
+    (tmp / "iopfd.toml").write_text(DEMO_CONFIG)
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    notify.bind(str(tmp / "notify"))
+    port = _free_port()
+    log = (tmp / "iopfd.log").open("wb")
+    argv = [sys.executable, "-m", "iopfd", "run", "--config", str(tmp / "iopfd.toml"),
+            "--fault-fd", f"{queue.fd}:demo", "--metrics-address", f"127.0.0.1:{port}"]
+    print(f"starting: iopfd run --fault-fd {queue.fd}:demo (policy: addresses below 0x80000000 accept, "
+          "others reject)")
+    daemon = subprocess.Popen(argv, pass_fds=[queue.fd], stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                              env={**os.environ, "NOTIFY_SOCKET": str(tmp / "notify")})
+    try:
+        if not _wait_ready(notify, daemon):
+            print(f"iopfd demo: the daemon did not become ready:\n{(tmp / 'iopfd.log').read_text()}",
+                  file=sys.stderr)
+            return 1
+        print(f"daemon ready (pid {daemon.pid}); metrics on http://127.0.0.1:{port}/metrics\n")
+        triggered = _stream(rig, port, duration, PERM_READ)
+        daemon.send_signal(signal.SIGTERM)
+        status = daemon.wait(60)
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+        log.close()
+        notify.close()
+    totals = _final_totals(tmp / "iopfd.log")
+    undelivered = bool(select.select([queue.fd], [], [], 0)[0])
+    # Cookies are lowest-free: were any group still pending, a response to its cookie would be taken.
+    pending = [cookie for cookie in range(1, triggered + 1) if queue.respond([(cookie, SUCCESS)])]
+    answered = sum(totals.get(k, 0) for k in ("success", "invalid", "deadline", "shed", "error"))
+    print(f"\ndaemon exited with {status}; triggered {triggered} faults, the daemon answered {answered} groups: "
+          + ", ".join(f"{totals.get(k, 0)} {k}" for k in ("success", "invalid", "deadline", "shed", "error")))
+    print("kernel: " + ("nothing undelivered, no group left pending" if not undelivered and not pending
+                        else f"undelivered={undelivered}, pending cookies {pending[:10]}"))
+    return 0 if status == 0 and answered == triggered and not undelivered and not pending else 1
+
+
+def _free_port() -> int:
+    with socket.socket() as probe_socket:
+        probe_socket.bind(("127.0.0.1", 0))
+        return probe_socket.getsockname()[1]
+
+
+def _wait_ready(notify: socket.socket, daemon: subprocess.Popen) -> bool:
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    notify.settimeout(1)
+    while time.monotonic() < deadline and daemon.poll() is None:
+        try:
+            if "READY=1" in notify.recv(4096).decode().splitlines():
+                return True
+        except TimeoutError:
+            pass
+    return False
+
+
+def _stream(rig, port: int, duration: float, perm: int) -> int:
+    """Trigger faults until ``duration`` or Ctrl-C, printing a line of figures each second."""
+    print(f"{'time':>5} {'triggered':>10} {'answered':>9} {'groups/s':>9} {'p50':>9} {'p99':>9} "
+          f"{'success':>8} {'invalid':>8} {'deadline':>8} {'shed':>5} {'error':>5} {'pending':>7}")
+    started = last_report = time.monotonic()
+    last_answered = triggered = 0
+    try:
+        while (now := time.monotonic()) - started < duration:
+            for _ in range(64):
+                address = 0x1000 * (triggered + 1) + (0x8000_0000 if triggered % 8 == 7 else 0)
+                rig.device.trigger_iopf(addr=address, grpid=triggered % 512, perm=perm)
+                triggered += 1
+            if now - last_report >= 1:
+                figures = _scrape(port)
+                answered = sum(figures["outcomes"].values())
+                rate = (answered - last_answered) / (now - last_report)
+                last_answered, last_report = answered, now
+                o = figures["outcomes"]
+                print(f"{now - started:>4.0f}s {triggered:>10} {answered:>9} {rate:>9.0f} "
+                      f"{figures['p50']:>9} {figures['p99']:>9} {o['success']:>8} {o['invalid']:>8} "
+                      f"{o['deadline']:>8} {o['shed']:>5} {o['error']:>5} {figures['pending']:>7}", flush=True)
+    except KeyboardInterrupt:
+        print("\ninterrupted")
+    return triggered
+
+
+def _scrape(port: int) -> dict:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    figures = {"outcomes": {}, "pending": 0, "buckets": []}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "iopfd_fault_groups_total":
+                figures["outcomes"][sample.labels["outcome"]] = int(sample.value)
+            elif sample.name == "iopfd_pending_groups":
+                figures["pending"] += int(sample.value)
+            elif sample.name == "iopfd_response_latency_seconds_bucket":
+                figures["buckets"].append((float(sample.labels["le"]), sample.value))
+    for quantile in ("p50", "p99"):
+        figures[quantile] = _quantile_bound(figures["buckets"], int(quantile[1:]) / 100)
+    return figures
+
+
+def _quantile_bound(buckets: list[tuple[float, float]], quantile: float) -> str:
+    """The histogram bucket the quantile falls in, as "<= bound"."""
+    total = buckets[-1][1] if buckets else 0
+    for bound, count in buckets:
+        if total and count >= quantile * total:
+            return f"<={bound * 1e3:g}ms" if bound != float("inf") else ">5s"
+    return "-"
+
+
+def _final_totals(log_path: Path) -> dict:
+    for line in reversed(log_path.read_text(errors="replace").splitlines()):
+        if line.startswith("{") and json.loads(line).get("event") == "stopped":
+            return json.loads(line)
+    return {}

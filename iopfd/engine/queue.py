@@ -27,8 +27,10 @@ from iopfd.iommufd.fault import INVALID, SUCCESS, FaultGroup, FaultQueue, assemb
 log = structlog.get_logger("iopfd.engine")
 
 # Reads per readiness callback before yielding to the loop, so one flooding queue cannot starve the
-# others (readiness is level-triggered: the loop calls back at once if more is queued).
-MAX_READS_PER_WAKEUP = 64
+# others or its own policies (readiness is level-triggered: the loop calls back at once if more is
+# queued). A wakeup also ends once max_pending groups await a decision: a burst is shed only when
+# the policy has had its turn and is still behind, not because it arrived in one read.
+MAX_READS_PER_WAKEUP = 16
 # Timers may fire a hair early; answering 100 µs early is well inside any deadline.
 DEADLINE_SLACK = 1e-4
 # Routing policies (rules) may select other routing policies; the config forbids cycles.
@@ -48,12 +50,13 @@ class QueueConfig:
 class _Pending:
     """A group read and not yet answered; ``task`` is the policy call deciding it."""
 
-    __slots__ = ("group", "read_at", "task")
+    __slots__ = ("group", "read_at", "task", "batched")
 
     def __init__(self, group: FaultGroup, read_at: float) -> None:
         self.group = group
         self.read_at = read_at
         self.task: asyncio.Task | None = None
+        self.batched = False  # the task decides other groups too
 
 
 class QueueServer:
@@ -99,7 +102,12 @@ class QueueServer:
 
     # -- read ----------------------------------------------------------------------------------
     def _on_readable(self) -> None:
+        # Write answers already made first: once a group is auto-answered by a detach, its cookie can
+        # come back with a new group in this very read, and a stale answer must never reach that one.
+        self._flush()
         for attempt in range(MAX_READS_PER_WAKEUP):
+            if attempt and len(self._pending) >= self.config.max_pending:
+                return  # let the policies catch up first; shed only if they still have not next time
             try:
                 # Only the first read of a wakeup can meet an old 6.12 kernel's "0 bytes but POLLIN".
                 data = self.source.read_raw(confirm_empty=attempt == 0)
@@ -118,9 +126,9 @@ class QueueServer:
         shed = 0
         for group in groups:
             self.stats.faults += group.fault_count
-            if group.cookie in self._pending:  # the kernel hands out each cookie once; never answer twice
-                self._log.error("cookie read twice while pending; ignored", cookie=group.cookie)
-                continue
+            stale = self._pending.pop(group.cookie, None)
+            if stale is not None:
+                self._superseded(stale)
             if room <= 0:
                 self._queue(group.cookie, INVALID, "shed", now)
                 shed += 1
@@ -163,6 +171,7 @@ class QueueServer:
             task = self._loop.create_task(self._run_batch(policy, entries))
             for entry in entries:
                 entry.task = task
+                entry.batched = True
         else:
             for entry in entries:
                 entry.task = self._loop.create_task(self._run_one(policy, entry))
@@ -200,6 +209,16 @@ class QueueServer:
             self._log.error("policy returned neither SUCCESS nor INVALID; group answered INVALID",
                             policy=policy.name, cookie=entry.group.cookie, returned=repr(code)[:80])
             self._answer(entry, INVALID, "error")
+
+    def _superseded(self, entry: _Pending) -> None:
+        """The kernel answered this group itself (INVALID, on a detach or replace) and reissued its
+        cookie: the decision in flight is void. Counted as an error and a response write error."""
+        if entry.task is not None and not entry.batched:
+            entry.task.cancel()
+        self.stats.outcomes["error"] += 1
+        self.stats.write_errors += 1
+        self._log.warning("group answered by the kernel before its decision (device detached or replaced)",
+                          cookie=entry.group.cookie)
 
     def _arm_deadline(self) -> None:
         if self._deadline_timer is None and self._pending:

@@ -210,6 +210,23 @@ async def test_a_late_decision_never_answers_the_group_that_reused_its_cookie(se
     assert s.codes() == [SUCCESS, INVALID]
 
 
+async def test_a_cookie_reissued_after_a_detach_voids_the_old_decision(served):
+    gate = Gate()
+    s = served(gate, response_deadline=30)
+    s.report(1, dev_id=1)
+    await s.until(lambda: 1 in gate.waiting)
+    old = gate.waiting.pop(1)
+    s.emulated.detach(1)  # the kernel answers cookie 1 itself and may hand it out again
+    s.report(1, dev_id=2)
+    await s.until(lambda: 1 in gate.waiting)  # the new group, same cookie
+    assert old.cancelled()  # the void decision is not awaited any more
+    assert s.server.stats.outcomes["error"] == 1 and s.server.stats.write_errors == 1
+    assert s.emulated.pending_cookies == [1]
+    gate.release(SUCCESS)
+    await s.settle()
+    assert [(group[0].dev_id, code) for group, code in s.emulated.answers] == [(1, INVALID), (2, SUCCESS)]
+
+
 async def test_beyond_max_pending_groups_are_shed_at_once(served):
     gate = Gate()
     s = served(gate, max_pending=4, response_deadline=30)

@@ -39,15 +39,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
     from iopfd.service.config import EX_CONFIG, ConfigError, load_settings
-    from iopfd.service.server import PolicyError, policy_tables
+    from iopfd.service.server import PolicyError, build_policies
 
     try:
         settings = load_settings(args.file)
-        policies = policy_tables(settings)
-        for name in sorted({settings.policy, *settings.policies}):
-            policies.get(name, f"policies.{name}" if name in settings.policies else "policy")
-        for index, queue in enumerate(settings.queues):
-            policies.get(queue.resolved(settings).policy, f"queues.{index}.policy")
+        build_policies(settings)  # queues name only tables or built-ins: the config checked that
     except (ConfigError, PolicyError) as exc:
         print(f"{args.file}: invalid configuration\n{exc}", file=sys.stderr)
         return EX_CONFIG

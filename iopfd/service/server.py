@@ -72,14 +72,20 @@ def resolve_queues(settings: Settings, fault_fds: list[FaultFdArg]) -> list[Reso
     return [queue.resolved(settings) for queue in queues]
 
 
-def policy_tables(settings: Settings) -> Policies:
-    return Policies({name: (table.type, table.options) for name, table in settings.policies.items()})
+def build_policies(settings: Settings) -> Policies:
+    """Every policy table and the default policy, built now so that a bad table fails at start-up
+    even when no queue uses it yet; raises PolicyError."""
+    policies = Policies({name: (table.type, table.options) for name, table in settings.policies.items()})
+    for name in sorted(settings.policies):
+        policies.get(name, f"policies.{name}")
+    policies.get(settings.policy, "policy")
+    return policies
 
 
 def prepare(settings: Settings, fault_fds: list[FaultFdArg]) -> Server:
     """Check and build everything; raises ConfigError, PolicyError or UsageError before serving."""
     queues = resolve_queues(settings, fault_fds)
-    policies = policy_tables(settings)
+    policies = build_policies(settings)
     engine = Engine()
     chosen = {queue.name: policies.get(queue.policy, f"queue {queue.name!r} policy") for queue in queues}
     for queue in queues:
@@ -157,4 +163,4 @@ class Server:
             await asyncio.sleep(STATUS_INTERVAL)
 
 
-__all__ = ["ConfigError", "FaultFdArg", "PolicyError", "Server", "UsageError", "prepare", "resolve_queues"]
+__all__ = ["ConfigError", "FaultFdArg", "PolicyError", "Server", "UsageError", "build_policies", "prepare", "resolve_queues"]

@@ -157,7 +157,16 @@ def assemble_groups(data: memoryview | bytes, queue: str = "") -> tuple[list[Fau
     if start < len(cookies):
         malformed += _malformed_run(cookies[start:], f"group with cookie {cookies[start]} has no LAST_PAGE "
                                                      "record at the end of the read")
-    return groups, malformed
+    seen: dict[int, int] = {}
+    for group in groups:
+        seen[group.cookie] = seen.get(group.cookie, 0) + 1
+    reasons = dict(malformed)  # one entry per cookie: each is answered once
+    for cookie, count in seen.items():
+        if count > 1:
+            reasons.setdefault(cookie, f"cookie {cookie} used by {count} groups of one read")
+    if reasons:
+        groups = [group for group in groups if group.cookie not in reasons]
+    return groups, list(reasons.items())
 
 
 def _malformed_run(cookies: list[int], reason: str) -> list[tuple[int, str]]:

@@ -49,7 +49,7 @@ class Notifier:
             self._sock.sendto("\n".join(lines).encode(), self._address)
         except OSError as exc:
             if not self._failing:  # once per outage, not once per watchdog tick
-                log.warning("sd_notify_failed", address=self._address, error=str(exc))
+                log.warning("cannot notify systemd", address=self._address, error=str(exc))
                 self._failing = True
             return False
         self._failing = False
@@ -85,7 +85,7 @@ def watchdog_interval(environ: Mapping[str, str] = os.environ) -> float | None:
     except ValueError:
         value = 0
     if value <= 0:
-        log.warning("watchdog_env_invalid", WATCHDOG_USEC=usec, WATCHDOG_PID=pid)
+        log.warning("ignoring an invalid WATCHDOG_USEC or WATCHDOG_PID", WATCHDOG_USEC=usec, WATCHDOG_PID=pid)
         return None
     return value / 2 / 1_000_000
 
@@ -103,14 +103,14 @@ async def run_watchdog(notifier: Notifier, interval: float, healthy: Callable[[]
         await asyncio.sleep(interval)
         overrun = loop.time() - start - interval
         if overrun >= interval:
-            log.warning("watchdog_skipped", reason="event loop stalled", overrun_s=round(overrun, 3))
+            log.warning("watchdog ping skipped", reason="event loop stalled", overrun_s=round(overrun, 3))
             continue
         try:
             ok = healthy()
         except Exception:
-            log.exception("watchdog_health_check_failed")
+            log.exception("watchdog health check raised")
             ok = False
         if ok:
             notifier.watchdog()
         else:
-            log.warning("watchdog_skipped", reason="unhealthy")
+            log.warning("watchdog ping skipped", reason="unhealthy")

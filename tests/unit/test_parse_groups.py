@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from iopfd.iommufd import LAST_PAGE, PASID_VALID, MalformedFaultData, parse_groups
-from iopfd.iommufd.fault import RECORD
+from iopfd.iommufd.fault import RECORD, assemble_groups
 
 
 def record(cookie: int, *, last: bool = True, flags: int = 0, dev_id: int = 3, pasid: int = 0, grpid: int = 1,
@@ -50,3 +50,20 @@ def test_any_sequence_of_whole_groups_round_trips(groups):
     parsed = parse_groups(data)
     assert [(g.cookie, len(g.faults)) for g in parsed] == groups
     assert all([f.addr for f in g.faults] == [i * 4096 for i in range(len(g.faults))] for g in parsed)
+
+
+@given(st.lists(st.tuples(st.integers(0, 6), st.booleans()), max_size=60))
+def test_assembly_accounts_for_every_cookie_of_any_record_sequence(records):
+    """Whatever the bytes, every nonzero cookie ends in exactly one whole group or once in the
+    malformed list (so the engine answers it once), and a group is one cookie's run to LAST_PAGE."""
+    data = b"".join(record(cookie, last=last, addr=i) for i, (cookie, last) in enumerate(records))
+    groups, malformed = assemble_groups(data, "q")
+    grouped = [g.cookie for g in groups]
+    flagged = [cookie for cookie, _ in malformed if cookie]
+    assert sorted(set(grouped + flagged)) == sorted({cookie for cookie, _ in records if cookie})
+    assert len(set(flagged)) == len(flagged) and len(set(grouped)) == len(grouped)
+    assert not set(flagged) & set(grouped)
+    for group in groups:
+        assert group.queue == "q" and group.cookie != 0
+        assert [f.flags & LAST_PAGE for f in group.faults][-1] and \
+            not any(f.flags & LAST_PAGE for f in group.faults[:-1])

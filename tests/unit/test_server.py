@@ -190,3 +190,37 @@ async def test_metrics_endpoint_reports_the_engine():
     assert samples[("iopfd_read_batch_groups_sum", ())] == 3
     assert samples[("iopfd_response_write_errors_total", (("queue", "vm1"),))] == 0
     assert ("iopfd_build_info", (("python", sys.version.split()[0]), ("version", "0.1.0"))) in samples
+
+
+@pytest.mark.asyncio
+async def test_serve_pings_the_watchdog_while_queues_are_served(notify_socket, monkeypatch):
+    sock, path = notify_socket
+    monkeypatch.setenv("WATCHDOG_USEC", "100000")  # 0.1 s: a ping every 0.05 s
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    emulated = EmulatedFaultQueue()
+    engine = Engine()
+    engine.add(QueueServer(emulated.open(), Hang(), QueueConfig("vm1")))
+    server = Server(load_settings(None, metrics_address="off"), engine,
+                    Notifier.from_environment({"NOTIFY_SOCKET": path}))
+    serving = asyncio.create_task(server.serve())
+    messages = [await asyncio.to_thread(sock.recv, 500) for _ in range(4)]
+    assert messages[0] == b"READY=1" and b"WATCHDOG=1" in messages
+    engine.queues["vm1"].failure = "test: the fd went bad"  # an unserved queue: no more pings
+    await asyncio.sleep(0.2)
+    sock.setblocking(False)
+    while True:
+        try:
+            sock.recv(500)
+        except BlockingIOError:
+            break
+    await asyncio.sleep(0.3)
+    late = []
+    while True:
+        try:
+            late.append(sock.recv(500))
+        except BlockingIOError:
+            break
+    assert b"WATCHDOG=1" not in late
+    server.request_stop()
+    assert await serving == 0
+    emulated.close()

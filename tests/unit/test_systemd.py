@@ -87,7 +87,7 @@ def test_vanished_socket_warns_once_per_outage(tmp_path):
         assert not notifier.ready()
         assert not notifier.watchdog()
         assert not notifier.status("still here")
-    assert [(e["event"], e["log_level"]) for e in logs] == [("sd_notify_failed", "warning")]
+    assert [(e["event"], e["log_level"]) for e in logs] == [("cannot notify systemd", "warning")]
 
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock, capture_logs() as logs:
         sock.bind(path)
@@ -95,7 +95,7 @@ def test_vanished_socket_warns_once_per_outage(tmp_path):
         sock.close()
         os.unlink(path)
         assert not notifier.watchdog()
-    assert [e["event"] for e in logs] == ["sd_notify_failed"]
+    assert [e["event"] for e in logs] == ["cannot notify systemd"]
     notifier.close()
 
 
@@ -131,7 +131,7 @@ def test_watchdog_interval(environ, expected):
 def test_watchdog_interval_garbage(environ):
     with capture_logs() as logs:
         assert watchdog_interval(environ) is None
-    assert [(e["event"], e["log_level"]) for e in logs] == [("watchdog_env_invalid", "warning")]
+    assert [(e["event"], e["log_level"]) for e in logs] == [("ignoring an invalid WATCHDOG_USEC or WATCHDOG_PID", "warning")]
 
 
 async def _run_for(notifier: Notifier, healthy, seconds: float, block: float = 0) -> None:
@@ -162,7 +162,7 @@ async def test_run_watchdog_skips_when_unhealthy(receiver):
     with capture_logs() as logs:
         await _run_for(notifier, lambda: False, 0.2)
     assert drain(sock) == []
-    assert logs and all(e["event"] == "watchdog_skipped" and e["reason"] == "unhealthy" for e in logs)
+    assert logs and all(e["event"] == "watchdog ping skipped" and e["reason"] == "unhealthy" for e in logs)
     notifier.close()
 
 
@@ -177,7 +177,7 @@ async def test_run_watchdog_treats_failing_health_check_as_unhealthy(receiver):
     with capture_logs() as logs:
         await _run_for(notifier, broken, 0.1)
     assert drain(sock) == []
-    assert "watchdog_health_check_failed" in {e["event"] for e in logs}
+    assert "watchdog health check raised" in {e["event"] for e in logs}
     notifier.close()
 
 

@@ -11,7 +11,7 @@ from structlog.testing import capture_logs
 
 from iopfd.engine import Engine, Policy, QueueConfig, QueueServer
 from iopfd.iommufd import INVALID, SUCCESS
-from iopfd.iommufd.emulated import EmulatedFaultQueue, PageRequest
+from iopfd.iommufd.emulated import EmulatedFaultFd, EmulatedFaultQueue, PageRequest
 from iopfd.iommufd.fault import LAST_PAGE, RECORD, FaultGroup, FaultQueue
 from iopfd.policies import AcceptPolicy, ForwardPolicy, Policies, RejectPolicy
 
@@ -116,6 +116,30 @@ async def test_a_group_larger_than_the_buffer_grows_it(served):
             await asyncio.sleep(0.001)
     assert emulated.answers[0][1] == SUCCESS and server.source.buffer_records >= 9
     await server.stop(0)
+
+
+async def test_a_kernel_that_returns_0_bytes_for_a_group_too_big_still_gets_it_read():
+    """Before 6.12.101 a too-small buffer read 0 bytes while the fd stayed readable."""
+    class OldKernel(EmulatedFaultFd):
+        def _readinto(self, buffer):
+            try:
+                return super()._readinto(buffer)
+            except OSError:
+                return 0
+
+    emulated = EmulatedFaultQueue()
+    server = QueueServer(OldKernel(emulated, batch_records=1), AcceptPolicy(), QueueConfig("q"))
+    server.start()
+    emulated.report(PageRequest(dev_id=1, addr=0))
+    for i in range(3):
+        emulated.report(PageRequest(dev_id=1, addr=0x1000 * i, grpid=2, last=i == 2))
+    async with asyncio.timeout(5):
+        while len(emulated.answers) < 2:
+            await asyncio.sleep(0.001)
+    assert [(len(group), code) for group, code in emulated.answers] == [(1, SUCCESS), (3, SUCCESS)]
+    assert server.source.buffer_records >= 3
+    await server.stop(0)
+    emulated.close()
 
 
 async def test_per_group_policy_decides_each_group(served):

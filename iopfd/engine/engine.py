@@ -10,13 +10,25 @@ from iopfd.engine.queue import QueueServer
 class Engine:
     def __init__(self) -> None:
         self.queues: dict[str, QueueServer] = {}
+        self.running = False
 
     def add(self, server: QueueServer) -> None:
+        """Serve one more queue; at once if the engine is running (a queue attached at run time)."""
         if server.name in self.queues:
             raise ValueError(f"a queue named {server.name!r} is already served")
         self.queues[server.name] = server
+        if self.running:
+            server.start()
+
+    async def remove(self, name: str, grace: float) -> QueueServer:
+        """Stop serving a queue, answering everything it read; the caller closes its source."""
+        server = self.queues[name]
+        await server.stop(grace)
+        del self.queues[name]
+        return server
 
     def start(self) -> None:
+        self.running = True
         for server in self.queues.values():
             server.start()
 
@@ -27,6 +39,7 @@ class Engine:
 
     async def stop(self, grace: float) -> None:
         """Stop every queue at once (they share the grace period) and answer all they read."""
+        self.running = False
         await asyncio.gather(*(server.stop(grace) for server in self.queues.values()))
 
     def totals(self) -> dict[str, int]:

@@ -14,8 +14,8 @@ late decision for an abandoned group must never answer the new group that got it
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import structlog
 
@@ -45,6 +45,8 @@ class QueueConfig:
     response_deadline: float = 1.0
     deadline_code: int = INVALID
     max_pending: int = 4096
+    labels: Mapping[str, str] = field(default_factory=dict)  # e.g. the VM's name, in every log line
+    device_names: Mapping[int, str] = field(default_factory=dict)  # dev_id -> name, in per-group lines
 
 
 class _Pending:
@@ -76,7 +78,7 @@ class QueueServer:
         self._deadline_timer: asyncio.TimerHandle | None = None
         self._flush_handle: asyncio.Handle | None = None
         self._drained: asyncio.Event | None = None
-        self._log = log.bind(queue=self.name)
+        self._log = log.bind(queue=self.name, **config.labels)
         self._log_groups = _debug_enabled()
 
     @property
@@ -137,6 +139,10 @@ class QueueServer:
             entry = _Pending(group, now)
             self._pending[group.cookie] = entry
             admitted.append(entry)
+            if self._log_groups:
+                self._log.debug("group read", cookie=group.cookie, dev_id=group.dev_id, pasid=group.pasid,
+                                device=self.config.device_names.get(group.dev_id), faults=group.fault_count,
+                                addr=hex(group.addresses[-1]))
         if shed:
             self._log.warning("queue full: groups shed with INVALID", shed=shed, max_pending=self.config.max_pending)
         for cookie, reason in malformed:

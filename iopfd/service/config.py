@@ -136,6 +136,19 @@ class PolicySettings(BaseModel, extra="allow"):
         return dict(self.model_extra or {})
 
 
+class ControlSettings(BaseModel, extra="forbid"):
+    """[control]: the Unix socket VMMs use to hand over fault fds (see docs/protocol.md)."""
+
+    path: str = "/run/iopfd/control.sock"  # or "off"; systemd socket activation takes precedence
+    mode: Annotated[int, Field(ge=0, le=0o777)] = 0o660  # file mode of the socket (write it as 0o660)
+    allowed_uids: list[Annotated[int, Field(ge=0)]] = [0]  # peers allowed by SO_PEERCRED, besides iopfd's own uid
+    allowed_gids: list[Annotated[int, Field(ge=0)]] = []
+
+    @property
+    def enabled(self) -> bool:
+        return self.path != "off"
+
+
 # The file load_settings() is loading. A context variable rather than a class attribute, so that
 # concurrent loads in other threads or tasks cannot see each other's file.
 _toml_path: ContextVar[Path | None] = ContextVar("iopfd_toml_path", default=None)
@@ -155,6 +168,7 @@ class Settings(BaseSettings):
     defaults: QueueDefaults = Field(default_factory=QueueDefaults)
     queues: list[QueueSettings] = []
     policies: dict[Name, PolicySettings] = {}
+    control: ControlSettings = Field(default_factory=ControlSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import structlog
 
 from iopfd.engine import Engine, QueueConfig, QueueServer
-from iopfd.iommufd.errors import IommufdError
-from iopfd.iommufd.fault import FaultQueue
+from iopfd.iommufd import FaultQueue, Iommufd, IommufdError
 from iopfd.policies import Policies, PolicyError
 from iopfd.service.config import ConfigError, QueueSettings, ResolvedQueue, Settings
+from iopfd.service.control import ControlServer, bind_socket
 from iopfd.service.metrics import MetricsServer, registry_for
-from iopfd.service.systemd import Notifier, run_watchdog, watchdog_interval
+from iopfd.service.systemd import Notifier, listen_fds, run_watchdog, watchdog_interval
 
 log = structlog.get_logger("iopfd.server")
 
@@ -58,9 +61,9 @@ def resolve_queues(settings: Settings, fault_fds: list[FaultFdArg]) -> list[Reso
         else:
             index[name] = len(queues)
             queues.append(QueueSettings(name=name, fd=arg.fd))
-    if not queues:
+    if not queues and not settings.control.enabled:
         raise UsageError("no fault queue to serve: pass --fault-fd N[:NAME] (an fd inherited from the VMM) "
-                         "or list [[queues]] with an fd in the config")
+                         "or list [[queues]] with an fd in the config, or enable the [control] socket")
     missing = [(f"queues.{i}.fd", f"queue {q.name!r} has no fault fd; set fd or pass --fault-fd N:{q.name}")
                for i, q in enumerate(queues) if q.fd is None]
     if missing:
@@ -85,26 +88,52 @@ def build_policies(settings: Settings) -> Policies:
 def prepare(settings: Settings, fault_fds: list[FaultFdArg]) -> Server:
     """Check and build everything; raises ConfigError, PolicyError or UsageError before serving."""
     queues = resolve_queues(settings, fault_fds)
-    policies = build_policies(settings)
-    engine = Engine()
-    chosen = {queue.name: policies.get(queue.policy, f"queue {queue.name!r} policy") for queue in queues}
+    server = Server(settings, Engine(), build_policies(settings))
+    for queue in queues:
+        server.policies.get(queue.policy, f"queue {queue.name!r} policy")
     for queue in queues:
         try:
             source = FaultQueue.from_fd(queue.fd)
         except IommufdError as exc:
             raise UsageError(f"queue {queue.name!r}: {exc}") from None
-        engine.add(QueueServer(source, chosen[queue.name], QueueConfig(
-            queue.name, queue.response_deadline, queue.deadline_code, queue.max_pending)))
-    return Server(settings, engine)
+        server.add_queue(queue.name, source, policy=queue.policy)
+    if settings.control.enabled:
+        server.control = open_control_socket(server)
+    return server
 
 
 class Server:
-    def __init__(self, settings: Settings, engine: Engine, notifier: Notifier | None = None) -> None:
+    def __init__(self, settings: Settings, engine: Engine, policies: Policies,
+                 notifier: Notifier | None = None) -> None:
         self.settings = settings
         self.engine = engine
+        self.policies = policies
         self.notifier = notifier or Notifier.from_environment()
         self.metrics: MetricsServer | None = None
+        self.control: ControlServer | None = None
+        self._keep_open: dict[str, Iommufd] = {}  # brokered queues: the iommufd iopfd opened for them
         self._stop = asyncio.Event()
+
+    def add_queue(self, name: str, source: FaultQueue, *, policy: str | None = None,
+                  labels: Mapping[str, str] | None = None, device_names: Mapping[int, str] | None = None,
+                  keep_open: Iommufd | None = None) -> QueueServer:
+        """Serve ``source`` as ``name`` with the config's defaults (at once if already serving)."""
+        resolved = QueueSettings(name=name, policy=policy).resolved(self.settings)
+        queue = QueueServer(source, self.policies.get(resolved.policy), QueueConfig(
+            name, resolved.response_deadline, resolved.deadline_code, resolved.max_pending,
+            dict(labels or {}), dict(device_names or {})))
+        self.engine.add(queue)
+        if keep_open is not None:
+            self._keep_open[name] = keep_open
+        return queue
+
+    async def remove_queue(self, name: str) -> QueueServer:
+        """Stop serving ``name`` (answering all it read) and close its fd."""
+        queue = await self.engine.remove(name, self.settings.shutdown_grace)
+        queue.source.close()
+        if name in self._keep_open:
+            self._keep_open.pop(name).close()
+        return queue
 
     def request_stop(self, reason: str = "requested") -> None:
         if not self._stop.is_set():
@@ -119,6 +148,8 @@ class Server:
         if endpoint is not None:
             self.metrics = MetricsServer(registry_for(self.engine), *endpoint)
             log.info("metrics", address=f"http://{self.metrics.host}:{self.metrics.port}/metrics")
+        if self.control is not None:
+            self.control.start()
         helpers = [loop.create_task(self._report_status())]
         interval = watchdog_interval()
         if interval is not None:
@@ -136,10 +167,14 @@ class Server:
             await asyncio.gather(*helpers, return_exceptions=True)
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(signum)
+            if self.control is not None:
+                await self.control.close()
             if self.metrics is not None:
                 self.metrics.close()
             for server in self.engine.queues.values():
                 server.source.close()
+            for ctx in self._keep_open.values():
+                ctx.close()
             self.notifier.close()
         log.info("stopped", **self.engine.totals())
         return 0
@@ -161,6 +196,23 @@ class Server:
         while True:
             self.notifier.status(self.status())
             await asyncio.sleep(STATUS_INTERVAL)
+
+
+def open_control_socket(server: Server) -> ControlServer:
+    """The socket systemd passed (iopfd.socket, FileDescriptorName=control), else bind [control] path."""
+    settings = server.settings.control
+    allowed = {"allowed_uids": {*settings.allowed_uids, os.getuid()}, "allowed_gids": set(settings.allowed_gids)}
+    inherited = listen_fds().get("control")
+    if inherited:
+        listener = socket.socket(fileno=inherited[0])
+        log.info("control socket from systemd", fd=inherited[0])
+        return ControlServer(server, listener, **allowed)
+    try:
+        listener = bind_socket(settings.path, settings.mode)
+    except OSError as exc:
+        raise UsageError(f"control socket {settings.path}: {exc}; set [control] path, or path = \"off\"") from None
+    log.info("control socket", path=settings.path, mode=oct(settings.mode))
+    return ControlServer(server, listener, owns_path=settings.path, **allowed)
 
 
 __all__ = ["ConfigError", "FaultFdArg", "PolicyError", "Server", "UsageError", "build_policies", "prepare", "resolve_queues"]

@@ -114,3 +114,29 @@ async def run_watchdog(notifier: Notifier, interval: float, healthy: Callable[[]
             notifier.watchdog()
         else:
             log.warning("watchdog ping skipped", reason="unhealthy")
+
+
+LISTEN_FDS_START = 3
+
+
+def listen_fds(environ: Mapping[str, str] = os.environ) -> dict[str, list[int]]:
+    """The fds systemd passed (socket activation, fd store), by FileDescriptorName / FDNAME.
+
+    Only when LISTEN_PID names this process; unnamed fds are listed under "unknown", as sd_listen_fds
+    does. The fds are made close-on-exec: nothing iopfd starts should inherit them.
+    """
+    if environ.get("LISTEN_PID") != str(os.getpid()):
+        return {}
+    try:
+        count = int(environ.get("LISTEN_FDS", "0"))
+    except ValueError:
+        log.warning("ignoring an invalid LISTEN_FDS", LISTEN_FDS=environ.get("LISTEN_FDS"))
+        return {}
+    names = environ.get("LISTEN_FDNAMES", "").split(":") if environ.get("LISTEN_FDNAMES") else []
+    found: dict[str, list[int]] = {}
+    for index in range(count):
+        fd = LISTEN_FDS_START + index
+        os.set_inheritable(fd, False)
+        name = names[index] if index < len(names) and names[index] else "unknown"
+        found.setdefault(name, []).append(fd)
+    return found

@@ -40,6 +40,7 @@ def daemon(tmp_path, queue):
     started = []
 
     def start(*args: str, env: dict[str, str] | None = None) -> DaemonProcess:
+        env = {"IOPFD_CONTROL__PATH": str(tmp_path / "control.sock"), **(env or {})}
         process = DaemonProcess(tmp_path, (queue.fd,), "--fault-fd", f"{queue.fd}:lab", *args, env=env)
         started.append(process)
         process.wait_ready()

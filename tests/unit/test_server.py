@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from iopfd.engine import Engine, Policy, QueueConfig, QueueServer
 from iopfd.iommufd import INVALID, SUCCESS
 from iopfd.iommufd.emulated import EmulatedFaultQueue, PageRequest
+from iopfd.policies import Policies
 from iopfd.service.config import ConfigError, load_settings
 from iopfd.service.metrics import MetricsServer, registry_for
 from iopfd.service.server import FaultFdArg, Server, UsageError, prepare, resolve_queues
@@ -48,7 +49,8 @@ def test_a_queue_without_fd_or_no_queue_at_all_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"queues\.0\.fd: queue 'vm1' has no fault fd; set fd or pass --fault-fd N:vm1"):
         resolve_queues(load_settings(config), [])
     with pytest.raises(UsageError, match="no fault queue to serve"):
-        resolve_queues(load_settings(None), [])
+        resolve_queues(load_settings(None, control={"path": "off"}), [])
+    assert resolve_queues(load_settings(None), []) == []  # queues may arrive over the control socket
     with pytest.raises(UsageError, match="fd 5 is given to more than one queue"):
         resolve_queues(load_settings(None), [FaultFdArg(5, "a"), FaultFdArg(5, "b")])
 
@@ -63,7 +65,7 @@ def test_prepare_refuses_anything_but_a_fault_fd(tmp_path, kind):
         fd, other = 999, None
     try:
         with pytest.raises(UsageError, match=f"queue 'fd{fd}': adopt fd {fd}.*not an iommufd fault fd"):
-            prepare(load_settings(None), [FaultFdArg(fd)])
+            prepare(load_settings(None, control={"path": "off"}), [FaultFdArg(fd)])
     finally:
         for descriptor in (fd, other):
             if descriptor is not None and kind != "closed":
@@ -136,8 +138,8 @@ async def test_serve_notifies_and_sigterm_answers_everything_then_returns_0(noti
     emulated = EmulatedFaultQueue()
     engine = Engine()
     engine.add(QueueServer(emulated.open(), Hang(), QueueConfig("vm1", response_deadline=30)))
-    settings = load_settings(None, metrics_address="off", shutdown_grace=0.05)
-    server = Server(settings, engine, Notifier.from_environment({"NOTIFY_SOCKET": path}))
+    settings = load_settings(None, metrics_address="off", shutdown_grace=0.05, control={"path": "off"})
+    server = Server(settings, engine, Policies({}), Notifier.from_environment({"NOTIFY_SOCKET": path}))
     serving = asyncio.create_task(server.serve())
     assert await asyncio.to_thread(sock.recv, 100) == b"READY=1"
     for i in range(5):
@@ -200,7 +202,7 @@ async def test_serve_pings_the_watchdog_while_queues_are_served(notify_socket, m
     emulated = EmulatedFaultQueue()
     engine = Engine()
     engine.add(QueueServer(emulated.open(), Hang(), QueueConfig("vm1")))
-    server = Server(load_settings(None, metrics_address="off"), engine,
+    server = Server(load_settings(None, metrics_address="off", control={"path": "off"}), engine, Policies({}),
                     Notifier.from_environment({"NOTIFY_SOCKET": path}))
     serving = asyncio.create_task(server.serve())
     messages = [await asyncio.to_thread(sock.recv, 500) for _ in range(4)]

@@ -1,0 +1,117 @@
+"""A client for iopfd's control socket (docs/protocol.md), for VMM-side code and the tests.
+
+    with Client("/run/iopfd/control.sock") as iopfd:
+        iopfd.attach(fault_fd, "vm1", labels={"vm": "guest1"})
+        print(iopfd.status())
+
+Blocking and single-threaded, like the C or Rust code it stands in for: each call sends one request
+and waits for its reply. A ``forward`` session turns the connection into an event stream.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable, Iterator, Mapping
+
+from iopfd import protocol
+from iopfd.protocol import ProtocolError
+
+DEFAULT_PATH = "/run/iopfd/control.sock"
+
+
+class Client:
+    def __init__(self, path: str | os.PathLike[str] = DEFAULT_PATH, *, timeout: float | None = 30.0) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.connect(os.fspath(path))
+        except OSError:
+            self.sock.close()
+            raise
+        self._next_id = 0
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def request(self, op: str, fds: tuple[int, ...] = (), **fields) -> tuple[dict, list[int]]:
+        """Send one request; return the reply and any fds it carried. Error replies raise ProtocolError."""
+        self._next_id += 1
+        protocol.send(self.sock, {"op": op, "id": self._next_id, **fields}, fds)
+        received = protocol.receive(self.sock)
+        if received is None:
+            raise ProtocolError("closed", "iopfd closed the connection")
+        reply, reply_fds = received
+        if not reply.get("ok"):
+            for fd in reply_fds:
+                os.close(fd)
+            error = reply.get("error") or {}
+            raise ProtocolError(error.get("code", "unknown"), error.get("message", repr(reply)))
+        return reply, reply_fds
+
+    def attach(self, fault_fd: int, queue: str, *, policy: str | None = None,
+               labels: Mapping[str, str] | None = None, devices: Mapping[int, str] | None = None) -> dict:
+        """Hand a fault fd to iopfd, which serves it as ``queue``; our copy of the fd stays ours."""
+        reply, _ = self.request("attach", (fault_fd,), queue=queue, policy=policy, labels=dict(labels or {}),
+                                devices={str(dev_id): name for dev_id, name in (devices or {}).items()})
+        return reply
+
+    def detach(self, queue: str) -> dict:
+        """Stop serving ``queue``: iopfd answers what it has pending and closes its copy of the fd."""
+        return self.request("detach", queue=queue)[0]
+
+    def broker(self, queue: str, *, policy: str | None = None, labels: Mapping[str, str] | None = None) -> tuple[int, int]:
+        """iopfd opens /dev/iommu and a fault queue it serves; returns ``(iommufd_fd, fault_id)``.
+        Allocate nested HWPTs in that iommufd with ``fault_id``; the fd is ours to close."""
+        reply, fds = self.request("broker", queue=queue, policy=policy, labels=dict(labels or {}))
+        if len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            raise ProtocolError("bad-reply", f"broker reply carried {len(fds)} fds, expected the iommufd")
+        return fds[0], reply["fault_id"]
+
+    def status(self) -> dict:
+        return self.request("status")[0]
+
+    def forward(self, policy: str) -> ForwardSession:
+        """Become the peer deciding the groups of the ``forward`` policy ``policy``."""
+        self.request("forward", policy=policy)
+        return ForwardSession(self)
+
+
+class ForwardSession:
+    """Fault groups arrive as events; answer each with ``respond(event["id"], code)``."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+
+    def events(self) -> Iterator[dict]:
+        while True:
+            received = protocol.receive(self.client.sock)
+            if received is None:
+                return
+            message, fds = received
+            for fd in fds:
+                os.close(fd)
+            if message.get("event") == "fault":
+                yield message
+
+    def respond(self, group_id: int, code: str | int) -> None:
+        name = code if isinstance(code, str) else protocol.NAMES[code]
+        protocol.send(self.client.sock, {"op": "respond", "group": group_id, "code": name})
+
+    def serve(self, decide: Callable[[dict], str | int], *, count: int | None = None) -> int:
+        """Answer events with ``decide(event)`` until the connection ends or ``count`` are answered."""
+        answered = 0
+        for event in self.events():
+            self.respond(event["group"], decide(event))
+            answered += 1
+            if count is not None and answered >= count:
+                break
+        return answered

@@ -1,0 +1,67 @@
+"""The control-socket protocol, version 1 (docs/protocol.md): one JSON object per SOCK_SEQPACKET
+message, file descriptors alongside as SCM_RIGHTS. Shared by the daemon and ``iopfd.client``."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+VERSION = 1
+MAX_MESSAGE = 1 << 16
+MAX_FDS = 4
+CODES = {"success": 0, "invalid": 1}
+NAMES = {code: name for name, code in CODES.items()}
+
+
+class ProtocolError(Exception):
+    """An error reply, or a message that breaks the protocol. ``code`` is machine-readable."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+def encode(message: dict) -> bytes:
+    data = json.dumps({"v": VERSION, **message}, separators=(",", ":")).encode()
+    if len(data) > MAX_MESSAGE:
+        raise ProtocolError("too-large", f"message of {len(data)} bytes exceeds {MAX_MESSAGE}")
+    return data
+
+
+def decode(data: bytes) -> dict:
+    try:
+        message = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError("bad-request", f"not a JSON message: {exc}") from None
+    if not isinstance(message, dict):
+        raise ProtocolError("bad-request", "a message is a JSON object")
+    if message.get("v") != VERSION:
+        raise ProtocolError("unsupported-version", f"this iopfd speaks version {VERSION}, got {message.get('v')!r}")
+    return message
+
+
+def send(sock: socket.socket, message: dict, fds: list[int] | tuple[int, ...] = ()) -> None:
+    data = encode(message)
+    if fds:
+        socket.send_fds(sock, [data], list(fds))
+    else:
+        sock.send(data)
+
+
+def receive(sock: socket.socket) -> tuple[dict, list[int]] | None:
+    """One message and the fds that came with it (the caller's to close); None when the peer has
+    closed the connection. A message that breaks the protocol raises, its fds closed here."""
+    data, fds, flags, _ = socket.recv_fds(sock, MAX_MESSAGE + 1, MAX_FDS)
+    if not data and not fds:
+        return None
+    try:
+        if flags & socket.MSG_CTRUNC:
+            raise ProtocolError("too-many-fds", f"at most {MAX_FDS} file descriptors per message")
+        if flags & socket.MSG_TRUNC or len(data) > MAX_MESSAGE:
+            raise ProtocolError("too-large", f"a message is at most {MAX_MESSAGE} bytes")
+        return decode(data), fds
+    except ProtocolError:
+        for fd in fds:
+            socket.close(fd)
+        raise

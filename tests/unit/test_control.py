@@ -1,0 +1,174 @@
+"""The control socket on the host: what needs no kernel (refusals, status, protocol errors, forward)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+
+import pytest
+import pytest_asyncio
+
+from iopfd import protocol
+from iopfd.client import Client
+from iopfd.engine import Engine
+from iopfd.iommufd import INVALID, SUCCESS
+from iopfd.iommufd.emulated import EmulatedFaultQueue, PageRequest
+from iopfd.protocol import ProtocolError
+from iopfd.service.config import load_settings
+from iopfd.service.control import ControlServer, bind_socket
+from iopfd.service.server import Server, build_policies
+from iopfd.service.systemd import Notifier
+
+pytestmark = pytest.mark.asyncio
+
+
+@pytest_asyncio.fixture
+async def daemon(tmp_path):
+    """A running Server with its control socket in tmp_path; ``allow`` picks the authorised uids."""
+    running = []
+
+    async def start(*, allowed_uids=None, **settings):
+        path = str(tmp_path / "control.sock")
+        config = load_settings(None, metrics_address="off", control={"path": path}, **settings)
+        server = Server(config, Engine(), build_policies(config), Notifier(None))
+        uids = {os.getuid()} if allowed_uids is None else set(allowed_uids)
+        server.control = ControlServer(server, bind_socket(path, 0o660), allowed_uids=uids, allowed_gids=set(),
+                                       owns_path=path)
+        running.append((server, asyncio.create_task(server.serve())))
+        while not server.engine.running:
+            await asyncio.sleep(0.001)
+        return server, path
+
+    yield start
+    for server, task in running:
+        server.request_stop()
+        assert await asyncio.wait_for(task, 10) == 0
+        assert not os.path.exists(tmp_path / "control.sock")  # removed on exit
+
+
+def call(path, method, *args, **kwargs):
+    def run():
+        with Client(path, timeout=10) as client:
+            return getattr(client, method)(*args, **kwargs)
+    return asyncio.to_thread(run)
+
+
+async def test_status_of_an_empty_daemon(daemon):
+    _, path = await daemon()
+    status = await call(path, "status")
+    assert status["ok"] and status["queues"] == [] and status["totals"]["pending"] == 0
+    assert status["v"] == protocol.VERSION
+
+
+@pytest.mark.parametrize("kind", ["pipe", "file"])
+async def test_attach_refuses_a_pipe_or_a_file_naming_what_it_is(daemon, tmp_path, kind):
+    _, path = await daemon()
+    if kind == "pipe":
+        fd, other = os.pipe()
+    else:
+        fd, other = os.open(tmp_path / "plain", os.O_CREAT | os.O_RDWR), None
+    try:
+        with pytest.raises(ProtocolError) as refused:
+            await call(path, "attach", fd, "vm1")
+    finally:
+        os.close(fd)
+        if other is not None:
+            os.close(other)
+    assert refused.value.code == "not-a-fault-fd"
+    assert ("pipe:[" if kind == "pipe" else str(tmp_path / "plain")) in refused.value.message
+    assert "not an iommufd fault fd" in refused.value.message
+
+
+async def test_requests_that_break_the_rules_are_refused_with_a_code(daemon):
+    _, path = await daemon()
+    read_end, write_end = os.pipe()
+    try:
+        for op, fds, fields, code in [
+            ("attach", (), {"queue": "vm1"}, "missing-fd"),
+            ("attach", (read_end, write_end), {"queue": "vm1"}, "missing-fd"),
+            ("attach", (read_end,), {"queue": "no spaces"}, "bad-request"),
+            ("attach", (read_end,), {"queue": "vm1", "policy": "nope"}, "no-such-policy"),
+            ("detach", (), {"queue": "vm9"}, "no-such-queue"),
+            ("forward", (), {"policy": "accept"}, "not-a-forward-policy"),
+            ("reboot", (), {}, "unknown-op"),
+        ]:
+            with pytest.raises(ProtocolError) as refused:
+                await call(path, "request", op, fds, **fields)
+            assert refused.value.code == code, (op, fields)
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+async def test_a_wrong_version_and_garbage_get_errors_and_the_connection_stays_usable(daemon):
+    _, path = await daemon()
+
+    def run():
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+            sock.settimeout(10)
+            sock.connect(path)
+            replies = []
+            for data in (b'{"v": 99, "op": "status"}', b"not json", b"[1]", protocol.encode({"op": "status"})):
+                sock.send(data)
+                replies.append(protocol.decode(sock.recv(65536)))
+            return replies
+
+    old, garbage, array, ok = await asyncio.to_thread(run)
+    assert old["error"]["code"] == "unsupported-version"
+    assert garbage["error"]["code"] == array["error"]["code"] == "bad-request"
+    assert ok["ok"]
+
+
+async def test_an_unauthorised_peer_is_refused_and_logged(daemon):
+    _, path = await daemon(allowed_uids=[])
+    with pytest.raises(ProtocolError) as refused:
+        await call(path, "status")
+    assert refused.value.code == "unauthorized"
+
+
+async def test_forward_over_the_socket_with_the_emulated_queue(daemon):
+    server, path = await daemon(policies={"vm": {"type": "forward"}})
+    emulated = EmulatedFaultQueue()
+    server.add_queue("vm1", emulated.open(), policy="vm")
+
+    def peer():
+        with Client(path, timeout=10) as client:
+            session = client.forward("vm")
+            return session.serve(lambda event: "success" if event["faults"][0]["addr"] < 0x3000 else "invalid",
+                                 count=4)
+
+    answering = asyncio.create_task(asyncio.to_thread(peer))
+    while server.policies.get("vm").peer is None:
+        await asyncio.sleep(0.001)
+    for i in range(4):
+        emulated.report(PageRequest(dev_id=7, addr=0x1000 * (i + 1)))
+    assert await asyncio.wait_for(answering, 10) == 4
+    while len(emulated.answers) < 4:
+        await asyncio.sleep(0.001)
+    assert [code for _, code in emulated.answers] == [SUCCESS, SUCCESS, INVALID, INVALID]
+    while server.policies.get("vm").peer is not None:  # the peer left: the policy is disconnected
+        await asyncio.sleep(0.001)
+    emulated.report(PageRequest(dev_id=7, addr=0x1000))
+    while len(emulated.answers) < 5:
+        await asyncio.sleep(0.001)
+    assert emulated.answers[-1][1] == INVALID  # when_disconnected
+    status = await call(path, "status")
+    assert status["queues"][0]["name"] == "vm1" and status["queues"][0]["outcomes"]["success"] == 2
+    reply = await call(path, "detach", "vm1")
+    assert reply["queue"] == "vm1" and "vm1" not in server.engine.queues
+    emulated.close()
+
+
+async def test_a_stale_socket_file_is_replaced_and_a_live_one_is_not(tmp_path):
+    path = str(tmp_path / "c.sock")
+    first = bind_socket(path, 0o600)
+    with pytest.raises(OSError, match="another iopfd is listening"):
+        bind_socket(path, 0o600)
+    first.close()  # the file stays, nobody listens: a crashed daemon's leftover
+    second = bind_socket(path, 0o640)
+    assert oct(os.stat(path).st_mode & 0o777) == "0o640"
+    second.close()
+    (tmp_path / "plain").write_text("")
+    with pytest.raises(OSError, match="is not a socket"):
+        bind_socket(str(tmp_path / "plain"), 0o600)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import array
 import json
 import os
 import re
@@ -16,15 +17,17 @@ STATUS_ANSWERED = re.compile(r"(\d+) groups answered")
 
 
 class DaemonProcess:
-    def __init__(self, tmp_path: Path, pass_fds: tuple[int, ...], *args: str, env: dict[str, str] | None = None):
+    def __init__(self, tmp_path: Path, pass_fds: tuple[int, ...], *args: str, env: dict[str, str] | None = None,
+                 prefix: tuple[str, ...] = ()):
         self.notify_path = tmp_path / "notify.sock"
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         self.notify.bind(str(self.notify_path))
         self.messages: list[str] = []
+        self.stored_fds: dict[str, int] = {}  # what FDSTORE=1 handed us, playing systemd's fd store
         self.log_path = tmp_path / "iopfd.log"
         self._log = self.log_path.open("wb")
         environ = {**os.environ, "NOTIFY_SOCKET": str(self.notify_path), **(env or {})}
-        self.proc = subprocess.Popen([sys.executable, "-m", "iopfd", "run", *args], pass_fds=pass_fds,
+        self.proc = subprocess.Popen([*prefix, sys.executable, "-m", "iopfd", "run", *args], pass_fds=pass_fds,
                                      env=environ, stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log)
 
     def wait_message(self, predicate, timeout: float = 60.0) -> str:
@@ -36,7 +39,7 @@ class DaemonProcess:
         while (left := deadline - time.monotonic()) > 0:
             self.notify.settimeout(min(left, 0.5))
             try:
-                message = self.notify.recv(4096).decode()
+                message = self._receive()
             except TimeoutError:
                 if self.proc.poll() is not None:  # nothing queued and nobody left to send
                     raise AssertionError(f"iopfd exited with {self.proc.returncode}:\n{self.output()}") from None
@@ -45,6 +48,20 @@ class DaemonProcess:
             if predicate(message):
                 return message
         raise AssertionError(f"no such notify message in {timeout} s; got {self.messages[-5:]}\n{self.output()}")
+
+    def _receive(self) -> str:
+        fds = array.array("i")
+        data, ancillary, _, _ = self.notify.recvmsg(4096, socket.CMSG_LEN(16 * fds.itemsize))
+        message = data.decode()
+        for _level, _kind, payload in ancillary:
+            fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
+        fields = dict(line.partition("=")[::2] for line in message.splitlines())
+        for fd in fds:
+            if "FDSTORE" in fields:
+                self.stored_fds[fields.get("FDNAME", "unknown")] = fd
+            else:
+                os.close(fd)
+        return message
 
     def wait_ready(self) -> None:
         self.wait_message(lambda m: "READY=1" in m.splitlines())
@@ -72,6 +89,9 @@ class DaemonProcess:
         return stopped
 
     def close(self) -> None:
+        for fd in self.stored_fds.values():
+            os.close(fd)
+        self.stored_fds.clear()
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()

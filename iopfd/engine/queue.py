@@ -14,7 +14,7 @@ late decision for an abandoned group must never answer the new group that got it
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import structlog
@@ -79,6 +79,10 @@ class QueueServer:
         self._flush_handle: asyncio.Handle | None = None
         self._drained: asyncio.Event | None = None
         self._log = log.bind(queue=self.name, **config.labels)
+        # Called with a cookie above every one seen so far, before the group is decided; returns the
+        # new mark. The service records it so a restart can sweep what a crash left unanswered.
+        self.cookie_mark_hook: Callable[[int], int] | None = None
+        self.cookie_mark = 0
         self._log_groups = _debug_enabled()
 
     @property
@@ -119,6 +123,11 @@ class QueueServer:
             if not data:
                 return
             groups, malformed = assemble_groups(data, self.name)
+            highest = max((g.cookie for g in groups), default=0)
+            if malformed:
+                highest = max(highest, *(cookie for cookie, _ in malformed))
+            if highest > self.cookie_mark and self.cookie_mark_hook is not None:
+                self.cookie_mark = self.cookie_mark_hook(highest)
             self.stats.read_batches.observe(len(groups))
             self._admit(groups, malformed, self._loop.time())
 

@@ -23,11 +23,14 @@ from iopfd.policies import Policies, PolicyError
 from iopfd.service.config import ConfigError, QueueSettings, ResolvedQueue, Settings
 from iopfd.service.control import ControlServer, bind_socket
 from iopfd.service.metrics import MetricsServer, registry_for
+from iopfd.service.recovery import FD_PREFIX, StateFile, sweep
 from iopfd.service.systemd import Notifier, listen_fds, run_watchdog, watchdog_interval
 
 log = structlog.get_logger("iopfd.server")
 
 STATUS_INTERVAL = 1.0  # seconds between STATUS= updates
+# Cookies swept for a stored queue the state file does not know: far above any pending count.
+FALLBACK_SWEEP = 1 << 16
 
 
 class UsageError(Exception):
@@ -49,7 +52,7 @@ class FaultFdArg:
         return cls(int(number), name or None)
 
 
-def resolve_queues(settings: Settings, fault_fds: list[FaultFdArg]) -> list[ResolvedQueue]:
+def resolve_queues(settings: Settings, fault_fds: list[FaultFdArg], *, allow_none: bool = False) -> list[ResolvedQueue]:
     """The config's queues with fds from ``--fault-fd`` applied (by name), plus one queue per
     unnamed or unknown ``--fault-fd``. Every queue needs an fd."""
     queues = list(settings.queues)
@@ -61,7 +64,7 @@ def resolve_queues(settings: Settings, fault_fds: list[FaultFdArg]) -> list[Reso
         else:
             index[name] = len(queues)
             queues.append(QueueSettings(name=name, fd=arg.fd))
-    if not queues and not settings.control.enabled:
+    if not queues and not settings.control.enabled and not allow_none:
         raise UsageError("no fault queue to serve: pass --fault-fd N[:NAME] (an fd inherited from the VMM) "
                          "or list [[queues]] with an fd in the config, or enable the [control] socket")
     missing = [(f"queues.{i}.fd", f"queue {q.name!r} has no fault fd; set fd or pass --fault-fd N:{q.name}")
@@ -87,8 +90,10 @@ def build_policies(settings: Settings) -> Policies:
 
 def prepare(settings: Settings, fault_fds: list[FaultFdArg]) -> Server:
     """Check and build everything; raises ConfigError, PolicyError or UsageError before serving."""
-    queues = resolve_queues(settings, fault_fds)
     server = Server(settings, Engine(), build_policies(settings))
+    taken_back = server.take_back_stored_queues()
+    queues = [queue for queue in resolve_queues(settings, fault_fds, allow_none=bool(taken_back))
+              if queue.name not in taken_back]
     for queue in queues:
         server.policies.get(queue.policy, f"queue {queue.name!r} policy")
     for queue in queues:
@@ -113,16 +118,68 @@ class Server:
         self.control: ControlServer | None = None
         self._keep_open: dict[str, Iommufd] = {}  # brokered queues: the iommufd iopfd opened for them
         self._stop = asyncio.Event()
+        # Crash recovery needs systemd's fd store, so it is on exactly when systemd (or whoever owns
+        # NOTIFY_SOCKET) listens.
+        self.state = StateFile(settings.runtime_dir) if self.notifier.enabled else None
+
+    def take_back_stored_queues(self) -> set[str]:
+        """Serve again the fault fds a previous life put in the fd store, after sweeping with INVALID
+        the groups it read and never answered. Returns the queue names taken back."""
+        taken = set()
+        for fd_name, fds in listen_fds().items():
+            if not fd_name.startswith(FD_PREFIX) or self.state is None:
+                continue
+            name = fd_name[len(FD_PREFIX):]
+            try:
+                source = FaultQueue.from_fd(fds[0])
+            except IommufdError as exc:
+                log.error("stored fd is not a fault fd; dropped", queue=name, error=str(exc))
+                os.close(fds[0])
+                self.notifier.remove_fd(fd_name)
+                continue
+            remembered = self.state.queues.get(name, {})
+            policy = self._policy_for_taken_back(name, remembered.get("policy"))
+            upto = remembered.get("cookie_mark") or FALLBACK_SWEEP
+            swept = sweep(source, upto)
+            log.info("fault queue taken back from the fd store", queue=name, swept_cookies=upto,
+                     answered_invalid=swept)
+            self.add_queue(name, source, policy=policy, labels=remembered.get("labels"),
+                           device_names={int(k): v for k, v in (remembered.get("devices") or {}).items()},
+                           stored=True)
+            taken.add(name)
+        return taken
+
+    def _policy_for_taken_back(self, name: str, remembered: str | None) -> str:
+        """The config's word first (it may have changed for this restart), then the previous life's."""
+        configured = next((q.policy for q in self.settings.queues if q.name == name), None)
+        for candidate in (configured, remembered):
+            if candidate is None:
+                continue
+            try:
+                self.policies.get(candidate)
+                return candidate
+            except PolicyError:
+                log.warning("policy of a taken-back queue no longer exists; using the default", queue=name,
+                            policy=candidate, default=self.settings.policy)
+        return self.settings.policy
 
     def add_queue(self, name: str, source: FaultQueue, *, policy: str | None = None,
                   labels: Mapping[str, str] | None = None, device_names: Mapping[int, str] | None = None,
-                  keep_open: Iommufd | None = None) -> QueueServer:
-        """Serve ``source`` as ``name`` with the config's defaults (at once if already serving)."""
+                  keep_open: Iommufd | None = None, stored: bool = False) -> QueueServer:
+        """Serve ``source`` as ``name`` with the config's defaults (at once if already serving).
+        Its fd goes to systemd's fd store unless it came from there (``stored``)."""
         resolved = QueueSettings(name=name, policy=policy).resolved(self.settings)
         queue = QueueServer(source, self.policies.get(resolved.policy), QueueConfig(
             name, resolved.response_deadline, resolved.deadline_code, resolved.max_pending,
             dict(labels or {}), dict(device_names or {})))
         self.engine.add(queue)
+        if self.state is not None:
+            if not stored:
+                self.notifier.store_fd(source.fileno(), FD_PREFIX + name)
+            self.state.remember(name, policy=policy, labels=dict(labels or {}),
+                                devices={str(k): v for k, v in (device_names or {}).items()})
+            queue.cookie_mark = self.state.queues[name]["cookie_mark"]
+            queue.cookie_mark_hook = lambda cookie: self.state.mark(name, cookie)
         if keep_open is not None:
             self._keep_open[name] = keep_open
         return queue
@@ -131,6 +188,9 @@ class Server:
         """Stop serving ``name`` (answering all it read) and close its fd."""
         queue = await self.engine.remove(name, self.settings.shutdown_grace)
         queue.source.close()
+        if self.state is not None:
+            self.notifier.remove_fd(FD_PREFIX + name)
+            self.state.forget(name)
         if name in self._keep_open:
             self._keep_open.pop(name).close()
         return queue

@@ -6,6 +6,7 @@ failing to notify never raises: a missing notification must not take the daemon 
 
 from __future__ import annotations
 
+import array
 import asyncio
 import os
 import socket
@@ -38,15 +39,17 @@ class Notifier:
     def enabled(self) -> bool:
         return self._sock is not None
 
-    def send(self, message: str | None = None, /, **fields: object) -> bool:
-        """Send ``message`` and/or ``fields`` as KEY=VALUE lines; True if the datagram went out."""
+    def send(self, message: str | None = None, /, *, fds: tuple[int, ...] = (), **fields: object) -> bool:
+        """Send ``message`` and/or ``fields`` as KEY=VALUE lines, with ``fds`` as SCM_RIGHTS; True if
+        the datagram went out."""
         if self._sock is None:
             return False
         # A newline in a value would start another assignment, so values are flattened to one line.
         lines = [message] if message else []
         lines += [f"{key}={str(value).replace(chr(10), ' ')}" for key, value in fields.items()]
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
         try:
-            self._sock.sendto("\n".join(lines).encode(), self._address)
+            self._sock.sendmsg(["\n".join(lines).encode()], ancillary, 0, self._address)
         except OSError as exc:
             if not self._failing:  # once per outage, not once per watchdog tick
                 log.warning("cannot notify systemd", address=self._address, error=str(exc))
@@ -66,6 +69,14 @@ class Notifier:
 
     def watchdog(self) -> bool:
         return self.send(WATCHDOG=1)
+
+    def store_fd(self, fd: int, name: str) -> bool:
+        """Keep ``fd`` in systemd's fd store (FileDescriptorStoreMax=) under ``name``: it comes back
+        in LISTEN_FDS/LISTEN_FDNAMES when the service restarts."""
+        return self.send(FDSTORE=1, FDNAME=name, fds=(fd,))
+
+    def remove_fd(self, name: str) -> bool:
+        return self.send(FDSTOREREMOVE=1, FDNAME=name)
 
     def close(self) -> None:
         if self._sock is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import textwrap
+
 import pytest
 
 from iopfd.iommufd import FaultingMockSetup, FaultQueue, Iommufd
@@ -24,3 +26,31 @@ def rig(ctx, queue):
     """A mock device on a nested HWPT whose faults go to ``queue``."""
     with FaultingMockSetup(ctx, queue.id) as setup:
         yield setup
+
+
+@pytest.fixture
+def plugin_path(tmp_path):
+    """A third-party package providing two broken policies through the ``iopfd.policies`` entry points."""
+    root = tmp_path / "plugins"
+    (root / "iopfd_lab_policies-1.0.dist-info").mkdir(parents=True)
+    (root / "iopfd_lab_policies.py").write_text(textwrap.dedent("""
+        import asyncio
+        from iopfd.policies import Policy
+
+        class Raising(Policy):
+            def __init__(self, name):
+                self.name = name
+            async def decide(self, group):
+                raise RuntimeError("a bug in a third-party policy")
+
+        class Hanging(Policy):
+            def __init__(self, name):
+                self.name = name
+            async def decide(self, group):
+                await asyncio.sleep(3600)
+    """))
+    (root / "iopfd_lab_policies-1.0.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: iopfd-lab-policies\nVersion: 1.0\n")
+    (root / "iopfd_lab_policies-1.0.dist-info" / "entry_points.txt").write_text(
+        "[iopfd.policies]\nlab-raise = iopfd_lab_policies:Raising\nlab-hang = iopfd_lab_policies:Hanging\n")
+    return str(root)

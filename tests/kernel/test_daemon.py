@@ -134,34 +134,6 @@ def test_rules_policy_routes_by_device_and_address(daemon, rig, queue, tmp_path)
     assert_kernel_has_nothing_pending(queue, 101)
 
 
-@pytest.fixture
-def plugin_path(tmp_path):
-    """A third-party package providing two broken policies through the ``iopfd.policies`` entry points."""
-    root = tmp_path / "plugins"
-    (root / "iopfd_lab_policies-1.0.dist-info").mkdir(parents=True)
-    (root / "iopfd_lab_policies.py").write_text(textwrap.dedent("""
-        import asyncio
-        from iopfd.policies import Policy
-
-        class Raising(Policy):
-            def __init__(self, name):
-                self.name = name
-            async def decide(self, group):
-                raise RuntimeError("a bug in a third-party policy")
-
-        class Hanging(Policy):
-            def __init__(self, name):
-                self.name = name
-            async def decide(self, group):
-                await asyncio.sleep(3600)
-    """))
-    (root / "iopfd_lab_policies-1.0.dist-info" / "METADATA").write_text(
-        "Metadata-Version: 2.1\nName: iopfd-lab-policies\nVersion: 1.0\n")
-    (root / "iopfd_lab_policies-1.0.dist-info" / "entry_points.txt").write_text(
-        "[iopfd.policies]\nlab-raise = iopfd_lab_policies:Raising\nlab-hang = iopfd_lab_policies:Hanging\n")
-    return str(root)
-
-
 @pytest.mark.parametrize(("plugin", "outcome"), [("lab-raise", "error"), ("lab-hang", "deadline")])
 def test_a_raising_or_hanging_policy_costs_only_an_invalid_answer(daemon, rig, queue, tmp_path, plugin_path,
                                                                    plugin, outcome):

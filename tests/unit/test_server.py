@@ -132,13 +132,14 @@ def notify_socket(tmp_path):
 
 
 @pytest.mark.asyncio
-async def test_serve_notifies_and_sigterm_answers_everything_then_returns_0(notify_socket, monkeypatch):
+async def test_serve_notifies_and_sigterm_answers_everything_then_returns_0(notify_socket, monkeypatch, tmp_path):
     monkeypatch.delenv("WATCHDOG_USEC", raising=False)
     sock, path = notify_socket
     emulated = EmulatedFaultQueue()
     engine = Engine()
     engine.add(QueueServer(emulated.open(), Hang(), QueueConfig("vm1", response_deadline=30)))
-    settings = load_settings(None, metrics_address="off", shutdown_grace=0.05, control={"path": "off"})
+    settings = load_settings(None, metrics_address="off", shutdown_grace=0.05, control={"path": "off"},
+                             runtime_dir=str(tmp_path))
     server = Server(settings, engine, Policies({}), Notifier.from_environment({"NOTIFY_SOCKET": path}))
     serving = asyncio.create_task(server.serve())
     assert await asyncio.to_thread(sock.recv, 100) == b"READY=1"
@@ -195,14 +196,15 @@ async def test_metrics_endpoint_reports_the_engine():
 
 
 @pytest.mark.asyncio
-async def test_serve_pings_the_watchdog_while_queues_are_served(notify_socket, monkeypatch):
+async def test_serve_pings_the_watchdog_while_queues_are_served(notify_socket, monkeypatch, tmp_path):
     sock, path = notify_socket
     monkeypatch.setenv("WATCHDOG_USEC", "100000")  # 0.1 s: a ping every 0.05 s
     monkeypatch.delenv("WATCHDOG_PID", raising=False)
     emulated = EmulatedFaultQueue()
     engine = Engine()
     engine.add(QueueServer(emulated.open(), Hang(), QueueConfig("vm1")))
-    server = Server(load_settings(None, metrics_address="off", control={"path": "off"}), engine, Policies({}),
+    server = Server(load_settings(None, metrics_address="off", control={"path": "off"}, runtime_dir=str(tmp_path)),
+                    engine, Policies({}),
                     Notifier.from_environment({"NOTIFY_SOCKET": path}))
     serving = asyncio.create_task(server.serve())
     messages = [await asyncio.to_thread(sock.recv, 500) for _ in range(4)]

@@ -1,0 +1,55 @@
+"""Crash recovery in the lab: iopfd killed with SIGKILL while it holds read-but-unanswered groups,
+restarted on the fault fd it had put in the fd store (this test plays systemd), answers them."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+
+import pytest
+from daemon_process import DaemonProcess
+from test_daemon import assert_kernel_has_nothing_pending, trigger
+
+pytestmark = [pytest.mark.kernel, pytest.mark.guest]
+
+# Start iopfd the way systemd does after a restart: the stored fd at 3, LISTEN_PID = its own pid.
+AS_SYSTEMD = ("import os, sys; os.dup2(int(sys.argv[1]), 3); os.environ['LISTEN_PID'] = str(os.getpid()); "
+              "os.execv(sys.argv[2], sys.argv[2:])")
+
+
+def test_kill_9_mid_stream_then_restart_on_the_stored_fd(tmp_path, rig, queue, plugin_path):
+    runtime = tmp_path / "run"
+    common = {"IOPFD_RUNTIME_DIR": str(runtime), "IOPFD_CONTROL__PATH": "off", "IOPFD_METRICS_ADDRESS": "off"}
+    (tmp_path / "life1").mkdir()
+    first = DaemonProcess(tmp_path / "life1", (queue.fd,), "--fault-fd", f"{queue.fd}:lab", "--policy", "stuck",
+                          env={**common, "PYTHONPATH": plugin_path, "IOPFD_POLICIES__STUCK__TYPE": "lab-hang",
+                               "IOPFD_DEFAULTS__RESPONSE_DEADLINE": "60"})
+    try:
+        first.wait_ready()
+        stored = first.wait_message(lambda m: "FDSTORE=1" in m.splitlines())
+        assert "FDNAME=queue-lab" in stored.splitlines() and "queue-lab" in first.stored_fds
+        trigger(rig, 200)
+        first.wait_message(lambda m: "200 pending" in m)  # read, and waiting for the hanging policy
+        first.proc.send_signal(signal.SIGKILL)
+        first.proc.wait(30)
+        assert json.loads((runtime / "state.json").read_text())["lab"]["cookie_mark"] == 256
+        trigger(rig, 100, start=200)  # arrive while iopfd is down: queued, unread
+
+        (tmp_path / "life2").mkdir()
+        stored_fd = first.stored_fds["queue-lab"]
+        second = DaemonProcess(tmp_path / "life2", (stored_fd,), env={**common, "LISTEN_FDS": "1",
+                                                                     "LISTEN_FDNAMES": "queue-lab"},
+                               prefix=(sys.executable, "-c", AS_SYSTEMD, str(stored_fd)))
+        try:
+            second.wait_ready()
+            second.wait_answered(100)
+            assert second.terminate() == 0
+            (taken,) = [e for e in second.log_events() if e["event"].startswith("fault queue taken back")]
+            assert taken["answered_invalid"] == 200 and taken["swept_cookies"] == 256
+            assert second.totals()["success"] == 100
+        finally:
+            second.close()
+    finally:
+        first.close()
+    assert_kernel_has_nothing_pending(queue, 300)

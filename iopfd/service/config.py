@@ -165,6 +165,7 @@ class Settings(BaseSettings):
     metrics_address: str = "127.0.0.1:9769"  # HOST:PORT or off
     shutdown_grace: float = Field(2.0, ge=0, le=60)  # seconds policies get on SIGTERM before deadline answers
     policy: str = "accept"  # for queues that name none
+    watch_devices: bool = True  # detach a queue when the last VFIO device it serves is hot-unplugged
     runtime_dir: str = "/run/iopfd"  # the state file (highest cookie per queue) lives here, across restarts
     defaults: QueueDefaults = Field(default_factory=QueueDefaults)
     queues: list[QueueSettings] = []

@@ -22,6 +22,7 @@ from iopfd.iommufd import FaultQueue, Iommufd, IommufdError
 from iopfd.policies import Policies, PolicyError
 from iopfd.service.config import ConfigError, QueueSettings, ResolvedQueue, Settings
 from iopfd.service.control import ControlServer, bind_socket
+from iopfd.service.hotplug import DeviceWatcher
 from iopfd.service.metrics import MetricsServer, registry_for
 from iopfd.service.recovery import FD_PREFIX, StateFile, sweep
 from iopfd.service.systemd import Notifier, listen_fds, run_watchdog, watchdog_interval
@@ -118,6 +119,7 @@ class Server:
         self.control: ControlServer | None = None
         self._keep_open: dict[str, Iommufd] = {}  # brokered queues: the iommufd iopfd opened for them
         self._stop = asyncio.Event()
+        self._background: set[asyncio.Task] = set()
         # Crash recovery needs systemd's fd store, so it is on exactly when systemd (or whoever owns
         # NOTIFY_SOCKET) listens.
         self.state = StateFile(settings.runtime_dir) if self.notifier.enabled else None
@@ -211,6 +213,10 @@ class Server:
         if self.control is not None:
             self.control.start()
         helpers = [loop.create_task(self._report_status())]
+        if self.settings.watch_devices:
+            watcher = DeviceWatcher(self.device_removed)
+            watcher.rescan(self.known_devices())
+            helpers.append(loop.create_task(self._watch(watcher)))
         interval = watchdog_interval()
         if interval is not None:
             helpers.append(loop.create_task(run_watchdog(self.notifier, interval, self.healthy)))
@@ -224,7 +230,7 @@ class Server:
         finally:
             for task in helpers:
                 task.cancel()
-            await asyncio.gather(*helpers, return_exceptions=True)
+            await asyncio.gather(*helpers, *self._background, return_exceptions=True)
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(signum)
             if self.control is not None:
@@ -239,6 +245,25 @@ class Server:
         log.info("stopped", **self.engine.totals())
         return 0
 
+    def device_removed(self, device: str) -> None:
+        """A VFIO device is gone: forget it; a queue left without devices is detached (its groups
+        answered, its fd closed, its metrics gone)."""
+        for name, queue in list(self.engine.queues.items()):
+            names = queue.config.device_names
+            gone = [dev_id for dev_id, value in names.items() if value == device]
+            if not gone:
+                continue
+            for dev_id in gone:
+                del names[dev_id]
+            if not names:
+                log.info("last device of the queue removed; detaching it", queue=name, device=device)
+                task = asyncio.get_running_loop().create_task(self.remove_queue(name))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+
+    def known_devices(self) -> set[str]:
+        return {device for queue in self.engine.queues.values() for device in queue.config.device_names.values()}
+
     def healthy(self) -> bool:
         """What the watchdog vouches for: every queue still served."""
         return all(server.failure is None for server in self.engine.queues.values())
@@ -249,6 +274,12 @@ class Server:
         return (f"{len(self.engine.queues)} queue(s), {answered} groups answered "
                 f"({totals['success']} success, {totals['invalid']} invalid, {totals['deadline']} deadline, "
                 f"{totals['shed']} shed, {totals['error']} error), {totals['pending']} pending")
+
+    async def _watch(self, watcher: DeviceWatcher) -> None:
+        try:
+            await watcher.run()
+        except OSError as exc:  # e.g. netlink not permitted in a container
+            log.warning("cannot watch device uevents; hot-unplugged devices keep their queues", error=str(exc))
 
     async def _report_status(self) -> None:
         if not self.notifier.enabled:

@@ -93,6 +93,7 @@ def _demo(queue, rig, tmp: Path, duration: float) -> int:
             return 1
         print(f"daemon ready (pid {daemon.pid}); metrics on http://127.0.0.1:{port}/metrics\n")
         triggered = _stream(rig, port, duration, PERM_READ)
+        _wait_caught_up(port, triggered)
         daemon.send_signal(signal.SIGTERM)
         status = daemon.wait(60)
     finally:
@@ -155,6 +156,14 @@ def _stream(rig, port: int, duration: float, perm: int) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted")
     return triggered
+
+
+def _wait_caught_up(port: int, triggered: int, timeout: float = 120) -> None:
+    """SIGTERM stops reading, so let the daemon read what is still queued first."""
+    deadline = time.monotonic() + timeout
+    while (answered := sum(_scrape(port)["outcomes"].values())) < triggered and time.monotonic() < deadline:
+        print(f"waiting for the daemon to catch up: {answered} of {triggered} answered", flush=True)
+        time.sleep(1)
 
 
 def _scrape(port: int) -> dict:

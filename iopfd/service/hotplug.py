@@ -12,6 +12,7 @@ import os
 from collections.abc import Callable, Mapping
 
 import structlog
+from pyroute2.netlink.uevent import MONITOR_GROUP_KERNEL, AsyncUeventSocket  # imported before READY=1: slow
 
 log = structlog.get_logger("iopfd.hotplug")
 SYSFS_CLASS = "/sys/class/vfio-dev"
@@ -52,8 +53,6 @@ class DeviceWatcher:
             self.on_removed(name)
 
     async def run(self) -> None:
-        from pyroute2.netlink.uevent import MONITOR_GROUP_KERNEL, AsyncUeventSocket
-
         sock = AsyncUeventSocket()
         try:
             await sock.bind(groups=MONITOR_GROUP_KERNEL)

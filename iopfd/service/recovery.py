@@ -28,6 +28,7 @@ class StateFile:
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.path = Path(directory) / STATE_FILE
+        self._failing = False
         try:
             self.queues: dict[str, dict] = json.loads(self.path.read_text())
         except FileNotFoundError:
@@ -51,10 +52,18 @@ class StateFile:
             self._write()
 
     def _write(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = self.path.with_suffix(".tmp")
-        temporary.write_text(json.dumps(self.queues))
-        os.replace(temporary, self.path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            temporary = self.path.with_suffix(".tmp")
+            temporary.write_text(json.dumps(self.queues))
+            os.replace(temporary, self.path)
+        except OSError as exc:  # never stop serving for it; a restart then sweeps the fallback range
+            if not self._failing:
+                log.warning("cannot write the state file; after a crash the whole fallback range is swept",
+                            path=str(self.path), error=str(exc))
+            self._failing = True
+        else:
+            self._failing = False
 
 
 def sweep(queue: FaultQueue, upto: int) -> int:

@@ -56,6 +56,8 @@ class DaemonProcess:
         for _level, _kind, payload in ancillary:
             fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
         fields = dict(line.partition("=")[::2] for line in message.splitlines())
+        if "FDSTOREREMOVE" in fields and fields.get("FDNAME") in self.stored_fds:
+            os.close(self.stored_fds.pop(fields["FDNAME"]))
         for fd in fds:
             if "FDSTORE" in fields:
                 self.stored_fds[fields.get("FDNAME", "unknown")] = fd
@@ -73,8 +75,24 @@ class DaemonProcess:
         self.wait_message(enough, timeout)
 
     def terminate(self, timeout: float = 60.0) -> int:
+        """SIGTERM and wait; then empty the fd store, as systemd does when a service stops."""
         self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
+        status = self.proc.wait(timeout)
+        self._drain()
+        for fd in self.stored_fds.values():
+            os.close(fd)
+        self.stored_fds.clear()
+        return status
+
+    def _drain(self) -> None:
+        self.notify.setblocking(False)
+        try:
+            while True:
+                self.messages.append(self._receive())
+        except BlockingIOError:
+            pass
+        finally:
+            self.notify.setblocking(True)
 
     def output(self) -> str:
         self._log.flush()

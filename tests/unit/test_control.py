@@ -20,7 +20,6 @@ from iopfd.service.control import ControlServer, bind_socket
 from iopfd.service.server import Server, build_policies
 from iopfd.service.systemd import Notifier
 
-pytestmark = pytest.mark.asyncio
 
 
 @pytest_asyncio.fixture
@@ -54,6 +53,7 @@ def call(path, method, *args, **kwargs):
     return asyncio.to_thread(run)
 
 
+@pytest.mark.asyncio
 async def test_status_of_an_empty_daemon(daemon):
     _, path = await daemon()
     status = await call(path, "status")
@@ -62,6 +62,7 @@ async def test_status_of_an_empty_daemon(daemon):
 
 
 @pytest.mark.parametrize("kind", ["pipe", "file"])
+@pytest.mark.asyncio
 async def test_attach_refuses_a_pipe_or_a_file_naming_what_it_is(daemon, tmp_path, kind):
     _, path = await daemon()
     if kind == "pipe":
@@ -80,6 +81,7 @@ async def test_attach_refuses_a_pipe_or_a_file_naming_what_it_is(daemon, tmp_pat
     assert "not an iommufd fault fd" in refused.value.message
 
 
+@pytest.mark.asyncio
 async def test_requests_that_break_the_rules_are_refused_with_a_code(daemon):
     _, path = await daemon()
     read_end, write_end = os.pipe()
@@ -101,6 +103,7 @@ async def test_requests_that_break_the_rules_are_refused_with_a_code(daemon):
         os.close(write_end)
 
 
+@pytest.mark.asyncio
 async def test_a_wrong_version_and_garbage_get_errors_and_the_connection_stays_usable(daemon):
     _, path = await daemon()
 
@@ -120,6 +123,7 @@ async def test_a_wrong_version_and_garbage_get_errors_and_the_connection_stays_u
     assert ok["ok"]
 
 
+@pytest.mark.asyncio
 async def test_an_unauthorised_peer_is_refused_and_logged(daemon):
     _, path = await daemon(allowed_uids=[])
     with pytest.raises(ProtocolError) as refused:
@@ -127,6 +131,7 @@ async def test_an_unauthorised_peer_is_refused_and_logged(daemon):
     assert refused.value.code == "unauthorized"
 
 
+@pytest.mark.asyncio
 async def test_forward_over_the_socket_with_the_emulated_queue(daemon):
     server, path = await daemon(policies={"vm": {"type": "forward"}})
     emulated = EmulatedFaultQueue()
@@ -160,6 +165,7 @@ async def test_forward_over_the_socket_with_the_emulated_queue(daemon):
     emulated.close()
 
 
+@pytest.mark.asyncio
 async def test_a_stale_socket_file_is_replaced_and_a_live_one_is_not(tmp_path):
     path = str(tmp_path / "c.sock")
     first = bind_socket(path, 0o600)
@@ -172,3 +178,40 @@ async def test_a_stale_socket_file_is_replaced_and_a_live_one_is_not(tmp_path):
     (tmp_path / "plain").write_text("")
     with pytest.raises(OSError, match="is not a socket"):
         bind_socket(str(tmp_path / "plain"), 0o600)
+
+
+def test_socket_activation_uses_the_socket_systemd_passes(tmp_path):
+    """iopfd.socket: systemd listens, passes the socket as fd 3 named "control"; iopfd serves on it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path = str(tmp_path / "activated.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(path)
+    listener.listen()
+    as_systemd = ("import os, sys; os.dup2(int(sys.argv[1]), 3); os.environ['LISTEN_PID'] = str(os.getpid()); "
+                  "os.execv(sys.executable, [sys.executable, '-m', 'iopfd', 'run', '--metrics-address', 'off'])")
+    env = {**os.environ, "LISTEN_FDS": "1", "LISTEN_FDNAMES": "control", "IOPFD_WATCH_DEVICES": "false",
+           "IOPFD_CONTROL__PATH": str(tmp_path / "never-bound.sock")}
+    daemon = subprocess.Popen([sys.executable, "-c", as_systemd, str(listener.fileno())], pass_fds=[listener.fileno()],
+                              env=env, stderr=subprocess.PIPE, text=True)
+    listener.close()
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with Client(path, timeout=10) as client:
+                    assert client.status()["queues"] == []
+                break
+            except ProtocolError:
+                raise
+            except OSError:
+                assert time.monotonic() < deadline and daemon.poll() is None, daemon.stderr.read() if daemon.poll() else ""
+                time.sleep(0.1)
+        assert not os.path.exists(tmp_path / "never-bound.sock")
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(30) == 0
+    assert os.path.exists(path)  # systemd's socket file: iopfd does not remove what it did not create

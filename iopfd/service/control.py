@@ -155,9 +155,10 @@ class Connection:
             raise ProtocolError("missing-fd", f"attach carries exactly one fd (the fault fd), got {len(fds)}")
         name = self._new_queue_name(message)
         try:
-            source = FaultQueue.from_fd(os.dup(fds[0]))
+            source = FaultQueue.from_fd(fds[0])
         except IommufdError as exc:
             raise ProtocolError("not-a-fault-fd", str(exc)) from None
+        fds.clear()  # the queue owns the fd now; handle() closes only what is left in fds
         self._add(name, source, message)
         return {"queue": name}, []
 

@@ -27,7 +27,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     try:
         settings = load_settings(args.config, policy=args.policy, metrics_address=args.metrics_address)
         configure_logging(settings.log_level, settings.log_format)
-        server = prepare(settings, args.fault_fd)
+        server = prepare(settings, args.fault_fd, args.report)
     except (ConfigError, PolicyError) as exc:
         print(f"iopfd run: invalid configuration\n{exc}", file=sys.stderr)
         return EX_CONFIG
@@ -55,6 +55,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from iopfd import demo
 
     return demo.main(here=args.here, kernel=args.kernel, duration=args.duration)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from iopfd.bench import cli as bench
+
+    if args.responder:
+        import os
+
+        os.environ["IOPFD_BENCH_RESPONDER"] = args.responder
+    return bench.main(here=args.here, kernel=args.kernel, scenarios=args.scenarios or list(bench.SCENARIOS),
+                      groups=args.groups, rate=args.rate, out=args.out)
 
 
 def _cmd_lab(args: argparse.Namespace) -> int:
@@ -98,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", metavar="NAME", help="default policy for queues that name none (default: accept)")
     p.add_argument("--metrics-address", metavar="HOST:PORT|off",
                    help="Prometheus endpoint (default: 127.0.0.1:9769)")
+    p.add_argument("--report", metavar="FILE", help="at exit, write what each queue did (counts, latency "
+                   "percentiles, CPU time, peak RSS) as JSON; used by iopfd bench")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("check-config", help="validate a configuration file and its policies, then exit")
@@ -110,6 +123,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=10, help="seconds of faults (default: %(default)s; "
                    "Ctrl-C stops early)")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("bench", help="iopfd against a C responder on the lab kernel's fault path")
+    p.add_argument("scenarios", nargs="*", choices=["burst", "steady", "storm"], metavar="SCENARIO",
+                   help="burst, steady, storm (default: all)")
+    p.add_argument("--here", action="store_true", help="run on this kernel instead of booting the lab")
+    p.add_argument("--kernel", choices=sorted(KERNELS), default=DEFAULT_KERNEL)
+    p.add_argument("--groups", type=int, default=200_000, help="fault groups per run (default: %(default)s)")
+    p.add_argument("--rate", type=float, default=5000, help="steady: groups/s offered (default: %(default)s)")
+    p.add_argument("--out", metavar="FILE", help="write the results as JSON (default with the lab: bench-results.json)")
+    p.add_argument("--responder", help=argparse.SUPPRESS)  # the C floor, compiled on the host for the guest
+    p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("lab", help="the kernel lab: build the mock-IOMMU kernel, run commands inside it")
     lab_sub = p.add_subparsers(dest="lab_command", required=True)

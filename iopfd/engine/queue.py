@@ -123,6 +123,8 @@ class QueueServer:
             if not data:
                 return
             groups, malformed = assemble_groups(data, self.name)
+            if self.stats.first_read is None:
+                self.stats.first_read = self._loop.time()
             highest = max((g.cookie for g in groups), default=0)
             if malformed:
                 highest = max(highest, *(cookie for cookie, _ in malformed))
@@ -294,9 +296,12 @@ class QueueServer:
             return
         now = self._loop.time()
         stats = self.stats
+        stats.last_write = now
         for cookie, code, outcome, read_at in outgoing:
             stats.outcomes[outcome] += 1
             stats.latency.observe(now - read_at)
+        if stats.latency_samples is not None:
+            stats.latency_samples.extend(now - read_at for _, _, _, read_at in outgoing)
         if self._log_groups:
             for cookie, code, outcome, read_at in outgoing:
                 self._log.debug("group answered", cookie=cookie, code=code, outcome=outcome,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from array import array
 from bisect import bisect_left
 
 OUTCOMES = ("success", "invalid", "deadline", "shed", "error")
@@ -47,6 +48,9 @@ class QueueStats:
         self.write_errors = 0
         self.latency = Histogram(LATENCY_BUCKETS)
         self.read_batches = Histogram(READ_BATCH_BUCKETS)
+        self.first_read: float | None = None  # loop.time() (CLOCK_MONOTONIC) of the first group read
+        self.last_write: float | None = None  # ... and of the last response written
+        self.latency_samples: array | None = None  # every latency, when a benchmark asks for them
 
     @property
     def answered(self) -> int:

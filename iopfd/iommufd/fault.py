@@ -59,13 +59,21 @@ class FaultGroup:
     object per group, none per record); ``faults`` unpacks them on demand. ``queue`` names the
     fault queue it was read from, for policies that match on it."""
 
-    __slots__ = ("cookie", "records", "queue", "_words")
+    __slots__ = ("cookie", "records", "queue", "_view")
 
     def __init__(self, cookie: int, records: bytes, queue: str = "") -> None:
         self.cookie = cookie
         self.records = records
         self.queue = queue
-        self._words = memoryview(records).cast("I")  # 10 native-endian u32 per record, as the kernel wrote them
+        self._view = None
+
+    @property
+    def _words(self) -> memoryview:
+        """10 native-endian u32 per record, as the kernel wrote them; made on first use only, as
+        policies like accept never look."""
+        if self._view is None:
+            self._view = memoryview(self.records).cast("I")
+        return self._view
 
     def __repr__(self) -> str:
         return f"FaultGroup(cookie={self.cookie}, dev_id={self.dev_id}, faults={self.fault_count}, queue={self.queue!r})"

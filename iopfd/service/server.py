@@ -9,6 +9,10 @@ answer the rest with the deadline code, flush, exit 0.
 from __future__ import annotations
 
 import asyncio
+import json
+import resource
+from array import array
+from pathlib import Path
 import signal
 import socket
 import os
@@ -32,6 +36,7 @@ log = structlog.get_logger("iopfd.server")
 STATUS_INTERVAL = 1.0  # seconds between STATUS= updates
 # Cookies swept for a stored queue the state file does not know: far above any pending count.
 FALLBACK_SWEEP = 1 << 16
+LATE_SLACK = 0.05  # seconds past response_deadline that --report counts as late
 
 
 class UsageError(Exception):
@@ -89,9 +94,9 @@ def build_policies(settings: Settings) -> Policies:
     return policies
 
 
-def prepare(settings: Settings, fault_fds: list[FaultFdArg]) -> Server:
+def prepare(settings: Settings, fault_fds: list[FaultFdArg], report_path: str | None = None) -> Server:
     """Check and build everything; raises ConfigError, PolicyError or UsageError before serving."""
-    server = Server(settings, Engine(), build_policies(settings))
+    server = Server(settings, Engine(), build_policies(settings), report_path=report_path)
     taken_back = server.take_back_stored_queues()
     queues = [queue for queue in resolve_queues(settings, fault_fds, allow_none=bool(taken_back))
               if queue.name not in taken_back]
@@ -110,8 +115,9 @@ def prepare(settings: Settings, fault_fds: list[FaultFdArg]) -> Server:
 
 class Server:
     def __init__(self, settings: Settings, engine: Engine, policies: Policies,
-                 notifier: Notifier | None = None) -> None:
+                 notifier: Notifier | None = None, report_path: str | None = None) -> None:
         self.settings = settings
+        self.report_path = report_path  # `iopfd run --report`: figures for `iopfd bench`, written at exit
         self.engine = engine
         self.policies = policies
         self.notifier = notifier or Notifier.from_environment()
@@ -120,6 +126,7 @@ class Server:
         self._keep_open: dict[str, Iommufd] = {}  # brokered queues: the iommufd iopfd opened for them
         self._stop = asyncio.Event()
         self._background: set[asyncio.Task] = set()
+        self._cpu_at_ready = 0.0
         # Crash recovery needs systemd's fd store, so it is on exactly when systemd (or whoever owns
         # NOTIFY_SOCKET) listens.
         self.state = StateFile(settings.runtime_dir) if self.notifier.enabled else None
@@ -175,6 +182,8 @@ class Server:
             name, resolved.response_deadline, resolved.deadline_code, resolved.max_pending,
             dict(labels or {}), dict(device_names or {})))
         self.engine.add(queue)
+        if self.report_path is not None:
+            queue.stats.latency_samples = array("d")
         if self.state is not None:
             if not stored:
                 self.notifier.store_fd(source.fileno(), FD_PREFIX + name)
@@ -223,6 +232,7 @@ class Server:
         try:
             self.engine.start()
             self.notifier.ready()  # every queue is being read
+            self._cpu_at_ready = _cpu_seconds()
             log.info("ready", queues=sorted(self.engine.queues))
             await self._stop.wait()
             self.notifier.stopping()
@@ -243,7 +253,25 @@ class Server:
                 ctx.close()
             self.notifier.close()
         log.info("stopped", **self.engine.totals())
+        if self.report_path is not None:
+            Path(self.report_path).write_text(json.dumps(self.report()))
         return 0
+
+    def report(self) -> dict:
+        """What each queue did, with latency percentiles, this process's CPU time since READY=1 (start-up
+        imports excluded) and peak RSS."""
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        queues = {}
+        for name, queue in self.engine.queues.items():
+            stats = queue.stats
+            samples = sorted(stats.latency_samples or ())
+            queues[name] = {"outcomes": stats.outcomes, "faults": stats.faults, "write_errors": stats.write_errors,
+                            "first_read": stats.first_read, "last_write": stats.last_write,
+                            # answered later than the deadline allows, with 50 ms for timer and write
+                            "late": sum(1 for x in samples if x > queue.config.response_deadline + LATE_SLACK),
+                            "latency": {f"p{q * 100:g}": samples[int(q * (len(samples) - 1))] if samples else None
+                                        for q in (0.5, 0.99, 0.999, 1.0)} | {"count": len(samples)}}
+        return {"queues": queues, "cpu_seconds": _cpu_seconds() - self._cpu_at_ready, "maxrss_kb": usage.ru_maxrss}
 
     def device_removed(self, device: str) -> None:
         """A VFIO device is gone: forget it; a queue left without devices is detached (its groups
@@ -304,6 +332,11 @@ def open_control_socket(server: Server) -> ControlServer:
         raise UsageError(f"control socket {settings.path}: {exc}; set [control] path, or path = \"off\"") from None
     log.info("control socket", path=settings.path, mode=oct(settings.mode))
     return ControlServer(server, listener, owns_path=settings.path, **allowed)
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 __all__ = ["ConfigError", "FaultFdArg", "PolicyError", "Server", "UsageError", "build_policies", "prepare", "resolve_queues"]

@@ -1,0 +1,30 @@
+"""Policies the benchmarks need, published through the ``iopfd.policies`` entry points like any plug-in."""
+
+from __future__ import annotations
+
+import asyncio
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from iopfd.engine.policy import Policy
+from iopfd.iommufd.fault import SUCCESS, FaultGroup
+
+
+class DelayOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    seconds: float = Field(0.005, ge=0, le=60)  # how long each decision takes
+
+
+class DelayPolicy(Policy):
+    """SUCCESS after ``seconds`` per group, each group on its own: a slow policy for storm tests."""
+
+    Options = DelayOptions
+
+    def __init__(self, name: str, options: DelayOptions) -> None:
+        self.name = name
+        self.seconds = options.seconds
+
+    async def decide(self, group: FaultGroup) -> int:
+        await asyncio.sleep(self.seconds)
+        return SUCCESS

@@ -83,6 +83,12 @@ def _cmd_lab(args: argparse.Namespace) -> int:
         return 1
 
 
+def _scenario(text: str) -> str:
+    if text not in ("burst", "steady", "storm"):
+        raise argparse.ArgumentTypeError(f"{text!r}: scenarios are burst, steady and storm")
+    return text
+
+
 def _fault_fd(text: str):
     from iopfd.service.server import FaultFdArg
 
@@ -125,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("bench", help="iopfd against a C responder on the lab kernel's fault path")
-    p.add_argument("scenarios", nargs="*", choices=["burst", "steady", "storm"], metavar="SCENARIO",
+    p.add_argument("scenarios", nargs="*", type=_scenario, metavar="SCENARIO",
                    help="burst, steady, storm (default: all)")
     p.add_argument("--here", action="store_true", help="run on this kernel instead of booting the lab")
     p.add_argument("--kernel", choices=sorted(KERNELS), default=DEFAULT_KERNEL)

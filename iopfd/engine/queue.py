@@ -297,9 +297,16 @@ class QueueServer:
         now = self._loop.time()
         stats = self.stats
         stats.last_write = now
+        outcomes = stats.outcomes
+        run_read_at, run = 0.0, 0  # answers of one read share read_at: one histogram update per run
         for cookie, code, outcome, read_at in outgoing:
-            stats.outcomes[outcome] += 1
-            stats.latency.observe(now - read_at)
+            outcomes[outcome] += 1
+            if read_at != run_read_at:
+                if run:
+                    stats.latency.observe(now - run_read_at, run)
+                run_read_at, run = read_at, 0
+            run += 1
+        stats.latency.observe(now - run_read_at, run)
         if stats.latency_samples is not None:
             stats.latency_samples.extend(now - read_at for _, _, _, read_at in outgoing)
         if self._log_groups:

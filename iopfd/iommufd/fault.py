@@ -287,7 +287,8 @@ class FaultQueue(Object):
         The kernel stops at the first entry it refuses (cookie not pending, or a bad code), so a
         return value short of ``len(responses)`` names the refused entry by index.
         """
-        return self.write_raw(b"".join([RESPONSE.pack(cookie, code) for cookie, code in responses]))
+        flat = [value for response in responses for value in response]
+        return self.write_raw(struct.pack(f"<{len(flat)}I", *flat))
 
     def write_raw(self, data: bytes | bytearray | memoryview) -> int:
         try:

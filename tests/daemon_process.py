@@ -14,6 +14,10 @@ import time
 from pathlib import Path
 
 STATUS_ANSWERED = re.compile(r"(\d+) groups answered")
+# Start a command the way systemd starts a service with passed fds: ``python -c AS_SYSTEMD FD CMD...``
+# puts FD at 3, sets LISTEN_PID to the process's own pid and execs CMD (the caller sets LISTEN_FDS*).
+AS_SYSTEMD = ("import os, sys; os.dup2(int(sys.argv[1]), 3); os.environ['LISTEN_PID'] = str(os.getpid()); "
+              "os.execv(sys.argv[2], sys.argv[2:])")
 
 
 class DaemonProcess:

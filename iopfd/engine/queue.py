@@ -126,11 +126,12 @@ class QueueServer:
             groups, malformed = assemble_groups(data, self.name)
             if self.stats.first_read is None:
                 self.stats.first_read = self._loop.time()
-            highest = max((g.cookie for g in groups), default=0)
-            if malformed:
-                highest = max(highest, *(cookie for cookie, _ in malformed))
-            if highest > self.cookie_mark and self.cookie_mark_hook is not None:
-                self.cookie_mark = self.cookie_mark_hook(highest)
+            if self.cookie_mark_hook is not None:  # only with crash recovery on: no scan otherwise
+                highest = max((g.cookie for g in groups), default=0)
+                if malformed:
+                    highest = max(highest, *(cookie for cookie, _ in malformed))
+                if highest > self.cookie_mark:
+                    self.cookie_mark = self.cookie_mark_hook(highest)
             self.stats.read_batches.observe(len(groups))
             self._admit(groups, malformed, self._loop.time())
 

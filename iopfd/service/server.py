@@ -97,7 +97,8 @@ def build_policies(settings: Settings) -> Policies:
 def prepare(settings: Settings, fault_fds: list[FaultFdArg], report_path: str | None = None) -> Server:
     """Check and build everything; raises ConfigError, PolicyError or UsageError before serving."""
     server = Server(settings, Engine(), build_policies(settings), report_path=report_path)
-    taken_back = server.take_back_stored_queues()
+    passed = listen_fds()  # what systemd passed: the control socket and the fd store's fault fds
+    taken_back = server.take_back_stored_queues(passed)
     queues = [queue for queue in resolve_queues(settings, fault_fds, allow_none=bool(taken_back))
               if queue.name not in taken_back]
     for queue in queues:
@@ -109,7 +110,7 @@ def prepare(settings: Settings, fault_fds: list[FaultFdArg], report_path: str | 
             raise UsageError(f"queue {queue.name!r}: {exc}") from None
         server.add_queue(queue.name, source, policy=queue.policy)
     if settings.control.enabled:
-        server.control = open_control_socket(server)
+        server.control = open_control_socket(server, passed.get("control"))
     return server
 
 
@@ -131,11 +132,11 @@ class Server:
         # NOTIFY_SOCKET) listens.
         self.state = StateFile(settings.runtime_dir) if self.notifier.enabled else None
 
-    def take_back_stored_queues(self) -> set[str]:
-        """Serve again the fault fds a previous life put in the fd store, after sweeping with INVALID
-        the groups it read and never answered. Returns the queue names taken back."""
+    def take_back_stored_queues(self, passed: dict[str, list[int]]) -> set[str]:
+        """Serve again the fault fds a previous life put in the fd store (``passed``: listen_fds()),
+        after sweeping with INVALID the groups it read and never answered. Returns the names."""
         taken = set()
-        for fd_name, fds in listen_fds().items():
+        for fd_name, fds in passed.items():
             if not fd_name.startswith(FD_PREFIX) or self.state is None:
                 continue
             name = fd_name[len(FD_PREFIX):]
@@ -260,7 +261,6 @@ class Server:
     def report(self) -> dict:
         """What each queue did, with latency percentiles, this process's CPU time since READY=1 (start-up
         imports excluded) and peak RSS."""
-        usage = resource.getrusage(resource.RUSAGE_SELF)
         queues = {}
         for name, queue in self.engine.queues.items():
             stats = queue.stats
@@ -271,7 +271,9 @@ class Server:
                             "late": sum(1 for x in samples if x > queue.config.response_deadline + LATE_SLACK),
                             "latency": {f"p{q * 100:g}": samples[int(q * (len(samples) - 1))] if samples else None
                                         for q in (0.5, 0.99, 0.999, 1.0)} | {"count": len(samples)}}
-        return {"queues": queues, "cpu_seconds": _cpu_seconds() - self._cpu_at_ready, "maxrss_kb": usage.ru_maxrss}
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return {"queues": queues, "cpu_seconds": usage.ru_utime + usage.ru_stime - self._cpu_at_ready,
+                "maxrss_kb": usage.ru_maxrss}
 
     def device_removed(self, device: str) -> None:
         """A VFIO device is gone: forget it; a queue left without devices is detached (its groups
@@ -317,11 +319,10 @@ class Server:
             await asyncio.sleep(STATUS_INTERVAL)
 
 
-def open_control_socket(server: Server) -> ControlServer:
+def open_control_socket(server: Server, inherited: list[int] | None) -> ControlServer:
     """The socket systemd passed (iopfd.socket, FileDescriptorName=control), else bind [control] path."""
     settings = server.settings.control
     allowed = {"allowed_uids": {*settings.allowed_uids, os.getuid()}, "allowed_gids": set(settings.allowed_gids)}
-    inherited = listen_fds().get("control")
     if inherited:
         listener = socket.socket(fileno=inherited[0])
         log.info("control socket from systemd", fd=inherited[0])

@@ -8,14 +8,10 @@ import signal
 import sys
 
 import pytest
-from daemon_process import DaemonProcess
+from daemon_process import AS_SYSTEMD, DaemonProcess
 from test_daemon import assert_kernel_has_nothing_pending, trigger
 
 pytestmark = [pytest.mark.kernel, pytest.mark.guest]
-
-# Start iopfd the way systemd does after a restart: the stored fd at 3, LISTEN_PID = its own pid.
-AS_SYSTEMD = ("import os, sys; os.dup2(int(sys.argv[1]), 3); os.environ['LISTEN_PID'] = str(os.getpid()); "
-              "os.execv(sys.argv[2], sys.argv[2:])")
 
 
 def test_kill_9_mid_stream_then_restart_on_the_stored_fd(tmp_path, rig, queue, plugin_path):

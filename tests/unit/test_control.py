@@ -8,6 +8,7 @@ import socket
 
 import pytest
 import pytest_asyncio
+from daemon_process import AS_SYSTEMD
 
 from iopfd import protocol
 from iopfd.client import Client
@@ -191,11 +192,10 @@ def test_socket_activation_uses_the_socket_systemd_passes(tmp_path):
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     listener.bind(path)
     listener.listen()
-    as_systemd = ("import os, sys; os.dup2(int(sys.argv[1]), 3); os.environ['LISTEN_PID'] = str(os.getpid()); "
-                  "os.execv(sys.executable, [sys.executable, '-m', 'iopfd', 'run', '--metrics-address', 'off'])")
     env = {**os.environ, "LISTEN_FDS": "1", "LISTEN_FDNAMES": "control", "IOPFD_WATCH_DEVICES": "false",
            "IOPFD_CONTROL__PATH": str(tmp_path / "never-bound.sock")}
-    daemon = subprocess.Popen([sys.executable, "-c", as_systemd, str(listener.fileno())], pass_fds=[listener.fileno()],
+    daemon = subprocess.Popen([sys.executable, "-c", AS_SYSTEMD, str(listener.fileno()), sys.executable, "-m", "iopfd",
+                               "run", "--metrics-address", "off"], pass_fds=[listener.fileno()],
                               env=env, stderr=subprocess.PIPE, text=True)
     listener.close()
     try:

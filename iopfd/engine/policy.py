@@ -18,11 +18,16 @@ class Policy:
     a code other than SUCCESS/INVALID into an INVALID answer, so a policy need not defend itself.
     A policy must not block the event loop: anything slow is awaited.
 
+    A policy whose answer never depends on the group (like ``accept`` and ``reject``) sets
+    ``fixed_code``: the engine then answers each read straight from its cookie column, in the loop
+    turn that read it, without calling the policy or making a FaultGroup per group.
+
     A routing policy (like ``rules``) instead defines ``select(group) -> Policy``, synchronous and
     cheap: the engine then runs the selected policy, batching the groups each one gets.
     """
 
     name = "policy"
+    fixed_code: int | None = None
 
     async def decide(self, group: FaultGroup) -> int:
         raise NotImplementedError

@@ -33,7 +33,7 @@ SUCCESS = lib.IOMMUFD_PAGE_RESP_SUCCESS
 INVALID = lib.IOMMUFD_PAGE_RESP_INVALID
 
 ANON_INODE_NAME = "anon_inode:[iommufd-pgfault]"
-DEFAULT_BATCH_RECORDS = 256
+DEFAULT_BATCH_RECORDS = 1024  # 40 KiB: about a fourth of the syscalls per group of 256
 # A PRI page-request group is bounded by the device's outstanding-request credits; this is far above.
 MAX_BUFFER_RECORDS = 1 << 16
 
@@ -311,13 +311,21 @@ class FaultQueue(Object):
 
 
 def respond_all(queue: FaultQueue, responses: Sequence[tuple[int, int]]) -> list[int]:
-    """Write every response, skipping each one the kernel refuses; returns the refused indexes."""
+    """Write every ``(cookie, code)`` response, skipping each one the kernel refuses; returns the
+    refused indexes."""
+    flat = [value for response in responses for value in response]
+    return respond_packed(queue, struct.pack(f"<{len(flat)}I", *flat))
+
+
+def respond_packed(queue: FaultQueue, payload: bytes | bytearray) -> list[int]:
+    """respond_all() for responses already packed as ``struct iommu_hwpt_page_response``s."""
+    view = memoryview(payload)
+    total = len(view) // RESPONSE.size
     refused = []
     start = 0
-    while start < len(responses):
-        consumed = queue.respond(responses[start:])
-        start += consumed
-        if start < len(responses):
+    while start < total:
+        start += queue.write_raw(view[start * RESPONSE.size:])
+        if start < total:
             refused.append(start)
             start += 1
     return refused

@@ -11,6 +11,7 @@ import struct
 from iopfd.iommufd.context import Iommufd, Object
 from iopfd.iommufd.hwpt import Hwpt
 from iopfd.iommufd.ioas import Ioas
+from iopfd._uapi import ffi
 from iopfd.iommufd.uapi import lib, new
 
 NO_SELFTEST = ("the kernel lacks CONFIG_IOMMUFD_TEST (the selftest mock IOMMU); "
@@ -20,12 +21,18 @@ NO_IOPF = ("the kernel lacks IOMMU_IOPF, so no device can attach to a fault-capa
 SELFTEST_NESTED_DATA = struct.pack("<I", lib.IOMMU_TEST_IOTLB_DEFAULT)  # struct iommu_hwpt_selftest
 
 
-def selftest_cmd(ctx: Iommufd, op: int, object_id: int = 0, hints=None, **members):
-    """IOMMU_TEST_CMD: ``members`` maps a union member name to a dict of its fields."""
+def build_test_cmd(op: int, object_id: int = 0, **members):
+    """A ``struct iommu_test_cmd``: ``members`` maps a union member name to a dict of its fields."""
     cmd = new("struct iommu_test_cmd", op=op, id=object_id)
     for member, fields in members.items():
         for name, value in fields.items():
             setattr(getattr(cmd, member), name, value)
+    return cmd
+
+
+def selftest_cmd(ctx: Iommufd, op: int, object_id: int = 0, hints=None, **members):
+    """IOMMU_TEST_CMD with build_test_cmd(op, object_id, **members), returned with the kernel's outputs."""
+    cmd = build_test_cmd(op, object_id, **members)
     ctx.ioctl("IOMMU_TEST_CMD", cmd, hints={errno.ENOTTY: NO_SELFTEST, **(hints or {})})
     return cmd
 
@@ -68,8 +75,18 @@ class MockDevice(Object):
 
         The kernel returns success even when nothing takes the fault (it is answered INVALID inside).
         """
-        selftest_cmd(self.ctx, lib.IOMMU_TEST_OP_TRIGGER_IOPF, trigger_iopf={
-            "dev_id": self.dev_id, "pasid": pasid, "grpid": grpid, "perm": perm, "addr": addr})
+        selftest_cmd(self.ctx, lib.IOMMU_TEST_OP_TRIGGER_IOPF,
+                     trigger_iopf=self._trigger_fields(addr, pasid, grpid, perm))
+
+    def trigger_iopf_ioctl(self, *, addr: int, pasid: int = 0, grpid: int = 0,
+                           perm: int = lib.IOMMU_PGFAULT_PERM_READ) -> tuple[int, bytes]:
+        """The ioctl request number and argument bytes of trigger_iopf(), for a program that issues it
+        many times on this device's iommufd (the bench's C trigger) without knowing the struct."""
+        cmd = build_test_cmd(lib.IOMMU_TEST_OP_TRIGGER_IOPF, trigger_iopf=self._trigger_fields(addr, pasid, grpid, perm))
+        return lib.IOMMU_TEST_CMD, bytes(ffi.buffer(cmd))
+
+    def _trigger_fields(self, addr: int, pasid: int, grpid: int, perm: int) -> dict[str, int]:
+        return {"dev_id": self.dev_id, "pasid": pasid, "grpid": grpid, "perm": perm, "addr": addr}
 
 
 class FaultingMockSetup:

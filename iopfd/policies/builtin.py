@@ -11,6 +11,8 @@ from iopfd.iommufd.fault import INVALID, SUCCESS, FaultGroup
 class AcceptPolicy(BatchPolicy):
     """Answer SUCCESS: the page is (or will be) mapped, the device retries the access."""
 
+    fixed_code = SUCCESS
+
     def __init__(self, name: str = "accept") -> None:
         self.name = name
 
@@ -20,6 +22,8 @@ class AcceptPolicy(BatchPolicy):
 
 class RejectPolicy(BatchPolicy):
     """Answer INVALID: the device gets a response failure for the access."""
+
+    fixed_code = INVALID
 
     def __init__(self, name: str = "reject") -> None:
         self.name = name

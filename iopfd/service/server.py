@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import resource
-from array import array
-from pathlib import Path
 import signal
 import socket
-import os
+from array import array
+from bisect import bisect_right
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import structlog
 
@@ -127,7 +128,7 @@ class Server:
         self._keep_open: dict[str, Iommufd] = {}  # brokered queues: the iommufd iopfd opened for them
         self._stop = asyncio.Event()
         self._background: set[asyncio.Task] = set()
-        self._cpu_at_ready = 0.0
+        self._cpu_serving = 0.0  # CPU seconds from READY=1 to the last answer written at stop
         # Crash recovery needs systemd's fd store, so it is on exactly when systemd (or whoever owns
         # NOTIFY_SOCKET) listens.
         self.state = StateFile(settings.runtime_dir) if self.notifier.enabled else None
@@ -233,11 +234,12 @@ class Server:
         try:
             self.engine.start()
             self.notifier.ready()  # every queue is being read
-            self._cpu_at_ready = _cpu_seconds()
+            cpu_at_ready = _cpu_seconds()
             log.info("ready", queues=sorted(self.engine.queues))
             await self._stop.wait()
             self.notifier.stopping()
             await self.engine.stop(self.settings.shutdown_grace)
+            self._cpu_serving = _cpu_seconds() - cpu_at_ready
         finally:
             for task in helpers:
                 task.cancel()
@@ -259,21 +261,27 @@ class Server:
         return 0
 
     def report(self) -> dict:
-        """What each queue did, with latency percentiles, this process's CPU time since READY=1 (start-up
-        imports excluded) and peak RSS."""
+        """What each queue and all together did, with latency percentiles, this process's CPU time
+        while serving (from READY=1 to the last answer at stop: neither start-up imports nor this
+        report's own sorting) and peak RSS."""
         queues = {}
+        every: list[float] = []
+        late = 0
         for name, queue in self.engine.queues.items():
             stats = queue.stats
             samples = sorted(stats.latency_samples or ())
+            every += samples
+            # answered later than the deadline allows, with 50 ms for timer and write
+            queue_late = len(samples) - bisect_right(samples, queue.config.response_deadline + LATE_SLACK)
+            late += queue_late
             queues[name] = {"outcomes": stats.outcomes, "faults": stats.faults, "write_errors": stats.write_errors,
-                            "first_read": stats.first_read, "last_write": stats.last_write,
-                            # answered later than the deadline allows, with 50 ms for timer and write
-                            "late": sum(1 for x in samples if x > queue.config.response_deadline + LATE_SLACK),
-                            "latency": {f"p{q * 100:g}": samples[int(q * (len(samples) - 1))] if samples else None
-                                        for q in (0.5, 0.99, 0.999, 1.0)} | {"count": len(samples)}}
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        return {"queues": queues, "cpu_seconds": usage.ru_utime + usage.ru_stime - self._cpu_at_ready,
-                "maxrss_kb": usage.ru_maxrss}
+                            "first_read": stats.first_read, "last_write": stats.last_write, "late": queue_late,
+                            "latency": _percentiles(samples)}
+        every.sort()
+        return {"queues": queues, "cpu_seconds": self._cpu_serving,
+                "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                "overall": {"late": late, "latency": _percentiles(every),
+                            "cdf": [every[int(i / 100 * (len(every) - 1))] for i in range(101)] if every else []}}
 
     def device_removed(self, device: str) -> None:
         """A VFIO device is gone: forget it; a queue left without devices is detached (its groups
@@ -333,6 +341,11 @@ def open_control_socket(server: Server, inherited: list[int] | None) -> ControlS
         raise UsageError(f"control socket {settings.path}: {exc}; set [control] path, or path = \"off\"") from None
     log.info("control socket", path=settings.path, mode=oct(settings.mode))
     return ControlServer(server, listener, owns_path=settings.path, **allowed)
+
+
+def _percentiles(ordered: list[float]) -> dict:
+    return {f"p{q * 100:g}": ordered[int(q * (len(ordered) - 1))] if ordered else None
+            for q in (0.5, 0.99, 0.999, 1.0)} | {"count": len(ordered)}
 
 
 def _cpu_seconds() -> float:

@@ -12,7 +12,7 @@ from structlog.testing import capture_logs
 from iopfd.engine import Engine, Policy, QueueConfig, QueueServer
 from iopfd.iommufd import INVALID, SUCCESS
 from iopfd.iommufd.emulated import EmulatedFaultFd, EmulatedFaultQueue, PageRequest
-from iopfd.iommufd.fault import LAST_PAGE, RECORD, FaultGroup, FaultQueue
+from iopfd.iommufd.fault import LAST_PAGE, RECORD, RESPONSE, FaultGroup, FaultQueue
 from iopfd.policies import AcceptPolicy, ForwardPolicy, Policies, RejectPolicy
 
 pytestmark = pytest.mark.asyncio
@@ -295,26 +295,32 @@ async def test_a_refused_response_is_skipped_and_counted_the_rest_written(served
     assert sum("refused" in entry["event"] for entry in logs) == 2
 
 
-async def test_malformed_groups_are_answered_invalid(served):
-    class Crafted(FaultQueue):
-        """Returns records the kernel would never produce, once, then nothing."""
+class Crafted(FaultQueue):
+    """Returns the given reads (records the kernel may or may never produce), then nothing."""
 
-        def __init__(self, emulated, data):
-            super().__init__(None, 0, emulated.fileno())
-            self.data, self.written = data, []
+    def __init__(self, emulated: EmulatedFaultQueue, *reads: bytes) -> None:
+        super().__init__(None, 0, emulated.fileno())
+        self.reads, self.writes = list(reads), []
 
-        def _readinto(self, buffer):
-            data, self.data = self.data, b""
-            buffer[:len(data)] = data
-            return len(data)
+    def _readinto(self, buffer):
+        data = self.reads.pop(0) if self.reads else b""
+        buffer[:len(data)] = data
+        return len(data)
 
-        def _write(self, data):
-            self.written += [int.from_bytes(data[i:i + 4], "little") for i in range(0, len(data), 8)]
-            return len(data)
+    def _write(self, data):
+        self.writes.append(bytes(data))
+        return len(data)
 
-    def record(cookie, last=True):
-        return RECORD.pack(LAST_PAGE if last else 0, 1, 0, 0, 1, 0, 0x1000, 0, cookie)
+    @property
+    def written(self) -> list[int]:
+        return [cookie for data in self.writes for cookie, _ in RESPONSE.iter_unpack(data)]
 
+
+def record(cookie: int, last: bool = True) -> bytes:
+    return RECORD.pack(LAST_PAGE if last else 0, 1, 0, 0, 1, 0, 0x1000, 0, cookie)
+
+
+async def test_malformed_groups_are_answered_invalid():
     emulated = EmulatedFaultQueue()
     source = Crafted(emulated, record(3, last=False) + record(4) + record(5) + record(0) + record(6, last=False))
     server = QueueServer(source, AcceptPolicy(), QueueConfig("q"))
@@ -325,6 +331,58 @@ async def test_malformed_groups_are_answered_invalid(served):
     assert sorted(source.written) == [3, 4, 5, 6]
     assert server.stats.outcomes == {"success": 1, "invalid": 0, "deadline": 0, "shed": 0, "error": 3}
     assert sum(entry["event"].startswith("malformed") for entry in logs) == 4  # incl. cookie 0
+    await server.stop(0)
+    emulated.close()
+
+
+class CountedAccept(AcceptPolicy):
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches = 0
+
+    async def decide_batch(self, groups):
+        self.batches += 1
+        return await super().decide_batch(groups)
+
+
+@pytest.mark.parametrize(("policy", "code", "outcome"), [(CountedAccept, SUCCESS, "success"),
+                                                         (RejectPolicy, INVALID, "invalid")])
+async def test_a_fixed_answer_is_written_straight_from_the_cookie_column_of_each_read(policy, code, outcome):
+    emulated = EmulatedFaultQueue()
+    source = Crafted(emulated, record(7) + record(3) + record(9), record(4))
+    server = QueueServer(source, policy(), QueueConfig("q"))
+    marks = []
+    server.cookie_mark_hook = lambda cookie: marks.append(cookie) or cookie
+    server.start()
+    server._on_readable()
+    # Each read's answers are written in one write() before the next read (the third finds nothing).
+    assert source.writes == [RESPONSE.pack(7, code) + RESPONSE.pack(3, code) + RESPONSE.pack(9, code),
+                             RESPONSE.pack(4, code)]
+    assert server.pending == 0
+    assert getattr(server.policy, "batches", 0) == 0  # the policy was never called
+    assert server.stats.outcomes[outcome] == 4 and server.stats.faults == 4 and server.stats.latency.count == 4
+    assert server.stats.read_batches.counts[0] == 1 and server.stats.read_batches.sum == 4
+    assert marks == [9]  # the highest cookie of the first read; the second stays below the mark
+    await server.stop(0)
+    emulated.close()
+
+
+async def test_a_fixed_answer_takes_the_general_path_for_multi_record_groups_and_while_groups_are_pending():
+    """Read 1 has a two-record group, decided by the policy (not yet run when read 2 comes). A
+    detach between the reads lets the kernel answer it and reissue its cookie 5 in read 2: with
+    the group still pending, read 2 must not be answered straight away, or the old decision would
+    reach the new group."""
+    emulated = EmulatedFaultQueue()
+    source = Crafted(emulated, record(5, last=False) + record(5), record(5) + record(6))
+    policy = CountedAccept()
+    server = QueueServer(source, policy, QueueConfig("q"))
+    server.start()
+    server._on_readable()
+    await asyncio.sleep(0.01)
+    assert source.written == [5, 6]  # the old group's decision is void: one answer per cookie
+    assert policy.batches == 2
+    assert server.stats.outcomes["success"] == 2 and server.stats.outcomes["error"] == 1
+    assert server.stats.faults == 4
     await server.stop(0)
     emulated.close()
 

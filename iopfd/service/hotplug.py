@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable, Mapping
 
 import structlog
-from pyroute2.netlink.uevent import MONITOR_GROUP_KERNEL, AsyncUeventSocket  # imported before READY=1: slow
+from pyroute2.netlink.uevent import MONITOR_GROUP_KERNEL, AsyncUeventSocket  # slow: imported only when watching
 
 log = structlog.get_logger("iopfd.hotplug")
 SYSFS_CLASS = "/sys/class/vfio-dev"

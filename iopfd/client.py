@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from collections.abc import Callable, Iterator, Mapping
 
 from iopfd import protocol
 from iopfd.protocol import ProtocolError
 
 DEFAULT_PATH = "/run/iopfd/control.sock"
+CONNECT_POLL = 0.005  # seconds between connect attempts while the daemon's backlog is full
 
 
 class Client:
@@ -25,11 +27,22 @@ class Client:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         self.sock.settimeout(timeout)
         try:
-            self.sock.connect(os.fspath(path))
+            self._connect(os.fspath(path), timeout)
         except OSError:
             self.sock.close()
             raise
         self._next_id = 0
+
+    def _connect(self, path: str, timeout: float | None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                self.sock.connect(path)
+                return
+            except BlockingIOError:  # with a timeout, a full backlog (a burst of peers) fails at once: wait for room
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise TimeoutError(f"{path}: iopfd did not accept the connection within {timeout} s") from None
+                time.sleep(CONNECT_POLL)
 
     def __enter__(self) -> Client:
         return self

@@ -4,11 +4,17 @@ message, file descriptors alongside as SCM_RIGHTS. Shared by the daemon and ``io
 from __future__ import annotations
 
 import json
+import math
+import reprlib
 import socket
+import sys
 
 VERSION = 1
 MAX_MESSAGE = 1 << 16
 MAX_FDS = 4
+# Every reply echoes the request's id: it must leave room in the reply and encode without recursing deep.
+MAX_ID = 1 << 12  # bytes, as JSON
+MAX_ID_DEPTH = 32  # lists and objects nested
 CODES = {"success": 0, "invalid": 1}
 NAMES = {code: name for name, code in CODES.items()}
 
@@ -31,14 +37,33 @@ def encode(message: dict) -> bytes:
 
 def decode(data: bytes) -> dict:
     try:
-        message = json.loads(data)
+        message = json.loads(data, parse_constant=_not_a_number, parse_float=_finite)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ProtocolError("bad-request", f"not a JSON message: {exc}") from None
+    except RecursionError:
+        raise ProtocolError("bad-request", "JSON nested too deeply; a message is a flat object") from None
+    except ValueError:  # int() refuses numbers longer than Python's limit
+        raise ProtocolError("bad-request", f"a JSON number of over {sys.get_int_max_str_digits()} digits") from None
     if not isinstance(message, dict):
         raise ProtocolError("bad-request", "a message is a JSON object")
-    if message.get("v") != VERSION:
-        raise ProtocolError("unsupported-version", f"this iopfd speaks version {VERSION}, got {message.get('v')!r}")
+    version = message.get("v")
+    if version != VERSION or isinstance(version, bool):  # true == 1 in Python, not in JSON
+        raise ProtocolError("unsupported-version", f'this iopfd speaks version {VERSION}: send "v": {VERSION} '
+                                                   f"(got {reprlib.repr(version)})")
     return message
+
+
+# NaN, Infinity and numbers beyond a double are not JSON, and echoing them (in an id) would send
+# something that is not JSON either.
+def _not_a_number(text: str) -> float:
+    raise ProtocolError("bad-request", f"not a JSON message: {text} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ProtocolError("bad-request", f"the JSON number {text[:40]} is beyond a double")
+    return value
 
 
 def send(sock: socket.socket, message: dict, fds: list[int] | tuple[int, ...] = ()) -> None:

@@ -82,13 +82,14 @@ class DaemonProcess:
         """SIGTERM and wait; then empty the fd store, as systemd does when a service stops."""
         self.proc.send_signal(signal.SIGTERM)
         status = self.proc.wait(timeout)
-        self._drain()
+        self.drain()
         for fd in self.stored_fds.values():
             os.close(fd)
         self.stored_fds.clear()
         return status
 
-    def _drain(self) -> None:
+    def drain(self) -> None:
+        """Take in every notify message already sent (the daemon drops them once the queue is full)."""
         self.notify.setblocking(False)
         try:
             while True:

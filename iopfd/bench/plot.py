@@ -23,13 +23,13 @@ def draw(results: list[Result], path: Path) -> None:
         if r.latency_cdf:
             label = f"{r.scenario} ({r.source})" + (f" {r.offered_rate / 1000:.0f}k/s" if r.scenario == "steady" else "")
             cdf.plot([max(x, 1e-6) * 1e3 for x in r.latency_cdf], [i / 100 for i in range(len(r.latency_cdf))],
-                     label=label)
+                     label=label, linestyle="--" if r.source == "emulated" else "-")
     cdf.set_xscale("log")
     cdf.set_xlabel("latency, read() to write() (ms, log scale)")
     cdf.set_ylabel("fraction of groups")
     cdf.set_title("iopfd response latency (CDF)")
     cdf.grid(True, which="both", alpha=0.3)
-    cdf.legend(fontsize="small")
+    cdf.legend(fontsize="small", loc="lower right")
 
     labels = list(dict.fromkeys(f"{r.scenario}\n{r.source}" for r in results))
     width = 0.4

@@ -123,15 +123,24 @@ class Responder:
         return json.loads(self.report.read_text())
 
 
-def trigger(tools: Tools, ctx: Iommufd, rig: FaultingMockSetup, count: int, rate: float = 0) -> dict:
-    """``count`` single-record faults on ``rig``'s device, at ``rate`` per second (0: at once), by the
-    C trigger; returns its figures (``seconds``, and ``max_behind``, its worst lag behind the rate)."""
+def start_trigger(tools: Tools, ctx: Iommufd, rig: FaultingMockSetup, count: int, rate: float = 0) -> subprocess.Popen:
+    """Start raising ``count`` single-record faults on ``rig``'s device, at ``rate`` per second (0: at
+    once), with the C trigger; its stdout will be one JSON line of figures."""
     request, arg = rig.device.trigger_iopf_ioctl(addr=0x1000, perm=PERM_READ)
-    done = subprocess.run([tools.trigger, str(ctx.fd), hex(request), arg.hex(), str(count), repr(rate)],
-                          pass_fds=[ctx.fd], capture_output=True, text=True, timeout=3600)
-    if done.returncode != 0:
-        raise RuntimeError(f"the fault trigger failed: {done.stderr.strip()}")
-    return json.loads(done.stdout)
+    return subprocess.Popen([tools.trigger, str(ctx.fd), hex(request), arg.hex(), str(count), repr(rate)],
+                            pass_fds=[ctx.fd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish_trigger(started: subprocess.Popen, timeout: float = 3600) -> dict:
+    """Wait for a trigger; returns its figures (``seconds``, and ``max_behind``, its worst lag behind the rate)."""
+    out, err = started.communicate(timeout=timeout)
+    if started.returncode != 0:
+        raise RuntimeError(f"the fault trigger failed: {err.strip()}")
+    return json.loads(out)
+
+
+def trigger(tools: Tools, ctx: Iommufd, rig: FaultingMockSetup, count: int, rate: float = 0) -> dict:
+    return finish_trigger(start_trigger(tools, ctx, rig, count, rate))
 
 
 def _wait_drained(queue: FaultQueue, settle: float = 0.3, timeout: float = 600) -> None:

@@ -13,6 +13,7 @@ import os
 import re
 import reprlib
 import stat
+import sys
 import tomllib
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -240,6 +241,11 @@ class _TomlSource(TomlConfigSettingsSource):
             raise ConfigError([(str(file_path), f"invalid TOML: {exc}")]) from None
         except UnicodeDecodeError as exc:
             raise ConfigError([(str(file_path), f"invalid TOML: not UTF-8 text (byte {exc.start})")]) from None
+        except ValueError:  # tomllib's int() refuses numbers longer than Python's limit
+            raise ConfigError([(str(file_path), f"invalid TOML: an integer of more than "
+                                                f"{sys.get_int_max_str_digits()} digits")]) from None
+        except RecursionError:
+            raise ConfigError([(str(file_path), "invalid TOML: arrays or inline tables nested too deeply")]) from None
         except OSError as exc:
             raise ConfigError([(str(file_path), _os_problem(exc))]) from None
 
@@ -253,8 +259,9 @@ def _os_problem(exc: OSError) -> str:
 
 
 def _path(loc: tuple[str | int, ...]) -> str:
-    # "[key]" marks a bad dict key (a policy table name); the key itself already names it.
-    return ".".join(str(part) for part in loc if part != "[key]") or "(file)"
+    # "[key]" marks a bad dict key (a policy table name); the key itself already names it. An empty
+    # key (TOML allows "") shows as "".
+    return ".".join(str(part) or '""' for part in loc if part != "[key]") or "(file)"
 
 
 def _message(error: ErrorDetails) -> str:
@@ -291,5 +298,7 @@ def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) 
         raise ConfigError([(_path(error["loc"]), _message(error)) for error in exc.errors()]) from None
     except SettingsError as exc:  # an IOPFD_* variable that is not valid JSON where JSON is needed
         raise ConfigError([("(environment)", f"{exc}: {exc.__cause__}; give lists and tables as JSON")]) from None
+    except RecursionError:  # the file's source catches its own: JSON from an IOPFD_* variable
+        raise ConfigError([("(environment)", "an IOPFD_* variable nests lists or tables too deeply")]) from None
     finally:
         _toml_path.reset(token)

@@ -4,12 +4,17 @@ groups, and read status. Protocol: docs/protocol.md (iopfd/protocol.py); peers a
 from __future__ import annotations
 
 import asyncio
+import errno
 import itertools
+import json
 import os
+import re
+import reprlib
 import socket
 import stat
 import struct
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import structlog
@@ -29,6 +34,11 @@ log = structlog.get_logger("iopfd.control")
 PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _names = TypeAdapter(Name)
 REFUSED_LINGER = 2.0  # seconds a refused peer's connection stays open to read the refusal
+# accept() failing for want of fds or memory: the peer waits in the backlog until some are freed.
+ACCEPT_RETRY = 0.5  # seconds
+RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+OPS = "attach, detach, broker, status, forward, respond"
+DEV_ID = re.compile(r"[0-9]{1,10}")  # a dev_id (u32) in decimal
 
 
 def bind_socket(path: str, mode: int) -> socket.socket:
@@ -81,10 +91,27 @@ class ControlServer:
     async def _accept(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            conn, _ = await loop.sock_accept(self.listener)
+            try:
+                conn, _ = await loop.sock_accept(self.listener)
+            except OSError as exc:
+                if exc.errno not in RESOURCE_ERRNOS:
+                    raise
+                log.warning("cannot accept a control connection; retrying", error=str(exc), retry_in=ACCEPT_RETRY)
+                await asyncio.sleep(ACCEPT_RETRY)
+                continue
             task = loop.create_task(Connection(self, conn).serve())
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+
+@dataclass(frozen=True)
+class NewQueue:
+    """An attach or broker request, checked."""
+
+    name: str
+    policy: str | None  # None: the config's default policy
+    labels: dict[str, str]
+    devices: dict[int, str]
 
 
 class Connection:
@@ -117,11 +144,17 @@ class Connection:
                 except ProtocolError as exc:
                     await self.send({"ok": False, "error": {"code": exc.code, "message": exc.message}})
                     continue
+                except ConnectionResetError:
+                    # The peer died with our messages unread. Linux reports that once, then still
+                    # delivers what the peer sent before dying: its last answers count.
+                    continue
                 except OSError:
                     break
                 if received is None:
                     break
                 await self.handle(*received)
+        except ConnectionError:  # the peer left without reading its reply
+            pass
         finally:
             if self.peer is not None:
                 self.peer.disconnect()
@@ -130,40 +163,47 @@ class Connection:
 
     async def handle(self, message: dict, fds: list[int]) -> None:
         op = message.get("op")
-        if op == "respond" and self.peer is not None:  # forward answers get no reply
-            _close(fds)
-            self.peer.answer(message)
-            return
         handler = {"attach": self.attach, "detach": self.detach, "broker": self.broker, "status": self.status,
-                   "forward": self.forward}.get(op)
+                   "forward": self.forward, "respond": self.respond}.get(op) if isinstance(op, str) else None
+        request_id = message.get("id")
         reply_fds: list[int] = []
         try:
+            if not _echoable(request_id):
+                request_id = None
+                raise ProtocolError("bad-request", f"id: at most {protocol.MAX_ID} bytes of JSON, nested at most "
+                                                   f"{protocol.MAX_ID_DEPTH} deep (every reply echoes it)")
             if handler is None:
-                raise ProtocolError("unknown-op", f"unknown op {op!r}; ops: attach, detach, broker, status, forward")
+                raise ProtocolError("unknown-op", f"unknown op {reprlib.repr(op)}; ops: {OPS}")
+            if fds and op != "attach":
+                raise ProtocolError("bad-request", f"{op} carries no file descriptors, got {len(fds)} (closed); "
+                                                   "only attach sends one")
             reply, reply_fds = await handler(message, fds)
+            if reply is None:  # forward answers get no reply
+                return
             reply = {"ok": True, **reply}
         except ProtocolError as exc:
             reply = {"ok": False, "error": {"code": exc.code, "message": exc.message}}
-            self.log.warning("control request refused", op=op, code=exc.code, reason=exc.message)
+            self.log.warning("control request refused", op=op if handler else reprlib.repr(op), code=exc.code,
+                             reason=exc.message)
         finally:
             _close(fds)  # handlers dup what they keep
-        await self.send({"id": message.get("id"), **reply}, reply_fds)
+        await self.send({"id": request_id, **reply}, reply_fds)
 
     # -- ops -----------------------------------------------------------------------------------
     async def attach(self, message: dict, fds: list[int]) -> tuple[dict, list[int]]:
         if len(fds) != 1:
             raise ProtocolError("missing-fd", f"attach carries exactly one fd (the fault fd), got {len(fds)}")
-        name = self._new_queue_name(message)
+        request = self._new_queue(message)
         try:
             source = FaultQueue.from_fd(fds[0])
         except IommufdError as exc:
             raise ProtocolError("not-a-fault-fd", str(exc)) from None
         fds.clear()  # the queue owns the fd now; handle() closes only what is left in fds
-        self._add(name, source, message)
-        return {"queue": name}, []
+        self._add(request, source)
+        return {"queue": request.name}, []
 
     async def broker(self, message: dict, fds: list[int]) -> tuple[dict, list[int]]:
-        name = self._new_queue_name(message)
+        request = self._new_queue(message)
         try:
             ctx = Iommufd.open()
         except IommufdError as exc:
@@ -173,11 +213,11 @@ class Connection:
         except IommufdError as exc:
             ctx.close()
             raise ProtocolError("broker-failed", str(exc)) from None
-        self._add(name, source, message, keep_open=ctx)
-        return {"queue": name, "fault_id": source.id}, [ctx.fd]
+        self._add(request, source, keep_open=ctx)
+        return {"queue": request.name, "fault_id": source.id}, [ctx.fd]
 
     async def detach(self, message: dict, fds: list[int]) -> tuple[dict, list[int]]:
-        name = message.get("queue")
+        name = _queue_name(message)
         if name not in self.server.engine.queues:
             raise ProtocolError("no-such-queue", f"no queue named {name!r} is served")
         queue = await self.server.remove_queue(name)
@@ -192,6 +232,9 @@ class Connection:
 
     async def forward(self, message: dict, fds: list[int]) -> tuple[dict, list[int]]:
         name = message.get("policy")
+        if not isinstance(name, str):
+            raise ProtocolError("bad-request", f"policy: the name of a policy of type forward, got "
+                                               f"{reprlib.repr(name)}")
         policy = self._policy(name)
         if not isinstance(policy, ForwardPolicy):
             raise ProtocolError("not-a-forward-policy", f"policy {name!r} is not of type forward")
@@ -206,36 +249,45 @@ class Connection:
         self.log.info("forward peer connected", policy=name)
         return {"policy": name}, []
 
+    async def respond(self, message: dict, fds: list[int]) -> tuple[dict | None, list[int]]:
+        if self.peer is None:
+            raise ProtocolError("bad-request", "respond answers a fault event, and this connection forwards no "
+                                               "policy; send forward first")
+        self.peer.answer(message)
+        return None, []
+
     # -- helpers -------------------------------------------------------------------------------
-    def _new_queue_name(self, message: dict) -> str:
-        try:
-            name = _names.validate_python(message.get("queue"))
-        except ValidationError:
-            raise ProtocolError("bad-request", "queue: 1 to 64 of A-Z a-z 0-9 _ . -") from None
+    def _new_queue(self, message: dict) -> NewQueue:
+        """Every field of an attach or broker request checked, before anything is opened."""
+        name = _queue_name(message)
         if name in self.server.engine.queues:
             raise ProtocolError("queue-exists", f"a queue named {name!r} is already served; detach it first")
-        self._policy(message.get("policy") or self.server.settings.policy)
-        return name
+        policy = message.get("policy")
+        if policy is not None and not isinstance(policy, str):
+            raise ProtocolError("bad-request", f"policy: a policy name, got {reprlib.repr(policy)}")
+        self._policy(self.server.settings.policy if policy is None else policy)
+        labels = _object_of_strings(message, "labels", '{"vm": "guest1"}')
+        if "queue" in labels:  # log lines name the queue under that key
+            raise ProtocolError("bad-request", 'labels: "queue" is the queue\'s name in log lines; use another key')
+        devices = _object_of_strings(message, "devices", '{"4": "0000:00:04.0"}')
+        bad = next((key for key in devices if not DEV_ID.fullmatch(key)), None)
+        if bad is not None:
+            raise ProtocolError("bad-request", f"devices: keys are dev_ids in decimal, got {reprlib.repr(bad)}")
+        return NewQueue(name, policy, labels, {int(key): value for key, value in devices.items()})
 
-    def _policy(self, name):
+    def _policy(self, name: str):
         try:
-            return self.server.policies.get(str(name))
+            return self.server.policies.get(_names.validate_python(name))
+        except ValidationError:  # no config can name a policy so; the message stays short
+            raise ProtocolError("no-such-policy", f"no policy is named {reprlib.repr(name)}: names are 1 to 64 "
+                                                  "of A-Z a-z 0-9 _ . -") from None
         except PolicyError as exc:
             raise ProtocolError("no-such-policy", str(exc)) from None
 
-    def _add(self, name: str, source: FaultQueue, message: dict, keep_open: Iommufd | None = None) -> None:
-        labels = message.get("labels") or {}
-        devices = message.get("devices") or {}
-        try:
-            self.server.add_queue(name, source, policy=message.get("policy"),
-                                  labels={str(k): str(v) for k, v in labels.items()},
-                                  device_names={int(k): str(v) for k, v in devices.items()}, keep_open=keep_open)
-        except (AttributeError, ValueError) as exc:
-            source.close()
-            if keep_open is not None:
-                keep_open.close()
-            raise ProtocolError("bad-request", f"labels and devices are JSON objects: {exc}") from None
-        self.log.info("queue attached over the control socket", queue=name, brokered=keep_open is not None)
+    def _add(self, request: NewQueue, source: FaultQueue, keep_open: Iommufd | None = None) -> None:
+        self.server.add_queue(request.name, source, policy=request.policy, labels=request.labels,
+                              device_names=request.devices, keep_open=keep_open)
+        self.log.info("queue attached over the control socket", queue=request.name, brokered=keep_open is not None)
 
     async def _discard_requests(self) -> None:
         """Read what the refused peer sent (closing any fds), so closing does not reset the connection
@@ -273,6 +325,7 @@ class SocketPeer:
         self.name = f"control peer pid {connection.pid}"
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future] = {}
+        self.gone = False  # a send failed: the peer is dead, its connection not yet drained
 
     async def forward(self, groups: Sequence[FaultGroup]) -> list[int]:
         loop = asyncio.get_running_loop()
@@ -283,25 +336,39 @@ class SocketPeer:
                 self._waiting[group_id] = future = loop.create_future()
                 futures.append(future)
                 ids.append(group_id)
-                await self.connection.send({"event": "fault", "group": group_id, "queue": group.queue,
-                                            "cookie": group.cookie, "dev_id": group.dev_id, "pasid": group.pasid,
-                                            "grpid": group.grpid, "perm": group.perm,
-                                            "faults": [{"addr": f.addr, "perm": f.perm, "flags": f.flags}
-                                                       for f in group.faults]})
+                if self.gone:  # the rest of the batch gets the policy's when_disconnected answer
+                    future.set_result(self.policy.disconnected_code)
+                    continue
+                try:
+                    await self._send_event(group_id, group)
+                except OSError:  # the peer died; answers it sent before still arrive and count
+                    self.gone = True
+                    future.set_result(self.policy.disconnected_code)
             return list(await asyncio.gather(*futures))
         finally:
             for group_id in ids:  # answered, or a deadline cancelled us: a late answer finds nothing
                 self._waiting.pop(group_id, None)
 
+    async def _send_event(self, group_id: int, group: FaultGroup) -> None:
+        await self.connection.send({"event": "fault", "group": group_id, "queue": group.queue,
+                                    "cookie": group.cookie, "dev_id": group.dev_id, "pasid": group.pasid,
+                                    "grpid": group.grpid, "perm": group.perm,
+                                    "faults": [{"addr": f.addr, "perm": f.perm, "flags": f.flags}
+                                               for f in group.faults]})
+
     def answer(self, message: dict) -> None:
-        future = self._waiting.pop(message.get("group"), None)
-        code = protocol.CODES.get(message.get("code"))
-        if future is None or future.done():
-            return  # answered after the deadline: the group is gone
-        if code is None:
-            future.set_exception(ProtocolError("bad-request", f"code must be success or invalid, got {message.get('code')!r}"))
-        else:
+        """Decide the group a ``respond`` names; a malformed one raises ProtocolError."""
+        group, name = message.get("group"), message.get("code")
+        if type(group) is not int:  # not bool: true would answer group 1
+            raise ProtocolError("bad-request", f"group: the group number of a fault event, got {reprlib.repr(group)}")
+        future = self._waiting.pop(group, None)
+        code = protocol.CODES.get(name) if isinstance(name, str) else None
+        if future is not None and not future.done():  # else answered after the deadline: the group is gone
+            # None is no code: the engine answers this group INVALID as a policy error, and only this one
+            # (an exception would fail the whole batch the group was forwarded in)
             future.set_result(code)
+        if code is None:
+            raise ProtocolError("bad-request", f"code: success or invalid, got {reprlib.repr(name)}")
 
     def disconnect(self) -> None:
         self.policy.disconnect(self)
@@ -320,6 +387,35 @@ async def _wait(sock: socket.socket, *, writable: bool) -> None:
         await future
     finally:
         remove(sock.fileno())
+
+
+def _queue_name(message: dict) -> str:
+    try:
+        return _names.validate_python(message.get("queue"))
+    except ValidationError:
+        raise ProtocolError("bad-request", f"queue: 1 to 64 of A-Z a-z 0-9 _ . -, got "
+                                           f"{reprlib.repr(message.get('queue'))}") from None
+
+
+def _object_of_strings(message: dict, key: str, example: str) -> dict[str, str]:
+    value = message.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(item, str) for item in value.values()):
+        raise ProtocolError("bad-request", f"{key}: an object of strings, e.g. {example}, got {reprlib.repr(value)}")
+    return value
+
+
+def _echoable(request_id: object) -> bool:
+    """Whether every reply can echo this id: short, and nested so little that encoding it (a few calls
+    deeper in the stack than it was decoded) cannot hit the recursion limit."""
+    containers, depth = [request_id], 0
+    while containers := [value for value in containers if isinstance(value, (dict, list))]:
+        depth += 1
+        if depth > protocol.MAX_ID_DEPTH:
+            return False
+        containers = [child for value in containers for child in (value.values() if isinstance(value, dict) else value)]
+    return len(json.dumps(request_id)) <= protocol.MAX_ID
 
 
 def _close(fds: list[int]) -> None:

@@ -35,6 +35,7 @@ def plugin_path(tmp_path):
     (root / "iopfd_lab_policies-1.0.dist-info").mkdir(parents=True)
     (root / "iopfd_lab_policies.py").write_text(textwrap.dedent("""
         import asyncio
+        import time
         from iopfd.policies import Policy
 
         class Raising(Policy):
@@ -48,9 +49,26 @@ def plugin_path(tmp_path):
                 self.name = name
             async def decide(self, group):
                 await asyncio.sleep(3600)
+
+        class Garbage(Policy):
+            def __init__(self, name):
+                self.name = name
+            async def decide(self, group):
+                return "yes"
+
+        class Blocking(Policy):  # blocks the whole loop for 2 s on its first group: a sync call by mistake
+            def __init__(self, name):
+                self.name = name
+                self.blocked = False
+            async def decide(self, group):
+                if not self.blocked:
+                    self.blocked = True
+                    time.sleep(2)
+                return 0
     """))
     (root / "iopfd_lab_policies-1.0.dist-info" / "METADATA").write_text(
         "Metadata-Version: 2.1\nName: iopfd-lab-policies\nVersion: 1.0\n")
     (root / "iopfd_lab_policies-1.0.dist-info" / "entry_points.txt").write_text(
-        "[iopfd.policies]\nlab-raise = iopfd_lab_policies:Raising\nlab-hang = iopfd_lab_policies:Hanging\n")
+        "[iopfd.policies]\nlab-raise = iopfd_lab_policies:Raising\nlab-hang = iopfd_lab_policies:Hanging\n"
+        "lab-garbage = iopfd_lab_policies:Garbage\nlab-block = iopfd_lab_policies:Blocking\n")
     return str(root)

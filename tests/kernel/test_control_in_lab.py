@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -105,6 +106,49 @@ def test_forward_round_trip_through_a_peer(sidecar, rig, queue):
     assert (totals["success"], totals["invalid"]) == (50, 50)
     assert {event["dev_id"] for event in seen} == {rig.device.dev_id} and all(e["queue"] == "vm3" for e in seen)
     assert_kernel_has_nothing_pending(queue, 100)
+    assert iopfd.terminate() == 0
+
+
+def test_a_forward_peer_killed_mid_stream_leaves_no_group_unanswered(sidecar, rig, queue):
+    """The peer answers 50 groups, then stops answering and is killed with SIGKILL while holding the
+    rest: those get the policy's when_disconnected answer (invalid), and so do later groups."""
+    iopfd, path = sidecar("""
+        [defaults]
+        response_deadline = 60
+        [policies.vmm]
+        type = "forward"
+    """)
+    ready, events_seen = os.pipe()
+    child = os.fork()
+    if child == 0:  # the VMM-side peer
+        try:
+            with Client(path, timeout=120) as peer:
+                session = peer.forward("vmm")
+                os.write(events_seen, b"c")
+                for count, event in enumerate(session.events(), 1):
+                    if count <= 50:
+                        session.respond(event["group"], "success")
+                    if count == 80:
+                        os.write(events_seen, b"k")  # holding 30 unanswered: kill me now
+        finally:
+            os._exit(0)
+    try:
+        assert os.read(ready, 1) == b"c"
+        with Client(path) as control:
+            control.attach(queue.fd, "vm4", policy="vmm")
+            trigger(rig, 100)
+            assert os.read(ready, 1) == b"k"
+            os.kill(child, signal.SIGKILL)
+            os.waitpid(child, 0)
+            totals = wait_answered(control, 100)
+            trigger(rig, 10, start=100)  # no peer now: answered when_disconnected at once
+            totals = wait_answered(control, 110)
+            control.detach("vm4")
+    finally:
+        os.close(ready)
+        os.close(events_seen)
+    assert (totals["success"], totals["invalid"], totals["deadline"]) == (50, 60, 0)
+    assert_kernel_has_nothing_pending(queue, 110)
     assert iopfd.terminate() == 0
 
 

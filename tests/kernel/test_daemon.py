@@ -134,8 +134,9 @@ def test_rules_policy_routes_by_device_and_address(daemon, rig, queue, tmp_path)
     assert_kernel_has_nothing_pending(queue, 101)
 
 
-@pytest.mark.parametrize(("plugin", "outcome"), [("lab-raise", "error"), ("lab-hang", "deadline")])
-def test_a_raising_or_hanging_policy_costs_only_an_invalid_answer(daemon, rig, queue, tmp_path, plugin_path,
+@pytest.mark.parametrize(("plugin", "outcome"), [("lab-raise", "error"), ("lab-garbage", "error"),
+                                                 ("lab-hang", "deadline")])
+def test_a_raising_garbage_or_hanging_policy_costs_only_an_invalid_answer(daemon, rig, queue, tmp_path, plugin_path,
                                                                    plugin, outcome):
     config = tmp_path / "iopfd.toml"
     config.write_text(f'policy = "broken"\n[defaults]\nresponse_deadline = 0.2\n'

@@ -8,43 +8,24 @@ import socket
 
 import pytest
 import pytest_asyncio
+from control_server import control_servers
 from daemon_process import AS_SYSTEMD
 
 from iopfd import protocol
 from iopfd.client import Client
-from iopfd.engine import Engine
 from iopfd.iommufd import INVALID, SUCCESS
 from iopfd.iommufd.emulated import EmulatedFaultQueue, PageRequest
 from iopfd.protocol import ProtocolError
-from iopfd.service.config import load_settings
-from iopfd.service.control import ControlServer, bind_socket
-from iopfd.service.server import Server, build_policies
-from iopfd.service.systemd import Notifier
+from iopfd.service.control import bind_socket
 
 
 
 @pytest_asyncio.fixture
 async def daemon(tmp_path):
     """A running Server with its control socket in tmp_path; ``allow`` picks the authorised uids."""
-    running = []
-
-    async def start(*, allowed_uids=None, **settings):
-        path = str(tmp_path / "control.sock")
-        config = load_settings(None, metrics_address="off", control={"path": path}, **settings)
-        server = Server(config, Engine(), build_policies(config), Notifier(None))
-        uids = {os.getuid()} if allowed_uids is None else set(allowed_uids)
-        server.control = ControlServer(server, bind_socket(path, 0o660), allowed_uids=uids, allowed_gids=set(),
-                                       owns_path=path)
-        running.append((server, asyncio.create_task(server.serve())))
-        while not server.engine.running:
-            await asyncio.sleep(0.001)
-        return server, path
-
-    yield start
-    for server, task in running:
-        server.request_stop()
-        assert await asyncio.wait_for(task, 10) == 0
-        assert not os.path.exists(tmp_path / "control.sock")  # removed on exit
+    async with control_servers(tmp_path) as start:
+        yield start
+    assert not os.path.exists(tmp_path / "control.sock")  # removed on exit
 
 
 def call(path, method, *args, **kwargs):

@@ -64,7 +64,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     tools = Tools(*args.tools.split(":")) if args.tools else None
     return bench.main(here=args.here, kernel=args.kernel, scenarios=args.scenarios or list(bench.SCENARIOS),
                       groups=args.groups, rate=args.rate, out=args.out, png=args.png, emulated=args.emulated,
-                      guard=args.guard, tools=tools)
+                      guard=args.guard, tools=tools, repeat=args.repeat)
 
 
 def _cmd_lab(args: argparse.Namespace) -> int:
@@ -80,6 +80,12 @@ def _cmd_lab(args: argparse.Namespace) -> int:
     except LabError as exc:
         print(f"iopfd lab: {exc}", file=sys.stderr)
         return 1
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a whole number of at least 1")
+    return int(text)
 
 
 def _scenario(text: str) -> str:
@@ -139,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kernel", choices=sorted(KERNELS), default=DEFAULT_KERNEL)
     p.add_argument("--groups", type=int, default=200_000, help="fault groups per run (default: %(default)s)")
     p.add_argument("--rate", type=float, default=20_000, help="steady: groups/s offered (default: %(default)s)")
+    p.add_argument("--repeat", type=_positive, default=3, help="runs of burst and multi; the median run is reported "
+                   "(default: %(default)s)")
     p.add_argument("--out", metavar="FILE", help="write the results as JSON (default: bench-results.json)")
     p.add_argument("--png", metavar="FILE", help="draw the chart here (default with the lab: the JSON's name, .png)")
     p.add_argument("--no-emulated", dest="emulated", action="store_false",

@@ -60,6 +60,7 @@ class Result:
     latency_cdf: list[float] = field(default_factory=list)  # iopfd only: the 0th..100th percentiles
     late: int | None = None  # groups answered later than deadline + 50 ms
     shed: int | None = None
+    runs: list[float] = field(default_factory=list)  # groups/s of every repeat; this is the median one
 
     @property
     def groups_per_second(self) -> float:

@@ -144,6 +144,9 @@ class ControlSettings(BaseModel, extra="forbid"):
     mode: Annotated[int, Field(ge=0, le=0o777)] = 0o660  # file mode of the socket (write it as 0o660)
     allowed_uids: list[Annotated[int, Field(ge=0)]] = [0]  # peers allowed by SO_PEERCRED, besides iopfd's own uid
     allowed_gids: list[Annotated[int, Field(ge=0)]] = []
+    # Queues served at once, from the config and from peers: each holds an fd, and the service's fd
+    # store (FileDescriptorStoreMax=512) must keep them all across a restart.
+    max_queues: Annotated[int, Field(ge=1, le=512)] = 256
 
     @property
     def enabled(self) -> bool:

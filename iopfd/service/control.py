@@ -123,6 +123,7 @@ class Connection:
         self.peer: SocketPeer | None = None
         pid, uid, gid = PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, PEERCRED.size))
         self.pid = pid
+        self.uid = uid
         self.log = log.bind(peer_pid=pid, peer_uid=uid)
         self.authorised = uid in control.allowed_uids or gid in control.allowed_gids
 
@@ -220,6 +221,11 @@ class Connection:
         name = _queue_name(message)
         if name not in self.server.engine.queues:
             raise ProtocolError("no-such-queue", f"no queue named {name!r} is served")
+        owner = self.server.owners.get(name)
+        if self.uid not in (0, os.getuid(), owner):  # one VMM must not detach another's queue
+            whose = f"attached by uid {owner}" if owner is not None else "from iopfd's config"
+            raise ProtocolError("not-owner", f"queue {name!r} is {whose}; only that uid, root or iopfd's own uid "
+                                             "may detach it")
         queue = await self.server.remove_queue(name)
         return {"queue": name, "outcomes": queue.stats.outcomes, "faults": queue.stats.faults}, []
 
@@ -262,6 +268,10 @@ class Connection:
         name = _queue_name(message)
         if name in self.server.engine.queues:
             raise ProtocolError("queue-exists", f"a queue named {name!r} is already served; detach it first")
+        limit = self.server.settings.control.max_queues
+        if len(self.server.engine.queues) >= limit:
+            raise ProtocolError("too-many-queues", f"iopfd serves {limit} queues, the [control] max_queues limit; "
+                                                   "detach one, or raise max_queues (up to 512)")
         policy = message.get("policy")
         if policy is not None and not isinstance(policy, str):
             raise ProtocolError("bad-request", f"policy: a policy name, got {reprlib.repr(policy)}")
@@ -286,7 +296,7 @@ class Connection:
 
     def _add(self, request: NewQueue, source: FaultQueue, keep_open: Iommufd | None = None) -> None:
         self.server.add_queue(request.name, source, policy=request.policy, labels=request.labels,
-                              device_names=request.devices, keep_open=keep_open)
+                              device_names=request.devices, keep_open=keep_open, owner_uid=self.uid)
         self.log.info("queue attached over the control socket", queue=request.name, brokered=keep_open is not None)
 
     async def _discard_requests(self) -> None:

@@ -125,6 +125,9 @@ class Server:
         self.metrics: MetricsServer | None = None
         self.control: ControlServer | None = None
         self._keep_open: dict[str, Iommufd] = {}  # brokered queues: the iommufd iopfd opened for them
+        # Queues a control peer attached or brokered -> its uid: only that uid (or an administrator)
+        # may detach them. Queues from the config have no owner.
+        self.owners: dict[str, int] = {}
         self._stop = asyncio.Event()
         self._background: set[asyncio.Task] = set()
         self._cpu_serving = 0.0  # CPU seconds from READY=1 to the last answer written at stop
@@ -155,7 +158,7 @@ class Server:
                      answered_invalid=swept)
             self.add_queue(name, source, policy=policy, labels=remembered.get("labels"),
                            device_names={int(k): v for k, v in (remembered.get("devices") or {}).items()},
-                           stored=True)
+                           stored=True, owner_uid=remembered.get("owner_uid"))
             taken.add(name)
         return taken
 
@@ -175,9 +178,10 @@ class Server:
 
     def add_queue(self, name: str, source: FaultQueue, *, policy: str | None = None,
                   labels: Mapping[str, str] | None = None, device_names: Mapping[int, str] | None = None,
-                  keep_open: Iommufd | None = None, stored: bool = False) -> QueueServer:
+                  keep_open: Iommufd | None = None, stored: bool = False, owner_uid: int | None = None) -> QueueServer:
         """Serve ``source`` as ``name`` with the config's defaults (at once if already serving).
-        Its fd goes to systemd's fd store unless it came from there (``stored``)."""
+        Its fd goes to systemd's fd store unless it came from there (``stored``). ``owner_uid``: the
+        control peer that attached it."""
         resolved = QueueSettings(name=name, policy=policy).resolved(self.settings)
         queue = QueueServer(source, self.policies.get(resolved.policy), QueueConfig(
             name, resolved.response_deadline, resolved.deadline_code, resolved.max_pending,
@@ -189,11 +193,13 @@ class Server:
             if not stored:
                 self.notifier.store_fd(source.fileno(), FD_PREFIX + name)
             self.state.remember(name, policy=policy, labels=dict(labels or {}),
-                                devices={str(k): v for k, v in (device_names or {}).items()})
+                                devices={str(k): v for k, v in (device_names or {}).items()}, owner_uid=owner_uid)
             queue.cookie_mark = self.state.queues[name]["cookie_mark"]
             queue.cookie_mark_hook = lambda cookie: self.state.mark(name, cookie)
         if keep_open is not None:
             self._keep_open[name] = keep_open
+        if owner_uid is not None:
+            self.owners[name] = owner_uid
         return queue
 
     async def remove_queue(self, name: str) -> QueueServer:
@@ -205,6 +211,7 @@ class Server:
             self.state.forget(name)
         if name in self._keep_open:
             self._keep_open.pop(name).close()
+        self.owners.pop(name, None)
         return queue
 
     def request_stop(self, reason: str = "requested") -> None:

@@ -24,7 +24,7 @@ def _bench(tmp_path, *args: str) -> subprocess.CompletedProcess:
 
 def test_bench_runs_every_scenario_and_leaves_nothing_open(tmp_path):
     out = tmp_path / "bench.json"
-    result = _bench(tmp_path, "--groups", "3000", "--rate", "2000", "--out", str(out))
+    result = _bench(tmp_path, "--groups", "3000", "--rate", "2000", "--repeat", "1", "--out", str(out))
     assert result.returncode == 0, result.stdout + result.stderr
     results = {(r["scenario"], r["responder"]): r for r in json.loads(out.read_text())["results"]}
     assert set(results) == {(s, k) for s in ("burst", "steady", "multi") for k in ("c", "iopfd")} | {("storm", "iopfd")}

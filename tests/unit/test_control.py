@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import socket
+import tempfile
+from pathlib import Path
 
 import pytest
 import pytest_asyncio
-from control_server import control_servers
+from control_server import control_servers, start_server
 from daemon_process import AS_SYSTEMD
 
 from iopfd import protocol
@@ -196,3 +199,63 @@ def test_socket_activation_uses_the_socket_systemd_passes(tmp_path):
         daemon.send_signal(signal.SIGTERM)
         assert daemon.wait(30) == 0
     assert os.path.exists(path)  # systemd's socket file: iopfd does not remove what it did not create
+
+
+def _request_as(uid: int, path: str, message: dict) -> dict:
+    """``message`` sent from a child process running as ``uid``; its reply."""
+    reader, writer = os.pipe()
+    child = os.fork()
+    if child == 0:  # no imports after fork: the child only needs a socket
+        try:
+            os.setgid(uid)
+            os.setuid(uid)
+            with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+                sock.settimeout(10)
+                sock.connect(path)
+                sock.send(protocol.encode(message))
+                os.write(writer, sock.recv(65536))
+        finally:
+            os._exit(0)
+    os.close(writer)
+    try:
+        return protocol.decode(os.read(reader, 65536))
+    finally:
+        os.close(reader)
+        os.waitpid(child, 0)
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="switching to another uid needs root (CI runs as root)")
+@pytest.mark.asyncio
+async def test_only_the_owner_or_an_administrator_detaches_a_queue():
+    public = tempfile.mkdtemp(prefix="iopfd-control-")  # reachable by the other uid
+    os.chmod(public, 0o755)
+    try:
+        server, path, task = await start_server(Path(public), allowed_uids=[0, 65534, 65533])
+        os.chmod(path, 0o666)
+        for name, owner in (("vm1", 65534), ("vm2", None)):
+            server.add_queue(name, EmulatedFaultQueue().open(), owner_uid=owner)
+
+        def detach(uid: int, queue: str) -> dict:
+            return _request_as(uid, path, {"v": 1, "op": "detach", "id": 1, "queue": queue})
+
+        refused = await asyncio.to_thread(detach, 65533, "vm1")
+        assert refused["error"]["code"] == "not-owner" and "attached by uid 65534" in refused["error"]["message"]
+        refused = await asyncio.to_thread(detach, 65534, "vm2")
+        assert refused["error"]["code"] == "not-owner" and "from iopfd's config" in refused["error"]["message"]
+        assert (await asyncio.to_thread(detach, 65534, "vm1"))["ok"]  # its owner
+        assert (await call(path, "detach", "vm2"))["queue"] == "vm2"  # root
+        assert server.owners == {} and server.engine.queues == {}
+        server.request_stop()
+        assert await task == 0
+    finally:
+        shutil.rmtree(public, ignore_errors=True)
+
+
+@pytest.mark.asyncio
+async def test_attach_beyond_max_queues_is_refused_naming_the_limit(daemon):
+    server, path = await daemon(control={"max_queues": 2})
+    server.add_queue("cfg1", EmulatedFaultQueue().open())
+    server.add_queue("cfg2", EmulatedFaultQueue().open())
+    with pytest.raises(ProtocolError) as refused:
+        await call(path, "broker", "vm1")
+    assert refused.value.code == "too-many-queues" and "max_queues" in refused.value.message

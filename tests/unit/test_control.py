@@ -259,3 +259,14 @@ async def test_attach_beyond_max_queues_is_refused_naming_the_limit(daemon):
     with pytest.raises(ProtocolError) as refused:
         await call(path, "broker", "vm1")
     assert refused.value.code == "too-many-queues" and "max_queues" in refused.value.message
+
+
+@pytest.mark.skipif(os.path.exists("/dev/iommu"), reason="needs a host without /dev/iommu (every CI host)")
+@pytest.mark.asyncio
+async def test_broker_without_dev_iommu_is_refused_naming_the_fix_and_the_daemon_serves_on(daemon):
+    _, path = await daemon()
+    with pytest.raises(ProtocolError) as refused:
+        await call(path, "broker", "vm1")
+    assert refused.value.code == "broker-failed"
+    assert "/dev/iommu" in refused.value.message and "CONFIG_IOMMUFD" in refused.value.message
+    assert (await call(path, "status"))["queues"] == []

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 from collections.abc import Sequence
 
 import pytest
@@ -498,3 +500,38 @@ async def test_one_engine_serves_many_named_queues():
     assert [code for _, code in queues["vm2"].answers] == [INVALID] * 6
     for emulated in queues.values():
         emulated.close()
+
+
+@pytest.mark.parametrize("errno_", [errno.EBADF, errno.EIO])
+async def test_a_fault_fd_that_fails_stops_only_its_own_queue(errno_):
+    """A read error (the fd closed under the daemon, a device gone bad) marks that queue failed and
+    logs why; the engine's other queues are served on, and the groups already read get answered."""
+
+    class Failing(Crafted):
+        def _readinto(self, buffer):
+            if not self.reads:
+                raise OSError(errno_, os.strerror(errno_))
+            return super()._readinto(buffer)
+
+    emulated = EmulatedFaultQueue()
+    bad = Failing(emulated, record(7) + record(8))
+    engine = Engine()
+    engine.add(QueueServer(bad, AcceptPolicy(), QueueConfig("bad")))
+    good = EmulatedFaultQueue()
+    engine.add(QueueServer(good.open(), AcceptPolicy(), QueueConfig("good")))
+    with capture_logs() as logs:
+        engine.start()
+        engine.queues["bad"]._on_readable()
+        for i in range(10):
+            good.report(PageRequest(dev_id=1, addr=0x1000 * (i + 1)))
+        async with asyncio.timeout(5):
+            while len(good.answers) < 10:
+                await asyncio.sleep(0.001)
+    failed = engine.queues["bad"]
+    assert failed.failure and os.strerror(errno_) in failed.failure and not failed.reading
+    assert sorted(bad.written) == [7, 8]  # what it read before failing is still answered
+    assert any(e["event"] == "fault queue no longer served" and e["queue"] == "bad" for e in logs)
+    assert engine.queues["good"].reading and engine.queues["good"].failure is None
+    await engine.stop(0)
+    emulated.close()
+    good.close()

@@ -74,6 +74,11 @@ def main(*, here: bool, kernel: str, scenarios: list[str], groups: int, rate: fl
         results = run_here(scenarios, groups, rate, tools, repeat)
     if emulated and not guard:
         results += run_emulated(scenarios, groups, rate)
+        from iopfd.bench.run import startup_seconds
+
+        machine["startup_seconds"] = startup_seconds()
+        print(f"[bench] start-up to READY=1 on this machine: {machine['startup_seconds']:.2f} s (median of 5)",
+              file=sys.stderr)
     print(table(results))
     out_path.write_text(json.dumps(machine | {"results": [r.as_dict() for r in results]}, indent=2))
     print(f"[bench] results: {out_path}", file=sys.stderr)

@@ -162,6 +162,30 @@ def _assert_nothing_open(queue: FaultQueue, groups: int) -> None:
         raise RuntimeError(f"{len(open_cookies)} groups left unanswered, e.g. cookie {open_cookies[0]}")
 
 
+def startup_seconds(runs: int = 5) -> float:
+    """Median time from exec to READY=1 of ``iopfd run`` with the default config (metrics endpoint,
+    device watching, crash recovery on) and a control socket as its only source of queues."""
+    times = []
+    for _ in range(runs):
+        with tempfile.TemporaryDirectory(prefix="iopfd-bench-") as tmp, \
+                socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as notify:
+            notify.bind(f"{tmp}/notify")
+            notify.settimeout(STARTUP_TIMEOUT)
+            started = time.monotonic()
+            proc = subprocess.Popen([sys.executable, "-m", "iopfd", "run", "--metrics-address", "127.0.0.1:0"],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                    env={**os.environ, "NOTIFY_SOCKET": f"{tmp}/notify",
+                                         "IOPFD_CONTROL__PATH": f"{tmp}/control.sock", "IOPFD_RUNTIME_DIR": tmp})
+            try:
+                while b"READY=1" not in notify.recv(4096).split(b"\n"):
+                    pass
+                times.append(time.monotonic() - started)
+            finally:
+                proc.terminate()
+                proc.wait(60)
+    return sorted(times)[len(times) // 2]
+
+
 def shares(groups: int, queues: int) -> list[int]:
     """``groups`` split over ``queues`` as evenly as integers allow."""
     return [groups // queues + (i < groups % queues) for i in range(queues)]

@@ -48,3 +48,9 @@ def test_the_guard_fails_below_0_4_of_the_c_floor_or_on_a_late_storm_group(iopfd
 
 def test_groups_are_shared_evenly_over_queues():
     assert shares(10, 3) == [4, 3, 3] and sum(shares(200_000, MULTI_QUEUES)) == 200_000
+
+
+def test_start_up_is_timed_to_ready_1():
+    from iopfd.bench.run import startup_seconds
+
+    assert startup_seconds(runs=1) > 0  # the figure itself is the bench's; a unit test must not time it

@@ -24,8 +24,8 @@ def test_every_scenario_answers_every_group_on_the_emulated_queue(results):
         assert r.latency_cdf == sorted(r.latency_cdf) and r.latency_cdf[-1] == r.latency["p100"]
         assert r.groups_per_second > 0 and r.cpu_seconds > 0 and r.maxrss_kb > 0
     assert results["multi"].queues == MULTI_QUEUES and results["burst"].queues == 1
-    # The storm's policy takes 5 ms per group, so its groups wait; the burst's are answered at read time.
-    assert results["storm"].latency["p50"] > 0.005 > results["burst"].latency["p50"]
+    # The storm's policy takes 5 ms per group: no group can be answered sooner (a lower bound, not a timing).
+    assert results["storm"].latency_cdf[0] >= 0.005
     assert "storm" in table(list(results.values()))
 
 

@@ -37,7 +37,7 @@ def _fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def test_soak_at_20k_groups_per_second(tmp_path, ctx, queue, rig):
+def test_soak_at_20k_groups_per_second(tmp_path, ctx, queue, rig, capsys):
     tools = build_tools(tmp_path / "tools")
     groups = int(SOAK_SECONDS * SOAK_RATE)
     iopfd = DaemonProcess(tmp_path, (queue.fd,), "--fault-fd", f"{queue.fd}:lab",
@@ -62,9 +62,10 @@ def test_soak_at_20k_groups_per_second(tmp_path, ctx, queue, rig):
         totals = iopfd.totals()
     finally:
         iopfd.close()
-    print(f"soak: {groups} groups in {offered['seconds']:.1f} s ({groups / offered['seconds']:.0f}/s, trigger at most "
-          f"{offered['max_behind'] * 1e3:.1f} ms behind); RSS {start_rss} -> {end_rss} kB (max {max(samples)}); "
-          f"fds {start_fds} -> {end_fds}; outcomes {totals}")
+    with capsys.disabled():  # the figures go into the run's output (docs/reliability.md quotes them)
+        print(f"\nsoak: {groups} groups in {offered['seconds']:.1f} s ({groups / offered['seconds']:.0f}/s, trigger at most "
+              f"{offered['max_behind'] * 1e3:.1f} ms behind); RSS {start_rss} -> {end_rss} kB (max {max(samples)}); "
+              f"fds {start_fds} -> {end_fds}; outcomes {totals}")
     assert totals["success"] == groups and totals["pending"] == 0
     assert end_rss - start_rss <= RSS_GROWTH_LIMIT_KB and max(samples) - start_rss <= RSS_GROWTH_LIMIT_KB
     assert end_fds == start_fds
@@ -76,7 +77,7 @@ def _series(metrics: str) -> list[str]:
     return [line.rsplit(" ", 1)[0] for line in metrics.splitlines() if line.startswith("iopfd_")]
 
 
-def test_64_queues_attached_and_detached_in_a_loop_leak_no_fds_and_no_metrics_series(tmp_path, ctx):
+def test_64_queues_attached_and_detached_in_a_loop_leak_no_fds_and_no_metrics_series(tmp_path, ctx, capsys):
     path = str(tmp_path / "control.sock")
     iopfd = DaemonProcess(tmp_path, (), "--metrics-address", "127.0.0.1:9773",
                           env={"IOPFD_CONTROL__PATH": path, "IOPFD_WATCH_DEVICES": "false",
@@ -104,7 +105,9 @@ def test_64_queues_attached_and_detached_in_a_loop_leak_no_fds_and_no_metrics_se
                     iopfd.drain()
                 assert client.status()["queues"] == []
                 rounds.append((attached_fds, _fds(pid), scrape()))
-        print("fds attached/detached per round:", [r[:2] for r in rounds])
+        with capsys.disabled():
+            print(f"\n64 queues: daemon fds attached/detached per round {[r[:2] for r in rounds]}, "
+                  f"{len(rounds[0][2])} metric series after each")
         # The first round may open what the daemon keeps for good; after it, nothing may grow.
         assert all(r == rounds[0] for r in rounds)
         assert rounds[0][0] - rounds[0][1] == 64  # one fd per attached queue, all closed on detach

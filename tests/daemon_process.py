@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+STARTUP_TIMEOUT = 180
 STATUS_ANSWERED = re.compile(r"(\d+) groups answered")
 # Start a command the way systemd starts a service with passed fds: ``python -c AS_SYSTEMD FD CMD...``
 # puts FD at 3, sets LISTEN_PID to the process's own pid and execs CMD (the caller sets LISTEN_FDS*).
@@ -30,7 +31,8 @@ class DaemonProcess:
         self.stored_fds: dict[str, int] = {}  # what FDSTORE=1 handed us, playing systemd's fd store
         self.log_path = tmp_path / "iopfd.log"
         self._log = self.log_path.open("wb")
-        environ = {**os.environ, "NOTIFY_SOCKET": str(self.notify_path), **(env or {})}
+        # Unbuffered, so a daemon that fails to start has its log lines in output() all the same.
+        environ = {**os.environ, "NOTIFY_SOCKET": str(self.notify_path), "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc = subprocess.Popen([*prefix, sys.executable, "-m", "iopfd", "run", *args], pass_fds=pass_fds,
                                      env=environ, stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log)
 
@@ -70,7 +72,8 @@ class DaemonProcess:
         return message
 
     def wait_ready(self) -> None:
-        self.wait_message(lambda m: "READY=1" in m.splitlines())
+        # Start-up takes 5-15 s in the TCG guest, several times that on a host busy with other guests.
+        self.wait_message(lambda m: "READY=1" in m.splitlines(), timeout=STARTUP_TIMEOUT)
 
     def wait_answered(self, groups: int, timeout: float = 120.0) -> None:
         def enough(message: str) -> bool:

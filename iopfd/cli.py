@@ -59,10 +59,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from iopfd.bench import cli as bench
-    from iopfd.bench.run import Tools
+    from iopfd.bench.run import SCENARIOS, Tools
 
     tools = Tools(*args.tools.split(":")) if args.tools else None
-    return bench.main(here=args.here, kernel=args.kernel, scenarios=args.scenarios or list(bench.SCENARIOS),
+    return bench.main(here=args.here, kernel=args.kernel, scenarios=args.scenarios or list(SCENARIOS),
                       groups=args.groups, rate=args.rate, out=args.out, png=args.png, emulated=args.emulated,
                       guard=args.guard, tools=tools, repeat=args.repeat)
 

@@ -12,7 +12,7 @@ import pytest
 
 from iopfd.bench.cli import build_tools
 
-pytestmark = [pytest.mark.kernel, pytest.mark.guest]
+pytestmark = [pytest.mark.kernel, pytest.mark.guest, pytest.mark.timeout(900)]  # several daemon starts each
 
 
 def _bench(tmp_path, *args: str) -> subprocess.CompletedProcess:

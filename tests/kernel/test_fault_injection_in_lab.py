@@ -19,7 +19,7 @@ from test_daemon import assert_kernel_has_nothing_pending, assert_kernel_has_not
 from iopfd.bench.cli import build_tools
 from iopfd.bench.run import finish_trigger, start_trigger
 
-pytestmark = [pytest.mark.kernel, pytest.mark.guest]
+pytestmark = [pytest.mark.kernel, pytest.mark.guest, pytest.mark.timeout(600)]  # up to two daemon starts each
 
 STREAM = 50_000
 STREAM_RATE = 25_000  # groups/s: the stream lasts about 2 s, and every kill lands inside it

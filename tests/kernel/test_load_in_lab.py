@@ -20,9 +20,8 @@ from iopfd.bench.run import finish_trigger, start_trigger
 from iopfd.client import Client
 from iopfd.iommufd import FaultQueue
 
-pytestmark = [pytest.mark.kernel, pytest.mark.guest]
-
 SOAK_SECONDS = float(os.environ.get("IOPFD_SOAK_SECONDS", "60"))
+pytestmark = [pytest.mark.kernel, pytest.mark.guest, pytest.mark.timeout(SOAK_SECONDS + 600)]
 SOAK_RATE = 20_000
 RSS_GROWTH_LIMIT_KB = 4096  # flat: a leak of even 4 bytes per group would show as 4.8 MB in 60 s
 ROUNDS = 5

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 from array import array
-from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -45,10 +44,6 @@ MAX_ADMITTED_PER_WAKEUP = 1024
 _WITH_LAST_PAGE = bytes(b for b in range(256) if b & LAST_PAGE)
 _RECORD_WORDS = RECORD.size // 4
 _COOKIE_WORD = 9  # struct iommu_hwpt_pgfault.cookie, the last u32
-# Per-group policy calls running at once, per queue. Each running call is a task the loop steps
-# through; with thousands at once (a storm against a slow per-group policy) one loop iteration
-# outlasted the deadline under a starved TCG guest, and the deadline timer fired seconds late.
-MAX_DECIDING = 256
 # Timers may fire a hair early; answering 100 µs early is well inside any deadline.
 DEADLINE_SLACK = 1e-4
 # Routing policies (rules) may select other routing policies; the config forbids cycles.
@@ -106,8 +101,6 @@ class QueueServer:
         self.cookie_mark_hook: Callable[[int], int] | None = None
         self.cookie_mark = 0
         self._log_groups = _debug_enabled()
-        self._undecided: deque[tuple[Policy, _Pending]] = deque()  # per-group decisions waiting for a slot
-        self._deciding = 0  # per-group policy tasks running
 
     @property
     def reading(self) -> bool:
@@ -239,29 +232,15 @@ class QueueServer:
             self._start(policy, routed_entries)
 
     def _start(self, policy: Policy, entries: list[_Pending]) -> None:
-        """One task per batch for policies with ``decide_batch``, else one per group, at most
-        MAX_DECIDING at once (the rest wait their turn, in read order, inside their deadline)."""
+        """One task per batch for policies with ``decide_batch``, else one per group."""
         if getattr(policy, "decide_batch", None) is not None:
             task = self._loop.create_task(self._run_batch(policy, entries))
             for entry in entries:
                 entry.task = task
                 entry.batched = True
         else:
-            self._undecided.extend((policy, entry) for entry in entries)
-            self._start_undecided()
-
-    def _start_undecided(self) -> None:
-        while self._deciding < MAX_DECIDING and self._undecided:
-            policy, entry = self._undecided.popleft()
-            if self._pending.get(entry.group.cookie) is not entry:
-                continue  # answered while it waited (deadline, shutdown, or voided by a detach)
-            entry.task = self._loop.create_task(self._run_one(policy, entry))
-            entry.task.add_done_callback(self._decision_done)
-            self._deciding += 1
-
-    def _decision_done(self, _task: asyncio.Task) -> None:
-        self._deciding -= 1
-        self._start_undecided()
+            for entry in entries:
+                entry.task = self._loop.create_task(self._run_one(policy, entry))
 
     async def _run_one(self, policy: Policy, entry: _Pending) -> None:
         try:
@@ -419,7 +398,6 @@ class QueueServer:
         left = list(self._pending.values())
         if left:
             self._abandon(left, "shutting down")
-        self._undecided.clear()  # all answered just now
         self._flush()
         tasks = {entry.task for entry in left if entry.task is not None}
         if tasks:

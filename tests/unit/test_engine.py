@@ -535,38 +535,3 @@ async def test_a_fault_fd_that_fails_stops_only_its_own_queue(errno_):
     await engine.stop(0)
     emulated.close()
     good.close()
-
-
-async def test_per_group_decisions_run_at_most_max_deciding_at_once_and_all_are_answered(served):
-    from iopfd.engine.queue import MAX_DECIDING
-
-    class Counting(Policy):
-        def __init__(self):
-            self.running = self.most = 0
-
-        async def decide(self, group):
-            self.running += 1
-            self.most = max(self.most, self.running)
-            await asyncio.sleep(0.001)
-            self.running -= 1
-            return SUCCESS
-
-    policy = Counting()
-    s = served(policy)
-    s.report(3 * MAX_DECIDING)
-    await s.settle()
-    assert policy.most == MAX_DECIDING
-    assert s.codes() == [SUCCESS] * 3 * MAX_DECIDING
-
-
-async def test_groups_waiting_for_a_decision_slot_get_the_deadline_answer_on_time(served):
-    from iopfd.engine.queue import MAX_DECIDING
-
-    s = served(Gate(), response_deadline=0.2)
-    s.report(MAX_DECIDING + 100)  # 100 never get a slot: every slot hangs
-    await asyncio.sleep(0.1)
-    assert len(s.server.policy.waiting) == MAX_DECIDING
-    await s.settle()
-    assert s.codes() == [INVALID] * (MAX_DECIDING + 100)
-    assert s.server.stats.outcomes["deadline"] == MAX_DECIDING + 100
-    assert s.server.stats.latency.sum / s.server.stats.latency.count == pytest.approx(0.2, abs=0.1)

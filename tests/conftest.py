@@ -1,10 +1,12 @@
 """Runs kernel-lab tests where they belong.
 
-On the host, every test marked ``guest`` is collected as usual and then stands in for its twin
-inside the lab: the first one to run boots the lab kernel once and runs all selected guest tests in
-it; each then reports the guest's outcome (with the guest's traceback on failure) in the host's
-normal pytest summary. Inside the guest (IOPFD_LAB_GUEST set) the same tests run for real and their
-results are written to the file named by ``--lab-report``.
+On the host, every test marked ``guest`` is collected as usual and then stands in for its twins
+inside the lab, one per lab kernel selected with ``--lab-kernel`` (default: every lab kernel), the
+kernel in its id (``test_x[7.3]``). The first one of a kernel to run boots that kernel once and runs
+all selected guest tests in it; each then reports the guest's outcome (with the guest's traceback on
+failure) in the host's normal pytest summary. Host-side kernel tests that use the ``built`` fixture
+run once per selected kernel the same way. Inside the guest (IOPFD_LAB_GUEST set) the same tests run
+for real and their results are written to the file named by ``--lab-report``.
 """
 
 from __future__ import annotations
@@ -26,11 +28,18 @@ _RESULTS = pytest.StashKey[dict]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    from iopfd.lab.kernel import DEFAULT_KERNEL
+    from iopfd.lab.kernel import KERNELS
 
     group = parser.getgroup("iopfd kernel lab")
-    group.addoption("--lab-kernel", default=DEFAULT_KERNEL, help="lab kernel for kernel tests (default: %(default)s)")
+    group.addoption("--lab-kernel", action="append", choices=list(KERNELS),
+                    help=f"run the kernel tests on this lab kernel; repeatable (default: all of {', '.join(KERNELS)})")
     group.addoption("--lab-report", default=None, help=argparse.SUPPRESS)
+
+
+def lab_kernels(config: pytest.Config) -> list[str]:
+    from iopfd.lab.kernel import KERNELS
+
+    return config.getoption("--lab-kernel") or list(KERNELS)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -39,14 +48,19 @@ def pytest_configure(config: pytest.Config) -> None:
         config.pluginmanager.register(_GuestReporter(Path(config.getoption("--lab-report"))), "iopfd-lab-report")
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "built" in metafunc.fixturenames:
+        metafunc.parametrize("lab_kernel", lab_kernels(metafunc.config), scope="session")
+
+
 @pytest.fixture(scope="session")
-def built(request):
+def built(request, lab_kernel):
     """The lab kernel's build artefacts, built first if needed (with its progress shown)."""
     from iopfd.lab.kernel import ensure_built
 
     capture = request.config.pluginmanager.getplugin("capturemanager")
     with capture.global_and_fixture_disabled():
-        return ensure_built(request.config.getoption("--lab-kernel"))
+        return ensure_built(lab_kernel)
 
 
 class _GuestReporter:
@@ -61,13 +75,25 @@ class _GuestReporter:
                                      "longrepr": longrepr, "duration": report.duration}) + "\n")
 
 
-@pytest.hookimpl(trylast=True)
+# First, so that -k, -m and --deselect see the stand-ins with their kernel ids.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
     if IN_GUEST:
         return
-    for index, item in enumerate(items):
+    kernels = lab_kernels(config)
+    host_items: list[pytest.Item] = []
+    for item in items:
         if item.get_closest_marker("guest"):
-            items[index] = LabItem.from_parent(item.parent, name=item.name, original=item)
+            host_items += [LabItem.from_parent(item.parent, name=_with_kernel(item.name, kernel), original=item,
+                                               kernel=kernel) for kernel in kernels]
+        else:
+            host_items.append(item)
+    items[:] = host_items
+
+
+def _with_kernel(name: str, kernel: str) -> str:
+    """``test_x`` -> ``test_x[7.3]``; ``test_x[a]`` -> ``test_x[a-7.3]``, as pytest names parameters."""
+    return f"{name[:-1]}-{kernel}]" if name.endswith("]") else f"{name}[{kernel}]"
 
 
 class LabTestFailure(Exception):
@@ -77,19 +103,21 @@ class LabTestFailure(Exception):
 class LabItem(pytest.Item):
     """Host-side stand-in for one guest test: reports the outcome the lab run gave it."""
 
-    def __init__(self, *, original: pytest.Item, **kwargs) -> None:
+    def __init__(self, *, original: pytest.Item, kernel: str, **kwargs) -> None:
         super().__init__(**kwargs)
         self.own_markers = list(original.own_markers)
         self.add_marker(pytest.mark.timeout(0))  # the lab run has its own limit
-        self.kernel = self.config.getoption("--lab-kernel")
+        self.kernel = kernel
+        self.guest_nodeid = original.nodeid
 
     def runtest(self) -> None:
-        results = self.session.stash.get(_RESULTS, None)
-        if results is None:
-            results = self.session.stash[_RESULTS] = _run_guest_suite(self.session, self.kernel)
+        by_kernel = self.session.stash.setdefault(_RESULTS, {})
+        if self.kernel not in by_kernel:
+            by_kernel[self.kernel] = _run_guest_suite(self.session, self.kernel)
+        results = by_kernel[self.kernel]
         if isinstance(results, Exception):
-            raise LabTestFailure(f"the kernel lab failed, so this test could not run: {results}")
-        phases = results.get(self.nodeid)
+            raise LabTestFailure(f"the kernel lab ({self.kernel}) failed, so this test could not run: {results}")
+        phases = results.get(self.guest_nodeid)
         if not phases:
             raise LabTestFailure("the lab guest reported no result for this test (see the guest output above)")
         for phase in phases:
@@ -97,7 +125,7 @@ class LabItem(pytest.Item):
                 raise LabTestFailure(f"failed in the lab guest ({self.kernel}) during {phase['when']}:\n{phase['longrepr']}")
         for phase in phases:
             if phase["outcome"] == "skipped":
-                pytest.skip(f"skipped in the lab guest: {phase['longrepr']}")
+                pytest.skip(f"skipped in the lab guest ({self.kernel}): {phase['longrepr']}")
 
     def repr_failure(self, excinfo, style=None):
         if isinstance(excinfo.value, LabTestFailure):
@@ -113,13 +141,13 @@ def _run_guest_suite(session: pytest.Session, kernel: str) -> dict | Exception:
     from iopfd.lab.errors import LabError
     from iopfd.lab.kernel import cache_root
 
-    nodeids = [item.nodeid for item in session.items if isinstance(item, LabItem)]
-    shared = cache_root() / "runs" / f"pytest-{os.getpid()}"
+    nodeids = [item.guest_nodeid for item in session.items if isinstance(item, LabItem) and item.kernel == kernel]
+    shared = cache_root() / "runs" / f"pytest-{os.getpid()}-{kernel}"
     shared.mkdir(parents=True, exist_ok=True)
     report = shared / "report.jsonl"
     report.unlink(missing_ok=True)
     argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rfEs", "--color=no",
-            f"--lab-report={report}", "--rootdir", str(session.config.rootpath), *nodeids]
+            f"--lab-report={report}", f"--lab-kernel={kernel}", "--rootdir", str(session.config.rootpath), *nodeids]
     capture = session.config.pluginmanager.getplugin("capturemanager")
     writer = session.config.get_terminal_writer()
     try:

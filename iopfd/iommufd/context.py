@@ -92,3 +92,23 @@ class Object:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} id={self.id}>"
+
+
+class FdObject(Object):
+    """An object that comes with an fd of its own (a fault queue, a vEVENTQ). ``ctx`` is None for an fd
+    adopted from elsewhere: closing it is then all there is to do."""
+
+    fd = -1
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def destroy(self) -> None:
+        self.close()  # the object cannot be destroyed while its fd is open
+        if self.ctx is not None:
+            super().destroy()

@@ -10,11 +10,12 @@ from iopfd.iommufd.errors import IommufdError
 from iopfd.iommufd.fault import FaultQueue
 from iopfd.iommufd.hwpt import Hwpt
 from iopfd.iommufd.ioas import Ioas
-from iopfd.iommufd.selftest import FaultingMockSetup, MockDevice
-from iopfd.iommufd.uapi import ioctl, new
+from iopfd.iommufd.selftest import SELFTEST_NESTED_DATA, FaultingMockSetup, MockDevice
+from iopfd.iommufd.uapi import ioctl, lib, new
 from iopfd.iommufd.vfio import list_devices
 
 YES, NO, UNKNOWN = "yes", "no", "unknown"
+PROBE_PASID = 100
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,7 @@ def probe(device: str = "/dev/iommu") -> list[Feature]:
     except IommufdError as exc:
         features.append(Feature("iommufd", NO, str(exc)))
         for name in ("fault queues", "selftest mock IOMMU", "I/O page faults end to end",
-                     "faults on paging HWPTs", "vIOMMU", "vEVENTQ"):
+                     "faults on paging HWPTs", "PASID attach", "vIOMMU", "vEVENTQ"):
             features.append(Feature(name, UNKNOWN, f"needs {device}"))
         return [*features, vfio_feature]
 
@@ -75,9 +76,39 @@ def _probe_selftest(ctx: Iommufd) -> list[Feature]:
     except IommufdError as exc:
         return [Feature(names[0], NO, str(exc)),
                 Feature(names[1], UNKNOWN, "needs the mock IOMMU or a PRI-capable device"),
-                Feature(names[2], UNKNOWN, "needs the mock IOMMU or a PRI-capable device")]
+                Feature(names[2], UNKNOWN, "needs the mock IOMMU or a PRI-capable device"),
+                Feature("PASID attach", UNKNOWN, "needs the mock IOMMU or a PASID-capable device")]
     found.insert(1, _probe_fault_round_trip(ctx))
+    found.append(_probe_pasid_attach(ctx))
     return found
+
+
+def _probe_pasid_attach(ctx: Iommufd) -> Feature:
+    """A fault-capable HWPT attached at a PASID of a PASID-capable mock device (the RID on a
+    PASID-compatible HWPT first, as the kernel requires)."""
+    name = "PASID attach"
+    try:
+        with Ioas.alloc(ctx) as ioas, FaultQueue.alloc(ctx) as queue:
+            try:
+                device = MockDevice.create(ctx, ioas.id, flags=lib.MOCK_FLAGS_DEVICE_PASID)
+            except IommufdError as exc:
+                return Feature(name, NO, f"no PASID-capable mock device: {exc}")
+            with device, Hwpt.nest_parent(ctx, dev_id=device.dev_id, ioas_id=ioas.id) as parent, \
+                    Hwpt.alloc(ctx, dev_id=device.dev_id, pt_id=parent.id, flags=lib.IOMMU_HWPT_ALLOC_PASID,
+                               data_type=lib.IOMMU_HWPT_DATA_SELFTEST, data=SELFTEST_NESTED_DATA,
+                               fault_id=queue.id) as nested:
+                device.replace(nested.id)
+                try:
+                    device.pasid_attach(PROBE_PASID, nested.id)
+                    attached = device.pasid_attached(PROBE_PASID, nested.id)
+                    device.pasid_detach(PROBE_PASID)
+                finally:
+                    device.replace(ioas.id)
+    except IommufdError as exc:
+        return Feature(name, NO, str(exc))
+    if not attached:
+        return Feature(name, NO, f"PASID_ATTACH succeeded but pasid {PROBE_PASID} does not show the HWPT")
+    return Feature(name, YES, f"a fault-capable HWPT attached at pasid {PROBE_PASID} of a mock device")
 
 
 def _probe_fault_round_trip(ctx: Iommufd) -> Feature:

@@ -1,7 +1,8 @@
 """VFIO cdev devices (/dev/vfio/devices/vfioN) bound to an iommufd.
 
 The PASID forms of attach/detach use the longer structs of newer kernels; without a PASID the
-6.12-sized prefix is passed, so both kernels accept the call.
+6.12-sized prefix is passed, so both kernels accept the call. Bind passes the 6.12-sized prefix
+too (7.x added a token pointer iopfd does not use).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from iopfd.iommufd.errors import error_for
 from iopfd.iommufd.uapi import ioctl, lib, new
 
 DEVICES_GLOB = "/dev/vfio/devices/vfio*"
+BIND_SIZE_NO_TOKEN = ffi.offsetof("struct vfio_device_bind_iommufd", "token_uuid_ptr")
 ATTACH_SIZE_NO_PASID = ffi.offsetof("struct vfio_device_attach_iommufd_pt", "pasid")
 DETACH_SIZE_NO_PASID = ffi.offsetof("struct vfio_device_detach_iommufd_pt", "pasid")
 PASID_HINT = ("this kernel or device does not take PASID attachments (VFIO PASID attach needs Linux 6.15+ "
@@ -42,8 +44,8 @@ class VfioDevice:
 
     def bind(self, ctx: Iommufd) -> int:
         """VFIO_DEVICE_BIND_IOMMUFD; returns the iommufd device ID (``dev_id`` in fault records)."""
-        cmd = new("struct vfio_device_bind_iommufd", iommufd=ctx.fd)
-        ioctl(self.fd, "VFIO_DEVICE_BIND_IOMMUFD", cmd, hints={
+        cmd = new("struct vfio_device_bind_iommufd", iommufd=ctx.fd, argsz=BIND_SIZE_NO_TOKEN)
+        ioctl(self.fd, "VFIO_DEVICE_BIND_IOMMUFD", cmd, size=BIND_SIZE_NO_TOKEN, hints={
             errno.EINVAL: "the device is already bound, or the fd is not an iommufd"})
         self.dev_id = cmd.out_devid
         return self.dev_id

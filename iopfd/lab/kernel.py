@@ -1,4 +1,4 @@
-"""Build and cache the lab kernels: Debian kernel source + tinyconfig + our fragment.
+"""Build and cache the lab kernels: Debian kernel source + tinyconfig + our fragments.
 
 A built kernel is cached under ``$XDG_CACHE_HOME/iopfd/lab/<key>/`` where the key hashes the
 source package version, the fragment files and this module's recipe version, so a change to any
@@ -37,20 +37,43 @@ class LabKernel:
     package: str
     package_version: str
     fragments: tuple[str, ...]
+    # None: installed with apt from the machine's own sources. A suite name (of a newer Debian release):
+    # downloaded from that suite into the cache and unpacked there, nothing installed.
+    suite: str | None = None
+    # What `iopfd probe` finds on this kernel. A lab test holds the probe to it, so that tests choosing
+    # by probing a feature are sure to run where the lab has it.
+    features: frozenset[str] = frozenset()
     # Options the lab cannot work without; checked in the final .config.
     required: tuple[str, ...] = ("CONFIG_IOMMUFD", "CONFIG_IOMMUFD_TEST", "CONFIG_IOMMU_IOPF")
 
     @property
+    def package_root(self) -> Path:
+        """Where the source package's files are: / when installed, its cache directory when unpacked."""
+        if self.suite is None:
+            return Path("/")
+        return cache_root() / "packages" / f"{self.package}_{self.package_version}"
+
+    @property
     def tarball(self) -> Path:
-        return Path("/usr/src") / f"{self.package}.tar.xz"
+        return self.package_root / "usr" / "src" / f"{self.package}.tar.xz"
 
 
+FAULT_PATH = frozenset({"iommufd", "fault queues", "selftest mock IOMMU", "I/O page faults end to end"})
 KERNELS: dict[str, LabKernel] = {
     "6.12": LabKernel(
         name="6.12",
         package="linux-source-6.12",
         package_version="6.12.117-1~deb12u1",
         fragments=("base.config",),
+        features=FAULT_PATH,
+    ),
+    "7.3": LabKernel(
+        name="7.3",
+        package="linux-source-7.3",
+        package_version="7.3.4-1~bpo13+1",
+        fragments=("base.config", "mock-iommu-7.config"),
+        suite="trixie-backports",
+        features=FAULT_PATH | {"faults on paging HWPTs", "PASID attach", "vIOMMU", "vEVENTQ"},
     ),
 }
 DEFAULT_KERNEL = "6.12"
@@ -120,13 +143,22 @@ def ensure_built(name: str = DEFAULT_KERNEL) -> BuiltKernel:
     return built
 
 
-def _build(kernel: LabKernel, directory: Path) -> None:
+def _fetch_source(kernel: LabKernel) -> None:
+    if kernel.suite is not None:
+        system.ensure_packages(list(BUILD_PACKAGES))
+        if not kernel.package_root.exists():
+            system.unpack_from_suite(kernel.package, kernel.package_version, kernel.suite, kernel.package_root)
+        return
     system.ensure_packages([*BUILD_PACKAGES, f"{kernel.package}={kernel.package_version}"])
     if system.installed_version(kernel.package) != kernel.package_version:
         raise LabError(
             f"{kernel.package} {system.installed_version(kernel.package)} is installed but the lab "
             f"needs {kernel.package_version}; run: apt-get install {kernel.package}={kernel.package_version}"
         )
+
+
+def _build(kernel: LabKernel, directory: Path) -> None:
+    _fetch_source(kernel)
     if directory.exists():
         shutil.rmtree(directory)
     work = directory / "work"

@@ -7,6 +7,7 @@ import textwrap
 import pytest
 
 from iopfd.iommufd import FaultingMockSetup, FaultQueue, Iommufd
+from iopfd.iommufd.probe import YES, probe
 
 
 @pytest.fixture
@@ -26,6 +27,29 @@ def rig(ctx, queue):
     """A mock device on a nested HWPT whose faults go to ``queue``."""
     with FaultingMockSetup(ctx, queue.id) as setup:
         yield setup
+
+
+@pytest.fixture(scope="session")
+def features() -> dict[str, str]:
+    """Feature name -> status, as ``iopfd probe`` finds them by trying each one. Tests that need a feature
+    only some kernels have choose with ``require``/``require_not``, never by kernel version."""
+    return {feature.name: feature.status for feature in probe()}
+
+
+@pytest.fixture
+def require(features):
+    def check(name: str) -> None:
+        if features[name] != YES:
+            pytest.skip(f"this kernel lacks {name} (iopfd probe: {features[name]})")
+    return check
+
+
+@pytest.fixture
+def require_not(features):
+    def check(name: str) -> None:
+        if features[name] == YES:
+            pytest.skip(f"this kernel has {name}, so the behaviour without it cannot be seen here")
+    return check
 
 
 @pytest.fixture

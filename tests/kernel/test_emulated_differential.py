@@ -1,8 +1,8 @@
 """The emulated fault queue and the lab kernel give identical results for the same scenarios.
 
 Each scenario drives a queue through triggers, raw read()s, raw write()s, polls and detaches, and
-records what it observes; the transcript from the real 6.12.117 iommufd and the one from
-``EmulatedFaultQueue`` must be equal, byte for byte and errno for errno.
+records what it observes; the transcript from each lab kernel's iommufd (6.12.117, 7.3.4) and the
+one from ``EmulatedFaultQueue`` must be equal, byte for byte and errno for errno.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The fault fd's read/write/poll semantics, as the 6.12 lab kernel implements them."""
+"""The fault fd's read/write/poll semantics, as the lab kernels implement them (6.12.117 and 7.3.4 alike)."""
 
 from __future__ import annotations
 

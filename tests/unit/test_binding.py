@@ -40,5 +40,15 @@ def test_ioctl_numbers_are_io_semicolon():
 
 def test_new_sets_the_size_field():
     assert new("struct iommu_fault_alloc").size == 16
-    assert new("struct vfio_device_bind_iommufd").argsz == 16
+    assert new("struct vfio_device_bind_iommufd").argsz == 24
+
+
+def test_vfio_bind_passes_the_prefix_every_kernel_takes(monkeypatch):
+    from iopfd.iommufd import Iommufd, vfio
+
+    calls = []
+    monkeypatch.setattr(vfio, "ioctl", lambda fd, name, cmd, *, size=None, hints=None: calls.append((cmd.argsz, size)))
+    with vfio.VfioDevice("/dev/null") as device:
+        device.bind(Iommufd(-1, owned=False))
+    assert calls == [(16, 16)]  # 6.12's struct; 7.x added token_uuid_ptr after it
     assert new("struct iommu_hwpt_alloc", dev_id=7).dev_id == 7

@@ -28,7 +28,7 @@ def test_skipped(): pass
 
 def fake_guest(calls: list):
     def run(argv, *, kernel, timeout, shared_dir, on_line):
-        calls.append(argv)
+        calls.append((kernel, argv))
         report = Path(next(a for a in argv if a.startswith("--lab-report=")).split("=", 1)[1])
         entries = []
         for nodeid in (a for a in argv if "::" in a):
@@ -39,44 +39,71 @@ def fake_guest(calls: list):
             longrepr = {"failed": "AssertionError: the guest said no", "skipped": "no vEVENTQ"}.get(outcome, "")
             entries.append({"nodeid": nodeid, "when": "call", "outcome": outcome, "longrepr": longrepr, "duration": 0})
         report.write_text("".join(json.dumps(e) + "\n" for e in entries))
-        on_line("guest output line\n")
+        on_line(f"guest output line from {kernel}\n")
         return 1
     return run
 
 
-def test_guest_outcomes_are_reported_on_the_host(pytester, monkeypatch, tmp_path):
+@pytest.fixture
+def guest_boots(pytester, monkeypatch, tmp_path) -> list:
+    """A pytester project with the bridge and GUEST_TESTS whose lab is fake_guest; the boots it made."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     calls: list = []
     monkeypatch.setattr(vm, "run", fake_guest(calls))
     pytester.makeconftest(CONFTEST)
     pytester.makepyfile(test_guest=GUEST_TESTS)
-    result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "-p", "no:asyncio", "-rA")
-    result.assert_outcomes(passed=1, failed=2, skipped=1)
-    assert len(calls) == 1  # one boot for the whole session
+    return calls
+
+
+def run_pytest(pytester, *args: str):
+    return pytester.runpytest_inprocess("-p", "no:cacheprovider", "-p", "no:asyncio", *args)
+
+
+def test_guest_outcomes_are_reported_on_the_host_once_per_lab_kernel(pytester, guest_boots):
+    result = run_pytest(pytester, "-rA")
+    result.assert_outcomes(passed=2, failed=4, skipped=2)
+    assert [kernel for kernel, _ in guest_boots] == ["6.12", "7.3"]  # one boot per kernel for the whole session
+    for kernel, argv in guest_boots:  # the guest runs the plain tests and knows its kernel
+        assert f"--lab-kernel={kernel}" in argv
+        assert [a.rsplit("::", 1)[1] for a in argv if "::" in a] == ["test_passes", "test_fails", "test_missing",
+                                                                     "test_skipped"]
     result.stdout.fnmatch_lines([  # in the order pytest prints them
-        "*[[]guest[]] guest output line*",
-        "*the guest said no*",
-        "*the lab guest reported no result for this test*",
-        "*skipped in the lab guest: no vEVENTQ*",
+        "*[[]guest[]] guest output line from 6.12*",
+        "*[[]guest[]] guest output line from 7.3*",
+        "*test_fails[[]6.12[]]*", "failed in the lab guest (6.12) during call:", "*the guest said no",
+        "*test_fails[[]7.3[]]*", "failed in the lab guest (7.3) during call:", "*the guest said no",
+        "*test_missing[[]6.12[]]*", "*the lab guest reported no result for this test*",
+        "*PASSED test_guest.py::test_passes[[]6.12[]]*",
+        "*PASSED test_guest.py::test_passes[[]7.3[]]*",
+        "*SKIPPED*skipped in the lab guest (6.12): no vEVENTQ*",
+        "*SKIPPED*skipped in the lab guest (7.3): no vEVENTQ*",
     ])
 
 
-def test_a_lab_that_cannot_boot_fails_every_kernel_test(pytester, monkeypatch, tmp_path):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+def test_lab_kernel_selects_one_kernel_and_its_ids_filter(pytester, guest_boots):
+    run_pytest(pytester, "--lab-kernel", "7.3").assert_outcomes(passed=1, failed=2, skipped=1)
+    assert [kernel for kernel, _ in guest_boots] == ["7.3"]
+    guest_boots.clear()
+    run_pytest(pytester, "-k", "passes and 6.12").assert_outcomes(passed=1)
+    assert [kernel for kernel, _ in guest_boots] == ["6.12"]
 
-    def broken(*args, **kwargs):
-        raise LabError("kernel build step failed (make bzImage, exit 2)")
 
-    monkeypatch.setattr(vm, "run", broken)
-    pytester.makeconftest(CONFTEST)
-    pytester.makepyfile(test_guest=GUEST_TESTS)
-    result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "-p", "no:asyncio")
-    result.assert_outcomes(failed=4)
-    result.stdout.fnmatch_lines(["*the kernel lab failed, so this test could not run: kernel build step failed*"])
+def test_a_lab_kernel_that_cannot_boot_fails_every_test_on_it_and_only_those(pytester, guest_boots, monkeypatch):
+    working = vm.run
+
+    def broken_7_3(argv, *, kernel, **kwargs):
+        if kernel == "7.3":
+            raise LabError("kernel build step failed (make bzImage, exit 2)")
+        return working(argv, kernel=kernel, **kwargs)
+
+    monkeypatch.setattr(vm, "run", broken_7_3)
+    result = run_pytest(pytester)
+    result.assert_outcomes(passed=1, failed=2 + 4, skipped=1)  # 6.12 as the guest said; every 7.3 test failed
+    result.stdout.fnmatch_lines(["*the kernel lab (7.3) failed, so this test could not run: kernel build step failed*"])
 
 
 def test_unit_tests_do_not_boot_the_lab(pytester, monkeypatch):
     monkeypatch.setattr(vm, "run", lambda *a, **k: pytest.fail("booted the lab"))
     pytester.makeconftest(CONFTEST)
     pytester.makepyfile(test_unit="def test_plain(): pass\n")
-    pytester.runpytest_inprocess("-p", "no:cacheprovider", "-p", "no:asyncio").assert_outcomes(passed=1)
+    run_pytest(pytester).assert_outcomes(passed=1)

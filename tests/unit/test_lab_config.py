@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import platform
+import shlex
+import textwrap
 
 import pytest
 
 from iopfd.lab import kernel as lab_kernel
+from iopfd.lab import system
 from iopfd.lab.errors import LabError
 
 
@@ -21,10 +26,85 @@ def test_cache_key_changes_with_the_source_version_and_the_fragment(tmp_path, mo
     assert lab_kernel.cache_key(k) != key
 
 
-def test_fragment_asks_for_the_fault_path_options():
-    text = (lab_kernel.CONFIG_DIR / "base.config").read_text()
+@pytest.mark.parametrize("name", sorted(lab_kernel.KERNELS))
+def test_fragments_ask_for_the_fault_path_options(name):
+    text = "".join((lab_kernel.CONFIG_DIR / f).read_text() for f in lab_kernel.KERNELS[name].fragments)
     for option in ("CONFIG_IOMMUFD=y", "CONFIG_IOMMUFD_TEST=y", "CONFIG_INTEL_IOMMU_SVM=y", "CONFIG_9P_FS=y"):
         assert option in text
+
+
+def test_the_7_kernel_adds_what_its_mock_iommu_depends_on():
+    k = lab_kernel.KERNELS["7.3"]
+    assert k.fragments == ("base.config", "mock-iommu-7.config")
+    text = (lab_kernel.CONFIG_DIR / "mock-iommu-7.config").read_text()
+    for option in ("CONFIG_AMD_IOMMU=y", "CONFIG_IOMMU_PT=y", "CONFIG_IOMMU_PT_AMDV1=y"):
+        assert option in text
+
+
+def test_an_installed_source_is_under_usr_src_and_a_fetched_one_in_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert lab_kernel.KERNELS["6.12"].tarball == lab_kernel.Path("/usr/src/linux-source-6.12.tar.xz")
+    assert lab_kernel.KERNELS["7.3"].tarball == (
+        tmp_path / "iopfd/lab/packages/linux-source-7.3_7.3.4-1~bpo13+1/usr/src/linux-source-7.3.tar.xz")
+
+
+@pytest.fixture
+def fake_apt(tmp_path, monkeypatch):
+    """apt-get and dpkg stand-ins on PATH that log their arguments and do what the fetch expects of them."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "calls"
+    (bin_dir / "apt-get").write_text(textwrap.dedent(f"""\
+        #!/bin/sh
+        echo "apt-get $*" >> {log}
+        case "$*" in
+            *indextargets*) printf 'bookworm-security http://security.example/debian-security/\\n'
+                            printf 'bookworm http://mirror.example/debian/\\n' ;;
+            *" download "*) echo "sources: $(cat sources.list)" >> {log}
+                            touch linux-source-7.3_7.3.4-1~bpo13+1_all.deb ;;
+        esac
+        """))
+    (bin_dir / "dpkg").write_text(textwrap.dedent(f"""\
+        #!/bin/sh
+        echo "dpkg $*" >> {log}
+        mkdir -p "$3/usr/src" && touch "$3/usr/src/linux-source-7.3.tar.xz"
+        """))
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(platform, "freedesktop_os_release", lambda: {"VERSION_CODENAME": "bookworm"})
+    return log
+
+
+def test_a_package_from_another_suite_is_downloaded_with_private_apt_state_and_unpacked(tmp_path, fake_apt):
+    into = tmp_path / "packages" / "linux-source-7.3_7.3.4-1~bpo13+1"
+    apt_dir = into.with_name(into.name + ".apt")
+    system.unpack_from_suite("linux-source-7.3", "7.3.4-1~bpo13+1", "trixie-backports", into)
+    assert (into / "usr/src/linux-source-7.3.tar.xz").exists()
+    assert not apt_dir.exists() and not into.with_name(into.name + ".partial").exists()
+    lines = fake_apt.read_text().splitlines()
+    assert "sources: deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] " \
+           "http://mirror.example/debian/ trixie-backports main" in lines
+    calls = [shlex.split(line) for line in lines if not line.startswith("sources: ")]
+    apt_calls = [c for c in calls if c[0] == "apt-get" and "indextargets" not in c]
+    assert [c[-1] if c[-1] != "-q" else c[-2] for c in apt_calls] == ["update", "linux-source-7.3=7.3.4-1~bpo13+1"]
+    for call in apt_calls:  # the machine's sources, lists and cache are never used
+        assert f"-oDir::Etc::SourceList={apt_dir / 'sources.list'}" in call
+        assert "-oDir::Etc::SourceParts=-" in call
+        assert f"-oDir::State::Lists={apt_dir / 'lists'}" in call
+        assert f"-oDir::Cache={apt_dir / 'cache'}" in call
+    assert ["dpkg", "-x", str(apt_dir / "linux-source-7.3_7.3.4-1~bpo13+1_all.deb"),
+            str(into.with_name(into.name + ".partial"))] in calls
+
+
+def test_a_failed_download_says_which_command_failed(tmp_path, fake_apt):
+    (fake_apt.parent / "bin" / "apt-get").write_text("#!/bin/sh\ncase \"$*\" in *indextargets*) "
+                                                     "echo 'bookworm http://mirror.example/debian/';; "
+                                                     "*' download '*) echo 'E: Version not found' >&2; exit 100;; esac\n")
+    into = tmp_path / "pkg"
+    with pytest.raises(LabError, match=r"'apt-get .* download linux-source-7.3=7.3.4-1~bpo13\+1' failed"):
+        system.unpack_from_suite("linux-source-7.3", "7.3.4-1~bpo13+1", "trixie-backports", into)
+    assert not into.exists()
 
 
 def test_lost_options_are_named(tmp_path):

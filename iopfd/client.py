@@ -69,10 +69,15 @@ class Client:
         return reply, reply_fds
 
     def attach(self, fault_fd: int, queue: str, *, policy: str | None = None,
-               labels: Mapping[str, str] | None = None, devices: Mapping[int, str] | None = None) -> dict:
-        """Hand a fault fd to iopfd, which serves it as ``queue``; our copy of the fd stays ours."""
-        reply, _ = self.request("attach", (fault_fd,), queue=queue, policy=policy, labels=dict(labels or {}),
-                                devices={str(dev_id): name for dev_id, name in (devices or {}).items()})
+               labels: Mapping[str, str] | None = None, devices: Mapping[int, str] | None = None,
+               veventq_fd: int | None = None, veventq_type: str | None = None) -> dict:
+        """Hand a fault fd to iopfd, which serves it as ``queue``; our copy of the fd stays ours.
+        With ``veventq_fd`` (its type named by ``veventq_type``, e.g. "selftest" or "arm-smmuv3"),
+        iopfd serves that vEVENTQ beside it."""
+        fds = (fault_fd,) if veventq_fd is None else (fault_fd, veventq_fd)
+        extra = {} if veventq_fd is None else {"veventq_type": veventq_type}
+        reply, _ = self.request("attach", fds, queue=queue, policy=policy, labels=dict(labels or {}),
+                                devices={str(dev_id): name for dev_id, name in (devices or {}).items()}, **extra)
         return reply
 
     def detach(self, queue: str) -> dict:
@@ -99,12 +104,14 @@ class Client:
 
 
 class ForwardSession:
-    """Fault groups arrive as events; answer each with ``respond(event["id"], code)``."""
+    """Fault groups arrive as ``fault`` events; answer each with ``respond(event["group"], code)``.
+    vEVENTs of the policy's queues arrive as ``vevent`` events, which take no answer."""
 
     def __init__(self, client: Client) -> None:
         self.client = client
 
     def events(self) -> Iterator[dict]:
+        """Every event message, ``fault`` and ``vevent``, in the order iopfd sent them."""
         while True:
             received = protocol.receive(self.client.sock)
             if received is None:
@@ -112,17 +119,23 @@ class ForwardSession:
             message, fds = received
             for fd in fds:
                 os.close(fd)
-            if message.get("event") == "fault":
+            if message.get("event") in ("fault", "vevent"):
                 yield message
 
     def respond(self, group_id: int, code: str | int) -> None:
         name = code if isinstance(code, str) else protocol.NAMES[code]
         protocol.send(self.client.sock, {"op": "respond", "group": group_id, "code": name})
 
-    def serve(self, decide: Callable[[dict], str | int], *, count: int | None = None) -> int:
-        """Answer events with ``decide(event)`` until the connection ends or ``count`` are answered."""
+    def serve(self, decide: Callable[[dict], str | int], *, count: int | None = None,
+              on_vevent: Callable[[dict], None] | None = None) -> int:
+        """Answer fault events with ``decide(event)`` until the connection ends or ``count`` are
+        answered; vEVENTs go to ``on_vevent``, if given."""
         answered = 0
         for event in self.events():
+            if event["event"] == "vevent":
+                if on_vevent is not None:
+                    on_vevent(event)
+                continue
             self.respond(event["group"], decide(event))
             answered += 1
             if count is not None and answered >= count:

@@ -1,8 +1,10 @@
 """The fault-delivery engine: read groups, ask the policy, answer by the deadline, write back."""
 
 from iopfd.engine.engine import Engine
+from iopfd.engine.events import EventQueueServer, Vevent
 from iopfd.engine.policy import CODES, BatchPolicy, Policy
 from iopfd.engine.queue import QueueConfig, QueueServer
-from iopfd.engine.stats import OUTCOMES, QueueStats
+from iopfd.engine.stats import OUTCOMES, EventStats, QueueStats
 
-__all__ = ["CODES", "OUTCOMES", "BatchPolicy", "Engine", "Policy", "QueueConfig", "QueueServer", "QueueStats"]
+__all__ = ["CODES", "OUTCOMES", "BatchPolicy", "Engine", "EventQueueServer", "EventStats", "Policy", "QueueConfig",
+           "QueueServer", "QueueStats", "Vevent"]

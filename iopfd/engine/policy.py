@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
+from iopfd.iommufd.context import Iommufd
 from iopfd.iommufd.fault import INVALID, SUCCESS, FaultGroup
+
+if TYPE_CHECKING:
+    from iopfd.engine.events import Vevent
 
 CODES = {"success": SUCCESS, "invalid": INVALID}
 
@@ -24,6 +29,10 @@ class Policy:
 
     A routing policy (like ``rules``) instead defines ``select(group) -> Policy``, synchronous and
     cheap: the engine then runs the selected policy, batching the groups each one gets.
+
+    A queue attached with a vEVENTQ hands its events to ``on_event``, one at a time in read order;
+    events take no answer. The default ignores them (routing policies do not route events). While a
+    policy works through the events of one read, that vEVENTQ is not read.
     """
 
     name = "policy"
@@ -31,6 +40,17 @@ class Policy:
 
     async def decide(self, group: FaultGroup) -> int:
         raise NotImplementedError
+
+    async def on_event(self, event: Vevent) -> None:
+        """A vIOMMU event (or a LOST_EVENTS header) from the queue's vEVENTQ."""
+
+    def bind(self, queue: str, iommufd: Iommufd | None) -> None:
+        """The daemon starts serving ``queue`` with this policy. ``iommufd`` is the queue's iommufd when
+        iopfd holds it (a brokered queue), else None. A policy that needs it (``ioas-map``) raises
+        ValueError saying why it cannot serve the queue; the others ignore this."""
+
+    def unbind(self, queue: str) -> None:
+        """``queue`` is no longer served (detached, or the daemon stops)."""
 
 
 class BatchPolicy(Policy):

@@ -56,3 +56,11 @@ class QueueStats:
     @property
     def answered(self) -> int:
         return sum(self.outcomes.values())
+
+
+class EventStats:
+    """What one vEVENTQ did: events read (LOST_EVENTS headers not counted) and events the kernel dropped."""
+
+    def __init__(self) -> None:
+        self.events = 0
+        self.lost = 0

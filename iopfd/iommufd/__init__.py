@@ -10,9 +10,10 @@ from iopfd.iommufd.fault import (
 )
 from iopfd.iommufd.hwpt import Hwpt
 from iopfd.iommufd.ioas import Ioas
-from iopfd.iommufd.selftest import FaultingMockSetup, MockDevice
+from iopfd.iommufd.selftest import FaultingMockSetup, MockDevice, ViommuMockSetup
 from iopfd.iommufd.uapi import lib
 from iopfd.iommufd.vfio import VfioDevice, list_devices
+from iopfd.iommufd.viommu import SequenceTracker, Vdevice, VeventQueue, VeventRecord, Viommu, is_veventq_fd
 
 PERM_READ = lib.IOMMU_PGFAULT_PERM_READ
 PERM_WRITE = lib.IOMMU_PGFAULT_PERM_WRITE
@@ -25,4 +26,5 @@ __all__ = [
     "NotFound", "NotSupported", "PASID_VALID", "PERM_EXEC", "PERM_PRIV", "PERM_READ", "PERM_WRITE",
     "PermissionDenied", "SUCCESS", "VfioDevice", "is_fault_fd", "lib", "list_devices", "parse_groups",
     "respond_all",
+    "SequenceTracker", "Vdevice", "VeventQueue", "VeventRecord", "Viommu", "ViommuMockSetup", "is_veventq_fd",
 ]

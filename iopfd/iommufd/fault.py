@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from iopfd._uapi import ffi
-from iopfd.iommufd.context import Iommufd, Object
+from iopfd.iommufd.context import FdObject, Iommufd
 from iopfd.iommufd.errors import IommufdError, error_for
 from iopfd.iommufd.uapi import lib, new
 
@@ -203,7 +203,7 @@ def is_fault_fd(fd: int) -> bool:
         return False
 
 
-class FaultQueue(Object):
+class FaultQueue(FdObject):
     """A fault queue and its fd. Leaving the ``with`` block closes the fd, then destroys the object."""
 
     def __init__(self, ctx: Iommufd | None, object_id: int, fd: int, *,
@@ -230,9 +230,6 @@ class FaultQueue(Object):
                                f"it is {what}, not an iommufd fault fd ({ANON_INODE_NAME}); pass the "
                                "out_fault_fd of IOMMU_FAULT_QUEUE_ALLOC")
         return cls(None, 0, fd, **kwargs)
-
-    def fileno(self) -> int:
-        return self.fd
 
     @property
     def buffer_records(self) -> int:
@@ -299,15 +296,6 @@ class FaultQueue(Object):
             raise error_for("write fault fd", exc.errno) from None
         return written // RESPONSE.size
 
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def destroy(self) -> None:
-        self.close()  # the object cannot be destroyed while its fd is open
-        if self.ctx is not None:
-            super().destroy()
 
 
 def respond_all(queue: FaultQueue, responses: Sequence[tuple[int, int]]) -> list[int]:

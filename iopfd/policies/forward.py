@@ -1,8 +1,9 @@
 """``forward``: a connected peer (the VMM, over the control socket) decides the groups.
 
-The transport is the peer's business: anything with ``async forward(groups) -> codes`` can be
-connected. Deadlines stay on iopfd's side: a peer that does not answer in time costs its groups the
-queue's deadline code, like any slow policy.
+The transport is the peer's business: anything with ``async forward(groups) -> codes`` and
+``async forward_event(event)`` can be connected. Deadlines stay on iopfd's side: a peer that does not
+answer in time costs its groups the queue's deadline code, like any slow policy. vEVENTs go to the
+peer too (without a peer they are dropped); they take no answer.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
+from iopfd.engine.events import Vevent
 from iopfd.engine.policy import CODES, BatchPolicy
 from iopfd.iommufd.fault import FaultGroup
 
@@ -21,6 +23,9 @@ class Peer(Protocol):
 
     async def forward(self, groups: Sequence[FaultGroup]) -> Sequence[int]:
         """Deliver the groups to the peer and return its code for each, in order."""
+
+    async def forward_event(self, event: Vevent) -> None:
+        """Deliver a vEVENT to the peer."""
 
 
 class ForwardOptions(BaseModel):
@@ -51,3 +56,8 @@ class ForwardPolicy(BatchPolicy):
         if peer is None:
             return [self.disconnected_code] * len(groups)
         return await peer.forward(groups)
+
+    async def on_event(self, event: Vevent) -> None:
+        peer = self.peer
+        if peer is not None:
+            await peer.forward_event(event)

@@ -17,11 +17,12 @@ from pydantic import ValidationError
 from iopfd.engine.policy import Policy
 from iopfd.policies.builtin import AcceptPolicy, RejectPolicy
 from iopfd.policies.forward import ForwardPolicy
+from iopfd.policies.ioas_map import IoasMapPolicy
 from iopfd.policies.rules import RulesPolicy
 
 ENTRY_POINT_GROUP = "iopfd.policies"
 BUILTIN_TYPES: dict[str, type] = {"accept": AcceptPolicy, "reject": RejectPolicy, "rules": RulesPolicy,
-                                  "forward": ForwardPolicy}
+                                  "forward": ForwardPolicy, "ioas-map": IoasMapPolicy}
 IMPLICIT = ("accept", "reject")  # names usable without a [policies.NAME] table
 
 
@@ -94,6 +95,9 @@ class Policies:
             raise PolicyError([(".".join([path, *map(str, error["loc"])]), error["msg"])
                                for error in exc.errors()]) from None
         from_config = getattr(cls, "from_config", None)
-        if from_config is not None:
-            return from_config(name, parsed, lambda other, where: self.get(other, f"{path}.{where}"))
-        return cls(name, parsed)
+        try:
+            if from_config is not None:
+                return from_config(name, parsed, lambda other, where: self.get(other, f"{path}.{where}"))
+            return cls(name, parsed)
+        except ValueError as exc:  # options valid, but not usable here (a missing backing file, the kernel)
+            raise PolicyError([(path, str(exc))]) from None

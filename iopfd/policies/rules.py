@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from iopfd.engine.policy import Policy
+from iopfd.iommufd.context import Iommufd
 from iopfd.iommufd.fault import FaultGroup
 from iopfd.iommufd.uapi import lib
 
@@ -77,6 +78,18 @@ class RulesPolicy(Policy):
     def from_config(cls, name: str, options: RulesOptions, lookup: Callable[[str, str], Policy]) -> RulesPolicy:
         rules = [(rule, lookup(rule.policy, f"rules.{index}.policy")) for index, rule in enumerate(options.rules)]
         return cls(name, rules, lookup(options.default, "default"))
+
+    def bind(self, queue: str, iommufd: Iommufd | None) -> None:
+        for policy in self._policies():
+            policy.bind(queue, iommufd)
+
+    def unbind(self, queue: str) -> None:
+        for policy in self._policies():
+            policy.unbind(queue)
+
+    def _policies(self) -> list[Policy]:
+        """Each sub-policy once, even when several rules select it."""
+        return list({id(policy): policy for _, policy in [*self.rules, (None, self.default)]}.values())
 
     def select(self, group: FaultGroup) -> Policy:
         for rule, policy in self.rules:

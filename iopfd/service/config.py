@@ -129,7 +129,7 @@ class QueueSettings(BaseModel, extra="forbid"):
 class PolicySettings(BaseModel, extra="allow"):
     """One [policies.NAME] table: the implementation's name and its own options."""
 
-    type: str = Field(min_length=1)  # built-in (accept, reject, rules, forward) or an "iopfd.policies" entry point
+    type: str = Field(min_length=1)  # built-in (accept, reject, rules, forward, ioas-map) or an "iopfd.policies" entry point
 
     @property
     def options(self) -> dict[str, Any]:

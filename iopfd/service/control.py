@@ -21,7 +21,9 @@ import structlog
 from pydantic import TypeAdapter, ValidationError
 
 from iopfd import protocol
-from iopfd.iommufd import FaultQueue, Iommufd, IommufdError
+from iopfd.engine.events import Vevent
+from iopfd.iommufd import FaultQueue, Iommufd, IommufdError, VeventQueue
+from iopfd.iommufd.viommu import TYPES as VEVENTQ_TYPES
 from iopfd.iommufd.fault import FaultGroup
 from iopfd.policies import ForwardPolicy, PolicyError
 from iopfd.protocol import ProtocolError
@@ -177,7 +179,7 @@ class Connection:
                 raise ProtocolError("unknown-op", f"unknown op {reprlib.repr(op)}; ops: {OPS}")
             if fds and op != "attach":
                 raise ProtocolError("bad-request", f"{op} carries no file descriptors, got {len(fds)} (closed); "
-                                                   "only attach sends one")
+                                                   "only attach sends fds")
             reply, reply_fds = await handler(message, fds)
             if reply is None:  # forward answers get no reply
                 return
@@ -192,15 +194,23 @@ class Connection:
 
     # -- ops -----------------------------------------------------------------------------------
     async def attach(self, message: dict, fds: list[int]) -> tuple[dict, list[int]]:
-        if len(fds) != 1:
-            raise ProtocolError("missing-fd", f"attach carries exactly one fd (the fault fd), got {len(fds)}")
+        if len(fds) not in (1, 2):
+            raise ProtocolError("missing-fd", f"attach carries the fault fd and optionally a vEVENTQ fd, got "
+                                              f"{len(fds)} fds")
         request = self._new_queue(message)
+        event_type = _veventq_type(message, len(fds) == 2)
         try:
             source = FaultQueue.from_fd(fds[0])
         except IommufdError as exc:
             raise ProtocolError("not-a-fault-fd", str(exc)) from None
-        fds.clear()  # the queue owns the fd now; handle() closes only what is left in fds
-        self._add(request, source)
+        events = None
+        if event_type is not None:
+            try:
+                events = VeventQueue.from_fd(fds[1], event_type)
+            except IommufdError as exc:
+                raise ProtocolError("not-a-veventq-fd", str(exc)) from None
+        fds.clear()  # the queue owns the fds now; handle() closes only what is left in fds
+        self._add(request, source, events=events)
         return {"queue": request.name}, []
 
     async def broker(self, message: dict, fds: list[int]) -> tuple[dict, list[int]]:
@@ -232,7 +242,8 @@ class Connection:
     async def status(self, message: dict, fds: list[int]) -> tuple[dict, list[int]]:
         queues = [{"name": name, "policy": queue.policy.name, "labels": dict(queue.config.labels),
                    "reading": queue.reading, "pending": queue.pending, "faults": queue.stats.faults,
-                   "outcomes": queue.stats.outcomes, "write_errors": queue.stats.write_errors}
+                   "outcomes": queue.stats.outcomes, "write_errors": queue.stats.write_errors,
+                   "vevents": _vevents_status(self.server.engine.event_queues.get(name))}
                   for name, queue in self.server.engine.queues.items()]
         return {"queues": queues, "totals": self.server.engine.totals()}, []
 
@@ -294,10 +305,18 @@ class Connection:
         except PolicyError as exc:
             raise ProtocolError("no-such-policy", str(exc)) from None
 
-    def _add(self, request: NewQueue, source: FaultQueue, keep_open: Iommufd | None = None) -> None:
-        self.server.add_queue(request.name, source, policy=request.policy, labels=request.labels,
-                              device_names=request.devices, keep_open=keep_open, owner_uid=self.uid)
-        self.log.info("queue attached over the control socket", queue=request.name, brokered=keep_open is not None)
+    def _add(self, request: NewQueue, source: FaultQueue, keep_open: Iommufd | None = None,
+             events: VeventQueue | None = None) -> None:
+        try:
+            self.server.add_queue(request.name, source, policy=request.policy, labels=request.labels,
+                                  device_names=request.devices, keep_open=keep_open, owner_uid=self.uid, events=events)
+        except PolicyError as exc:  # e.g. ioas-map for a queue that was not brokered: nothing was added
+            for opened in (source, events, keep_open):
+                if opened is not None:
+                    opened.close()
+            raise ProtocolError("policy-cannot-serve", exc.lines[0][1]) from None
+        self.log.info("queue attached over the control socket", queue=request.name, brokered=keep_open is not None,
+                      veventq=events.type_name if events is not None else None)
 
     async def _discard_requests(self) -> None:
         """Read what the refused peer sent (closing any fds), so closing does not reset the connection
@@ -366,6 +385,17 @@ class SocketPeer:
                                     "faults": [{"addr": f.addr, "perm": f.perm, "flags": f.flags}
                                                for f in group.faults]})
 
+    async def forward_event(self, event: Vevent) -> None:
+        """A vEVENT goes to the peer as an event; nothing comes back."""
+        if self.gone:
+            return
+        try:
+            await self.connection.send({"event": "vevent", "queue": event.queue, "type": event.type,
+                                        "sequence": event.sequence, "lost": event.lost,
+                                        "data": None if event.data is None else event.data.hex()})
+        except OSError:  # the peer died; its connection's end disconnects the policy
+            self.gone = True
+
     def answer(self, message: dict) -> None:
         """Decide the group a ``respond`` names; a malformed one raises ProtocolError."""
         group, name = message.get("group"), message.get("code")
@@ -397,6 +427,27 @@ async def _wait(sock: socket.socket, *, writable: bool) -> None:
         await future
     finally:
         remove(sock.fileno())
+
+
+def _veventq_type(message: dict, has_fd: bool) -> int | None:
+    """The type of the vEVENTQ fd an attach carries second: the fd alone does not say it."""
+    name = message.get("veventq_type")
+    if not has_fd:
+        if name is not None:
+            raise ProtocolError("missing-fd", "veventq_type names the type of the vEVENTQ fd sent second, after "
+                                              "the fault fd; only one fd came")
+        return None
+    if not isinstance(name, str) or name not in VEVENTQ_TYPES:
+        raise ProtocolError("bad-request", f"veventq_type: the type of the vEVENTQ fd, one of "
+                                           f"{', '.join(sorted(VEVENTQ_TYPES))}; got {reprlib.repr(name)}")
+    return VEVENTQ_TYPES[name]
+
+
+def _vevents_status(events) -> dict | None:
+    if events is None:
+        return None
+    return {"type": events.source.type_name, "reading": events.reading, "events": events.stats.events,
+            "lost": events.stats.lost}
 
 
 def _queue_name(message: dict) -> str:

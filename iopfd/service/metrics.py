@@ -22,7 +22,8 @@ def iopfd_version() -> str:
 
 
 class EngineCollector(Collector):
-    """Labels are only the queue name (one per fault queue) and the outcome: five values."""
+    """Labels are only the queue name (one per fault queue), the outcome (five values) and the
+    vEVENTQ type (one per vEVENTQ, of the few iopfd knows)."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -51,7 +52,14 @@ class EngineCollector(Collector):
             batches.sum += stats.read_batches.sum
         read_batch = HistogramMetricFamily("iopfd_read_batch_groups", "Groups returned by one read()",
                                            buckets=batches.cumulative(), sum_value=batches.sum)
-        yield from (groups, faults, latency, pending, write_errors, read_batch)
+        vevents = CounterMetricFamily("iopfd_vevents", "vIOMMU events read from vEVENTQs", labels=["queue", "type"])
+        vevents_lost = CounterMetricFamily("iopfd_vevents_lost", "vIOMMU events the kernel dropped because the "
+                                           "vEVENTQ was full (from LOST_EVENTS headers and sequence gaps)",
+                                           labels=["queue"])
+        for name, server in list(self.engine.event_queues.items()):
+            vevents.add_metric([name, server.source.type_name], server.stats.events)
+            vevents_lost.add_metric([name], server.stats.lost)
+        yield from (groups, faults, latency, pending, write_errors, read_batch, vevents, vevents_lost)
 
 
 def registry_for(engine: Engine) -> CollectorRegistry:

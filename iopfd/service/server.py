@@ -22,8 +22,8 @@ from pathlib import Path
 
 import structlog
 
-from iopfd.engine import Engine, QueueConfig, QueueServer
-from iopfd.iommufd import FaultQueue, Iommufd, IommufdError
+from iopfd.engine import Engine, EventQueueServer, QueueConfig, QueueServer
+from iopfd.iommufd import FaultQueue, Iommufd, IommufdError, VeventQueue
 from iopfd.policies import Policies, PolicyError
 from iopfd.service.config import ConfigError, QueueSettings, ResolvedQueue, Settings
 from iopfd.service.control import ControlServer, bind_socket
@@ -156,9 +156,16 @@ class Server:
             swept = sweep(source, upto)
             log.info("fault queue taken back from the fd store", queue=name, swept_cookies=upto,
                      answered_invalid=swept)
-            self.add_queue(name, source, policy=policy, labels=remembered.get("labels"),
-                           device_names={int(k): v for k, v in (remembered.get("devices") or {}).items()},
-                           stored=True, owner_uid=remembered.get("owner_uid"))
+            kept = {"labels": remembered.get("labels"), "stored": True, "owner_uid": remembered.get("owner_uid"),
+                    "device_names": {int(k): v for k, v in (remembered.get("devices") or {}).items()}}
+            try:
+                self.add_queue(name, source, policy=policy, **kept)
+            except PolicyError as exc:
+                # ioas-map: the brokered iommufd died with the previous life. Failing the start would
+                # leave every queue unserved; INVALID answers at least end this queue's faults.
+                log.error("the queue's policy cannot serve it after a restart; answering INVALID until its peer "
+                          "detaches it", queue=name, policy=policy, error=str(exc))
+                self.add_queue(name, source, policy="reject", **kept)
             taken.add(name)
         return taken
 
@@ -178,15 +185,24 @@ class Server:
 
     def add_queue(self, name: str, source: FaultQueue, *, policy: str | None = None,
                   labels: Mapping[str, str] | None = None, device_names: Mapping[int, str] | None = None,
-                  keep_open: Iommufd | None = None, stored: bool = False, owner_uid: int | None = None) -> QueueServer:
-        """Serve ``source`` as ``name`` with the config's defaults (at once if already serving).
-        Its fd goes to systemd's fd store unless it came from there (``stored``). ``owner_uid``: the
-        control peer that attached it."""
+                  keep_open: Iommufd | None = None, stored: bool = False, owner_uid: int | None = None,
+                  events: VeventQueue | None = None) -> QueueServer:
+        """Serve ``source`` as ``name`` with the config's defaults (at once if already serving), and
+        ``events``, a vEVENTQ, beside it with the same policy. The fault fd goes to systemd's fd store
+        unless it came from there (``stored``); a vEVENTQ fd does not (it needs no sweep, and
+        after a crash the queue comes back without it: its peer detaches and attaches again).
+        ``owner_uid``: the control peer that attached it."""
         resolved = QueueSettings(name=name, policy=policy).resolved(self.settings)
+        try:  # first: a policy that cannot serve this queue (ioas-map without its iommufd) leaves nothing behind
+            self.policies.get(resolved.policy).bind(name, keep_open)
+        except ValueError as exc:
+            raise PolicyError([(f"queue {name!r} policy", str(exc))]) from None
         queue = QueueServer(source, self.policies.get(resolved.policy), QueueConfig(
             name, resolved.response_deadline, resolved.deadline_code, resolved.max_pending,
             dict(labels or {}), dict(device_names or {})))
         self.engine.add(queue)
+        if events is not None:
+            self.engine.add_events(EventQueueServer(events, queue.policy, name, labels))
         if self.report_path is not None:
             queue.stats.latency_samples = array("d")
         if self.state is not None:
@@ -203,9 +219,13 @@ class Server:
         return queue
 
     async def remove_queue(self, name: str) -> QueueServer:
-        """Stop serving ``name`` (answering all it read) and close its fd."""
+        """Stop serving ``name`` (answering all it read) and close its fd, and its vEVENTQ's."""
+        events = self.engine.event_queues.get(name)
         queue = await self.engine.remove(name, self.settings.shutdown_grace)
+        queue.policy.unbind(name)
         queue.source.close()
+        if events is not None:
+            events.source.close()
         if self.state is not None:
             self.notifier.remove_fd(FD_PREFIX + name)
             self.state.forget(name)
@@ -259,7 +279,7 @@ class Server:
                 await self.control.close()
             if self.metrics is not None:
                 self.metrics.close()
-            for server in self.engine.queues.values():
+            for server in (*self.engine.queues.values(), *self.engine.event_queues.values()):
                 server.source.close()
             for ctx in self._keep_open.values():
                 ctx.close()
@@ -313,7 +333,8 @@ class Server:
 
     def healthy(self) -> bool:
         """What the watchdog vouches for: every queue still served."""
-        return all(server.failure is None for server in self.engine.queues.values())
+        return all(server.failure is None for server in (*self.engine.queues.values(),
+                                                          *self.engine.event_queues.values()))
 
     def status(self) -> str:
         totals = self.engine.totals()

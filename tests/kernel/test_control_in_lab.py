@@ -24,7 +24,8 @@ from iopfd.client import Client
 from iopfd.iommufd import FaultingMockSetup, Iommufd
 from iopfd.protocol import ProtocolError
 
-pytestmark = [pytest.mark.kernel, pytest.mark.guest]
+# A daemon start takes 5-15 s in the TCG guest and several times that on a busy host (its wait is 180 s).
+pytestmark = [pytest.mark.kernel, pytest.mark.guest, pytest.mark.timeout(600)]
 
 
 @pytest.fixture

@@ -17,7 +17,8 @@ from daemon_process import DaemonProcess
 
 from iopfd.iommufd import PERM_READ, PERM_WRITE, SUCCESS
 
-pytestmark = [pytest.mark.kernel, pytest.mark.guest]
+# A daemon start takes 5-15 s in the TCG guest and several times that on a busy host (its wait is 180 s).
+pytestmark = [pytest.mark.kernel, pytest.mark.guest, pytest.mark.timeout(600)]
 
 
 def trigger(rig, count: int, *, start: int = 0, addr_base: int = 0x100000) -> None:

@@ -9,7 +9,7 @@ import mmap
 import pytest
 
 from iopfd._uapi import ffi
-from iopfd.iommufd import Busy, Hwpt, Ioas, MockDevice, NotFound, NotSupported, lib
+from iopfd.iommufd import PERM_WRITE, SUCCESS, Busy, Hwpt, Ioas, MockDevice, NotFound, NotSupported, lib
 from iopfd.iommufd.fault import ANON_INODE_NAME, describe_fd
 from iopfd.iommufd.selftest import SELFTEST_NESTED_DATA
 
@@ -94,12 +94,28 @@ def test_nested_hwpt_takes_a_fault_id_and_refuses_an_unknown_one(ctx, queue):
                         data=SELFTEST_NESTED_DATA, fault_id=0xFFFFFFFF)
 
 
-def test_fault_id_on_a_paging_hwpt_is_refused_on_6_12(ctx, queue):
+def test_fault_id_on_a_paging_hwpt_is_refused_with_the_way_out(ctx, queue, require_not):
+    require_not("faults on paging HWPTs")
     with Ioas.alloc(ctx) as ioas, MockDevice.create(ctx, ioas.id) as device:
         with pytest.raises(NotSupported) as info:
             Hwpt.alloc(ctx, dev_id=device.dev_id, pt_id=ioas.id, fault_id=queue.id)
         assert info.value.errno == errno.EOPNOTSUPP
         assert "nested HWPT" in str(info.value) and "6.13" in str(info.value)
+
+
+def test_faults_on_a_paging_hwpt_are_delivered_and_answered(ctx, queue, require):
+    require("faults on paging HWPTs")
+    with Ioas.alloc(ctx) as ioas, MockDevice.create(ctx, ioas.id) as device, \
+            Hwpt.alloc(ctx, dev_id=device.dev_id, pt_id=ioas.id, fault_id=queue.id) as paging:
+        device.replace(paging.id)
+        device.trigger_iopf(addr=0x200000, grpid=3, perm=PERM_WRITE)
+        (group,) = queue.read()
+        (fault,) = group.faults
+        assert (group.dev_id, fault.addr, fault.grpid, fault.perm) == (device.dev_id, 0x200000, 3, PERM_WRITE)
+        assert queue.respond([(group.cookie, SUCCESS)]) == 1
+        device.trigger_iopf(addr=0x201000)
+        device.replace(ioas.id)  # away from the fault-capable HWPT: what is pending is answered for us
+        assert queue.read() == []
 
 
 def test_nest_parent_with_a_fault_id_is_refused(ctx, queue):

@@ -73,7 +73,7 @@ async def test_requests_that_break_the_rules_are_refused_with_a_code(daemon):
     try:
         for op, fds, fields, code in [
             ("attach", (), {"queue": "vm1"}, "missing-fd"),
-            ("attach", (read_end, write_end), {"queue": "vm1"}, "missing-fd"),
+            ("attach", (read_end, write_end), {"queue": "vm1"}, "bad-request"),  # a second fd needs veventq_type
             ("attach", (read_end,), {"queue": "no spaces"}, "bad-request"),
             ("attach", (read_end,), {"queue": "vm1", "policy": "nope"}, "no-such-policy"),
             ("detach", (), {"queue": "vm9"}, "no-such-queue"),

@@ -422,7 +422,8 @@ async def test_oversized_messages_are_refused_and_their_fds_closed(daemon, tmp_p
 
 @pytest.mark.parametrize(("op", "kinds", "code"), [
     ("attach", [], "missing-fd"),
-    ("attach", ["eventfd", "eventfd"], "missing-fd"),
+    ("attach", ["eventfd", "eventfd"], "bad-request"),  # a second fd (a vEVENTQ) needs veventq_type
+    ("attach", ["eventfd"] * 3, "missing-fd"),
     ("attach", ["pipe"] * 4, "missing-fd"),
     ("attach", ["eventfd"] * 5, "too-many-fds"),
     ("status", ["pipe"], "bad-request"),

@@ -496,7 +496,7 @@ async def test_one_engine_serves_many_named_queues():
             await asyncio.sleep(0.001)
     await engine.stop(0)
     assert engine.totals() == {"pending": 0, "faults": 11, "success": 5, "invalid": 6, "deadline": 0,
-                               "shed": 0, "error": 0}
+                               "shed": 0, "error": 0, "vevents": 0, "vevents_lost": 0}
     assert [code for _, code in queues["vm2"].answers] == [INVALID] * 6
     for emulated in queues.values():
         emulated.close()

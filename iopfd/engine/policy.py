@@ -1,45 +1,51 @@
-"""What the engine asks of a policy: a response code for each fault group."""
+"""What the engine asks of a policy: a response code for each fault group.
+
+A policy is one of four kinds, told apart by its class, never by probing its attributes:
+
+- ``FixedPolicy(code)``: the answer never depends on the group (``accept``, ``reject``). The engine
+  answers each read from its cookie column in the loop turn that read it.
+- ``BatchPolicy``: ``decide_batch(batch)`` decides a ``Batch`` (the groups of one read, as numpy
+  columns) and returns one code per group as an array, or an awaitable of that array, or None when it
+  will answer later through ``batch.answer(positions, codes)`` (``forward``: the peer answers).
+- ``RoutingPolicy``: ``route(batch)`` returns, per group, the index into ``targets`` of the policy
+  that decides it (``rules``). Each target gets its sub-batch.
+- ``Policy`` itself, for simple plug-ins: ``async decide(group) -> code`` for one ``FaultGroup``.
+  The engine drives each call once; only a call that really awaits becomes a task, and at most
+  ``MAX_AWAITING`` per queue are in flight (the rest wait inside their deadline).
+
+Codes are SUCCESS or INVALID. The engine bounds every decision by the queue's response deadline and
+turns an exception or another code into an INVALID answer, so a policy need not defend itself. A
+policy must not block the event loop: anything slow is awaited.
+
+A queue attached with a vEVENTQ hands its events to ``on_event``, one at a time in read order;
+events take no answer. The default ignores them (routing policies do not route events). While a
+policy works through the events of one read, that vEVENTQ is not read.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from iopfd.iommufd.context import Iommufd
 from iopfd.iommufd.fault import INVALID, SUCCESS, FaultGroup
 
 if TYPE_CHECKING:
+    import numpy
+
+    from iopfd.engine.batch import Batch
     from iopfd.engine.events import Vevent
 
 CODES = {"success": SUCCESS, "invalid": INVALID}
 
 
 class Policy:
-    """Decides fault groups. ``decide`` returns SUCCESS or INVALID for one group.
-
-    A policy that can decide many groups at once also defines ``decide_batch(groups)`` returning one
-    code per group, in order; the engine then calls it once per read() instead of ``decide`` per
-    group. The engine bounds every call by the queue's response deadline and turns an exception or
-    a code other than SUCCESS/INVALID into an INVALID answer, so a policy need not defend itself.
-    A policy must not block the event loop: anything slow is awaited.
-
-    A policy whose answer never depends on the group (like ``accept`` and ``reject``) sets
-    ``fixed_code``: the engine then answers each read straight from its cookie column, in the loop
-    turn that read it, without calling the policy or making a FaultGroup per group.
-
-    A routing policy (like ``rules``) instead defines ``select(group) -> Policy``, synchronous and
-    cheap: the engine then runs the selected policy, batching the groups each one gets.
-
-    A queue attached with a vEVENTQ hands its events to ``on_event``, one at a time in read order;
-    events take no answer. The default ignores them (routing policies do not route events). While a
-    policy works through the events of one read, that vEVENTQ is not read.
-    """
+    """The base of every policy, and the kind for per-group plug-ins: override ``decide``."""
 
     name = "policy"
-    fixed_code: int | None = None
 
     async def decide(self, group: FaultGroup) -> int:
-        raise NotImplementedError
+        raise NotImplementedError(f"policy {self.name!r} ({type(self).__name__}) defines no decide()")
 
     async def on_event(self, event: Vevent) -> None:
         """A vIOMMU event (or a LOST_EVENTS header) from the queue's vEVENTQ."""
@@ -50,15 +56,31 @@ class Policy:
         ValueError saying why it cannot serve the queue; the others ignore this."""
 
     def unbind(self, queue: str) -> None:
-        """``queue`` is no longer served (detached, or the daemon stops)."""
+        """``queue`` is no longer served (it was detached)."""
+
+
+class FixedPolicy(Policy):
+    """Always the same answer."""
+
+    def __init__(self, name: str, code: int) -> None:
+        self.name = name
+        self.code = code
+
+    async def decide(self, group: FaultGroup) -> int:
+        return self.code
 
 
 class BatchPolicy(Policy):
-    """A policy whose decisions come in batches; ``decide`` is the one-group case of the batch."""
+    """Decides a whole batch at once."""
 
-    async def decide_batch(self, groups: Sequence[FaultGroup]) -> Sequence[int]:
+    def decide_batch(self, batch: Batch) -> numpy.ndarray | Sequence[int] | Awaitable[Any] | None:
         raise NotImplementedError
 
-    async def decide(self, group: FaultGroup) -> int:
-        (code,) = await self.decide_batch([group])
-        return code
+
+class RoutingPolicy(Policy):
+    """Sends each group to one of ``targets``; synchronous and cheap."""
+
+    targets: Sequence[Policy] = ()
+
+    def route(self, batch: Batch) -> numpy.ndarray:
+        raise NotImplementedError

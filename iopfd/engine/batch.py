@@ -1,0 +1,234 @@
+"""A read as columns: the records of one read() over numpy, and the groups in it as index ranges.
+
+``Read`` is everything one read() returned that is still in flight: its records (a structured array
+laid out as ``struct iommu_hwpt_pgfault``), each group's first and last record, and which groups are
+still open. ``Batch`` is a set of a read's groups handed to one policy: the whole read, or what a
+routing policy gave one sub-policy. Columns are numpy arrays with one entry per group, so deciding a
+batch makes no Python object per group or per record.
+
+numpy is imported on first use (``np()``): a daemon that serves only fixed answers never needs it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import cache
+from typing import TYPE_CHECKING, Any
+
+from iopfd.iommufd.fault import KNOWN_FLAGS, LAST_PAGE, PASID_VALID, RECORD, FaultGroup
+
+if TYPE_CHECKING:
+    import numpy
+
+# struct iommu_hwpt_pgfault, field by field (tests/kernel/test_layout.py checks it against the headers)
+RECORD_FIELDS = (("flags", "<u4"), ("dev_id", "<u4"), ("pasid", "<u4"), ("grpid", "<u4"), ("perm", "<u4"),
+                 ("reserved", "<u4"), ("addr", "<u8"), ("length", "<u4"), ("cookie", "<u4"))
+
+
+@cache
+def np() -> Any:
+    import numpy
+
+    return numpy
+
+
+@cache
+def record_dtype() -> numpy.dtype:
+    dtype = np().dtype(list(RECORD_FIELDS))
+    assert dtype.itemsize == RECORD.size
+    return dtype
+
+
+def split_groups(records: numpy.ndarray) -> tuple[numpy.ndarray, numpy.ndarray, list[tuple[int, str]]]:
+    """Whole groups of a read: each ends at a LAST_PAGE record and all its records share its cookie.
+
+    Returns the first and last record index of each good group, and ``(cookie, reason)`` for each
+    cookie of a malformed run (it mixes cookies, has cookie 0, does not end at LAST_PAGE, or shares
+    its cookie with another group of the read). Those cookies are still pending in the kernel and
+    must be answered; cookie 0 (never issued) cannot be.
+    """
+    n = np()
+    flags, cookies = records["flags"], records["cookie"]
+    last = n.flatnonzero(flags & LAST_PAGE)
+    first = n.empty_like(last)
+    first[:1] = 0
+    first[1:] = last[:-1] + 1
+    malformed: dict[int, str] = {}
+    if len(last) and last[-1] == len(records) - 1 and len(last) == len(records):
+        good = cookies != 0  # every group has one record: only cookie 0 can be wrong in itself
+        if not good.all():
+            for cookie in dict.fromkeys(cookies[~good].tolist()):
+                malformed[cookie] = "record with cookie 0 (the kernel never issues cookie 0)"
+    else:
+        group_cookie = n.repeat(cookies[last], last - first + 1) if len(last) else cookies[:0]
+        wrong = (group_cookie != cookies[:len(group_cookie)]) | (cookies[:len(group_cookie)] == 0)
+        good = n.ones(len(last), bool)
+        if wrong.any():
+            owner = n.repeat(n.arange(len(last)), last - first + 1)
+            for index in n.unique(owner[wrong]).tolist():
+                run = cookies[first[index]:last[index] + 1].tolist()
+                reason = ("record with cookie 0 (the kernel never issues cookie 0)" if 0 in run else
+                          f"group with cookie {run[0]} ends without LAST_PAGE before cookie {run[-1]}")
+                for cookie in dict.fromkeys(run):
+                    malformed.setdefault(cookie, reason)
+                good[index] = False
+        tail = cookies[len(group_cookie):].tolist()
+        if tail:
+            reason = (f"group with cookie {tail[0]} has no LAST_PAGE record at the end of the read"
+                      if 0 not in tail else "record with cookie 0 (the kernel never issues cookie 0)")
+            for cookie in dict.fromkeys(tail):
+                malformed.setdefault(cookie, reason)
+    good_cookies = cookies[last[good]] if len(last) else cookies[:0]
+    unique, counts = n.unique(good_cookies, return_counts=True)
+    for cookie, count in zip(unique[counts > 1].tolist(), counts[counts > 1].tolist()):
+        malformed.setdefault(cookie, f"cookie {cookie} used by {count} groups of one read")
+    if malformed:
+        good &= ~n.isin(cookies[last], n.fromiter(malformed, n.uint32, len(malformed)))
+    return first[good], last[good], list(malformed.items())
+
+
+class Read:
+    """The groups of one read() that are in flight, with the moment their clock started."""
+
+    __slots__ = ("records", "first", "last", "single", "queue", "started_at", "open", "left", "tasks",
+                 "_columns")
+
+    def __init__(self, records: numpy.ndarray, first: numpy.ndarray, last: numpy.ndarray, queue: str,
+                 started_at: float) -> None:
+        self.records = records
+        self.first = first
+        self.last = last
+        self.single = bool(len(first) == len(records))  # one record per group: group i is record i
+        self.queue = queue
+        self.started_at = started_at
+        self.open = np().ones(len(last), bool)
+        self.left = len(last)  # groups still open
+        self.tasks: set[Any] = set()  # policy calls still deciding groups of this read
+        self._columns: dict[str, numpy.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.last)
+
+    def column(self, name: str) -> numpy.ndarray:
+        """One value per group. Fields of the group's last record, except: ``perm`` is every permission
+        any record asks for, ``addr_min``/``addr_max`` span every faulting address."""
+        found = self._columns.get(name)
+        if found is None:
+            found = self._columns[name] = self._compute(name)
+        return found
+
+    def _compute(self, name: str) -> numpy.ndarray:
+        records, n = self.records, np()
+        if name in ("perm", "addr_min", "addr_max"):
+            field = "perm" if name == "perm" else "addr"
+            if self.single:
+                return records[field]
+            reduce = {"perm": n.bitwise_or, "addr_min": n.minimum, "addr_max": n.maximum}[name]
+            return reduce.reduceat(records[field], self.first)[: len(self.first)] if len(self.first) else records[field][:0]
+        if name == "flags":
+            return records["flags"][self.last] & KNOWN_FLAGS
+        return records[name] if self.single else records[name][self.last]
+
+    def every_record(self, record_mask: numpy.ndarray) -> numpy.ndarray:
+        """Per group: whether ``record_mask`` holds for every one of its records."""
+        if self.single:
+            return record_mask
+        return np().logical_and.reduceat(record_mask, self.first) if len(self.first) else record_mask[:0]
+
+
+class Batch:
+    """Groups of one read handed to one policy. ``index`` picks them out of the read, in read order.
+
+    Columns (``cookie``, ``dev_id``, ``pasid``, ``pasid_valid``, ``grpid``, ``perm``, ``addr_min``,
+    ``addr_max``) are numpy arrays with one entry per group of the batch. A policy that answers later
+    (it returned None from ``decide_batch``) answers through ``answer``.
+    """
+
+    __slots__ = ("read", "index", "_answer")
+
+    def __init__(self, read: Read, index: numpy.ndarray, answer: Callable[[Read, numpy.ndarray, Any], None]) -> None:
+        self.read = read
+        self.index = index
+        self._answer = answer
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __repr__(self) -> str:
+        return f"Batch(queue={self.queue!r}, groups={len(self)})"
+
+    @property
+    def queue(self) -> str:
+        return self.read.queue
+
+    def column(self, name: str) -> numpy.ndarray:
+        return self.read.column(name)[self.index]
+
+    @property
+    def cookie(self) -> numpy.ndarray:
+        return self.column("cookie")
+
+    @property
+    def dev_id(self) -> numpy.ndarray:
+        return self.column("dev_id")
+
+    @property
+    def pasid(self) -> numpy.ndarray:
+        """Meaningful where ``pasid_valid``."""
+        return self.column("pasid")
+
+    @property
+    def pasid_valid(self) -> numpy.ndarray:
+        return (self.column("flags") & PASID_VALID) != 0
+
+    @property
+    def grpid(self) -> numpy.ndarray:
+        return self.column("grpid")
+
+    @property
+    def perm(self) -> numpy.ndarray:
+        return self.column("perm")
+
+    @property
+    def addr_min(self) -> numpy.ndarray:
+        return self.column("addr_min")
+
+    @property
+    def addr_max(self) -> numpy.ndarray:
+        return self.column("addr_max")
+
+    @property
+    def fault_count(self) -> numpy.ndarray:
+        read = self.read
+        return (read.last - read.first + 1)[self.index]
+
+    def every_record(self, record_mask: numpy.ndarray) -> numpy.ndarray:
+        """Per group of the batch: whether ``record_mask`` (one entry per record of the whole read,
+        e.g. ``batch.read.records["addr"] < limit``) holds for every one of its records."""
+        return self.read.every_record(record_mask)[self.index]
+
+    def take(self, positions: numpy.ndarray) -> Batch:
+        """The groups at ``positions`` of this batch (indexes or a boolean mask), as a batch."""
+        return Batch(self.read, self.index[positions], self._answer)
+
+    def records(self) -> numpy.ndarray:
+        """A copy of the batch's records, whole groups in order, as the fault fd returned them."""
+        read = self.read
+        if read.single:
+            return read.records[self.index]
+        n = np()
+        first, last = read.first[self.index], read.last[self.index]
+        counts = last - first + 1
+        starts = n.repeat(first - n.concatenate(([0], n.cumsum(counts)[:-1])), counts)
+        return read.records[starts + n.arange(int(counts.sum()))]
+
+    def group(self, position: int) -> FaultGroup:
+        """The group at ``position`` as a FaultGroup (for per-group policies)."""
+        read, i = self.read, int(self.index[position])
+        records = read.records[read.first[i]:read.last[i] + 1]
+        return FaultGroup(int(read.records["cookie"][read.last[i]]), records.tobytes(), read.queue)
+
+    def answer(self, positions: numpy.ndarray | slice, codes: Any) -> None:
+        """Answer the groups at ``positions`` (of this batch) with ``codes`` (one per group, or one for
+        all): SUCCESS or INVALID. Groups already answered (at their deadline) are skipped."""
+        self._answer(self.read, self.index[positions], codes)

@@ -2,9 +2,10 @@
 
 from iopfd.engine.engine import Engine
 from iopfd.engine.events import EventQueueServer, Vevent
-from iopfd.engine.policy import CODES, BatchPolicy, Policy
+from iopfd.engine.batch import Batch
+from iopfd.engine.policy import CODES, BatchPolicy, FixedPolicy, Policy, RoutingPolicy
 from iopfd.engine.queue import QueueConfig, QueueServer
 from iopfd.engine.stats import OUTCOMES, EventStats, QueueStats
 
-__all__ = ["CODES", "OUTCOMES", "BatchPolicy", "Engine", "EventQueueServer", "EventStats", "Policy", "QueueConfig",
-           "QueueServer", "QueueStats", "Vevent"]
+__all__ = ["CODES", "OUTCOMES", "Batch", "BatchPolicy", "Engine", "EventQueueServer", "EventStats", "FixedPolicy",
+           "Policy", "QueueConfig", "QueueServer", "QueueStats", "RoutingPolicy", "Vevent"]

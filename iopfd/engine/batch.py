@@ -11,7 +11,7 @@ numpy is imported on first use (``np()``): a daemon that serves only fixed answe
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import cache
 from typing import TYPE_CHECKING, Any
 
@@ -87,15 +87,33 @@ def split_groups(records: numpy.ndarray) -> tuple[numpy.ndarray, numpy.ndarray, 
     return first[good], last[good], list(malformed.items())
 
 
+def whole_groups(raw: bytes) -> tuple[bytes, numpy.ndarray, numpy.ndarray, list[tuple[int, str]]]:
+    """split_groups() over the bytes of a read, with the records of malformed runs cut out, so that
+    the groups returned tile the bytes returned (what ``Read`` expects)."""
+    n = np()
+    records = n.frombuffer(raw, record_dtype())
+    first, last, malformed = split_groups(records)
+    if malformed:
+        counts = last - first + 1
+        keep = n.repeat(first - n.concatenate(([0], n.cumsum(counts)[:-1])), counts) + n.arange(int(counts.sum()))
+        raw = records[keep].tobytes()
+        last = n.cumsum(counts) - 1
+        first = last - counts + 1
+    return raw, first, last, malformed
+
+
 class Read:
-    """The groups of one read() that are in flight, with the moment their clock started."""
+    """The groups of one read() that are in flight, with the moment their clock started. The groups
+    tile ``raw``: group i is records ``first[i]`` to ``last[i]``, and ``first[i + 1] == last[i] + 1``."""
 
-    __slots__ = ("records", "first", "last", "single", "queue", "started_at", "open", "left", "tasks",
-                 "_columns")
+    __slots__ = ("raw", "records", "first", "last", "single", "queue", "started_at", "serial", "open", "left",
+                 "tasks", "_columns")
 
-    def __init__(self, records: numpy.ndarray, first: numpy.ndarray, last: numpy.ndarray, queue: str,
-                 started_at: float) -> None:
-        self.records = records
+    def __init__(self, raw: bytes, first: numpy.ndarray, last: numpy.ndarray, queue: str, started_at: float,
+                 serial: int = 0) -> None:
+        self.raw = raw  # the bytes read
+        self.records = records = np().frombuffer(raw, record_dtype())
+        self.serial = serial  # the queue's number for this read, unique while it is in flight
         self.first = first
         self.last = last
         self.single = bool(len(first) == len(records))  # one record per group: group i is record i
@@ -144,12 +162,13 @@ class Batch:
     (it returned None from ``decide_batch``) answers through ``answer``.
     """
 
-    __slots__ = ("read", "index", "_answer")
+    __slots__ = ("read", "index", "_answer", "_whole")
 
     def __init__(self, read: Read, index: numpy.ndarray, answer: Callable[[Read, numpy.ndarray, Any], None]) -> None:
         self.read = read
-        self.index = index
+        self.index = index  # sorted, no repeats
         self._answer = answer
+        self._whole = len(index) == len(read)  # every group of the read: columns need no indexing
 
     def __len__(self) -> int:
         return len(self.index)
@@ -162,7 +181,8 @@ class Batch:
         return self.read.queue
 
     def column(self, name: str) -> numpy.ndarray:
-        return self.read.column(name)[self.index]
+        column = self.read.column(name)
+        return column if self._whole else column[self.index]
 
     @property
     def cookie(self) -> numpy.ndarray:
@@ -205,7 +225,8 @@ class Batch:
     def every_record(self, record_mask: numpy.ndarray) -> numpy.ndarray:
         """Per group of the batch: whether ``record_mask`` (one entry per record of the whole read,
         e.g. ``batch.read.records["addr"] < limit``) holds for every one of its records."""
-        return self.read.every_record(record_mask)[self.index]
+        groups = self.read.every_record(record_mask)
+        return groups if self._whole else groups[self.index]
 
     def take(self, positions: numpy.ndarray) -> Batch:
         """The groups at ``positions`` of this batch (indexes or a boolean mask), as a batch."""
@@ -225,10 +246,22 @@ class Batch:
     def group(self, position: int) -> FaultGroup:
         """The group at ``position`` as a FaultGroup (for per-group policies)."""
         read, i = self.read, int(self.index[position])
-        records = read.records[read.first[i]:read.last[i] + 1]
-        return FaultGroup(int(read.records["cookie"][read.last[i]]), records.tobytes(), read.queue)
+        first, last = int(read.first[i]), int(read.last[i])
+        return FaultGroup(int(read.records["cookie"][last]), read.raw[first * RECORD.size:(last + 1) * RECORD.size],
+                          read.queue)
 
     def answer(self, positions: numpy.ndarray | slice, codes: Any) -> None:
         """Answer the groups at ``positions`` (of this batch) with ``codes`` (one per group, or one for
         all): SUCCESS or INVALID. Groups already answered (at their deadline) are skipped."""
         self._answer(self.read, self.index[positions], codes)
+
+
+def batch_of(groups: Sequence[FaultGroup], answer: Callable[[Read, numpy.ndarray, Any], None] | None = None) -> Batch:
+    """A batch of FaultGroups, as if one read had returned them (for deciding groups outside the
+    engine, and for tests). ``answer`` receives what a policy answers through ``batch.answer``."""
+    n = np()
+    counts = n.array([group.fault_count for group in groups], n.intp)
+    last = n.cumsum(counts) - 1
+    read = Read(b"".join(group.records for group in groups), last - counts + 1, last,
+                groups[0].queue if groups else "", 0.0)
+    return Batch(read, n.arange(len(groups)), answer or (lambda read, index, codes: None))

@@ -24,6 +24,8 @@ policy works through the events of one read, that vEVENTQ is not read.
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 from collections.abc import Awaitable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -71,10 +73,26 @@ class FixedPolicy(Policy):
 
 
 class BatchPolicy(Policy):
-    """Decides a whole batch at once."""
+    """Decides a whole batch at once. ``decide`` is the one-group case, for callers outside the engine."""
 
     def decide_batch(self, batch: Batch) -> numpy.ndarray | Sequence[int] | Awaitable[Any] | None:
         raise NotImplementedError
+
+    async def decide(self, group: FaultGroup) -> int:
+        from iopfd.engine.batch import batch_of, np
+
+        answered = asyncio.get_running_loop().create_future()
+
+        def answer(read: Any, index: Any, codes: Any) -> None:
+            if not answered.done():
+                answered.set_result(int(np().broadcast_to(codes, (len(index),))[0]))
+
+        result = self.decide_batch(batch_of([group], answer))
+        if result is None:
+            return await answered
+        if inspect.isawaitable(result):
+            result = await result
+        return int(np().asarray(result)[0])
 
 
 class RoutingPolicy(Policy):

@@ -1,44 +1,58 @@
-"""One fault queue served end to end: read() -> groups -> policy -> answer -> one write() per loop turn.
+"""One fault queue served end to end: read() -> a batch of groups -> policy -> one write() of answers.
 
-A fault's path, top to bottom of this file: ``_on_readable`` reads whole groups when the event loop
-says the fd is readable. With a policy whose answer is fixed (accept, reject) and nothing else
-pending, ``_answer_read`` answers the whole read at once from its cookie column. Otherwise
-``_admit`` sheds what exceeds ``max_pending`` and hands the rest to the policy; ``_decided`` (the policy's answer), ``_on_deadline`` (no answer in time) or ``stop`` (the
-daemon is exiting) answers the group exactly once; ``_flush`` writes every answer of the loop turn
-in one write() and skips exactly the entries the kernel refuses.
+A fault's path, top to bottom of this file:
 
-Invariant: every group read is in ``_pending`` until answered (``_answer_read`` skips this step),
-then in ``_outgoing`` until written.
-Entries, not cookies, identify groups: the kernel reuses a cookie as soon as it is answered, so a
-late decision for an abandoned group must never answer the new group that got its cookie.
+1. ``_on_readable``: the event loop says the fd is readable. Each read() becomes one batch. The
+   groups' clock starts at the first readiness seen since the queue was last found empty, so time a
+   group waits unread in the kernel counts against its deadline.
+2. A fixed answer (accept, reject) with nothing in flight is written straight from the read's cookie
+   column (``_answer_fixed``). Otherwise ``_admit`` makes a ``Read`` of numpy columns, answers the
+   malformed groups, voids decisions for cookies the kernel reissued, sheds what exceeds
+   ``max_pending`` and answers at once what is already past its deadline.
+3. ``_dispatch`` hands the batch to the policy by its kind: a fixed code, ``route`` (each target
+   gets its sub-batch), ``decide_batch`` (codes now, later, or through ``batch.answer``), or
+   ``decide`` per group (``_decide_each``: driven once, a task only if it really awaits).
+4. ``_answer`` closes groups exactly once: a decision, ``_on_deadline`` (no decision in time) or
+   ``stop`` (the daemon exits). ``_flush`` writes every answer of the loop turn in one write() and
+   skips exactly the entries the kernel refuses.
+
+Invariant: every group read is open in a ``Read`` of ``_reads`` until answered, then in
+``_outgoing`` until written. Reads, not cookies, identify groups: the kernel reuses a cookie as soon
+as it is answered, so a late decision for an abandoned group must never answer the new group that
+got its cookie (``_void_reissued``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 from array import array
-from collections.abc import Callable, Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
 
 import structlog
 
-from iopfd.engine.policy import Policy
+from iopfd.engine.batch import Batch, Read, np, whole_groups
+from iopfd.engine.policy import BatchPolicy, FixedPolicy, Policy, RoutingPolicy
 from iopfd.engine.stats import QueueStats
 from iopfd.iommufd.errors import IommufdError
 from iopfd.iommufd.fault import (
-    INVALID, LAST_PAGE, RECORD, RESPONSE, SUCCESS, FaultGroup, FaultQueue, assemble_groups, respond_packed,
+    INVALID, LAST_PAGE, RECORD, RESPONSE, SUCCESS, FaultGroup, FaultQueue, respond_packed,
 )
 
 log = structlog.get_logger("iopfd.engine")
 
 # Reads per readiness callback before yielding to the loop, so one flooding queue cannot starve the
 # others or its own policies (readiness is level-triggered: the loop calls back at once if more is
-# queued). A wakeup also ends once max_pending groups await a decision: a burst is shed only when
-# the policy has had its turn and is still behind, not because it arrived in one read.
+# queued). A wakeup also ends once max_pending groups are open, so a policy that answers a turn later
+# (a peer) has its turn before anything is shed; the next wakeup reads again regardless.
 MAX_READS_PER_WAKEUP = 4
-# ... and once this many groups went to policies (a task each for per-group ones): with 4 096 per
-# wakeup the storm bench saw deadline timers fire over 50 ms late under TCG; with 1 024, never.
-MAX_ADMITTED_PER_WAKEUP = 1024
+# Per-group decide() calls that really await, in flight per queue; further groups wait their turn
+# inside their deadline.
+MAX_AWAITING = 256
 # Deleting every byte with the LAST_PAGE bit from a read's flag bytes leaves nothing exactly when
 # every record is a whole one-record group (what a PRI device sends for single-page faults).
 _WITH_LAST_PAGE = bytes(b for b in range(256) if b & LAST_PAGE)
@@ -50,6 +64,9 @@ DEADLINE_SLACK = 1e-4
 MAX_ROUTING_DEPTH = 16
 # How long stop() waits for cancelled policy tasks to unwind.
 CANCEL_WAIT = 1.0
+# Cookies are the lowest free value, so they stay below the number of groups pending at once; the
+# table that finds the open group of a cookie grows to that. Beyond this, a dict holds them.
+MAX_TRACKED_COOKIE = 1 << 22
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,18 +79,6 @@ class QueueConfig:
     device_names: Mapping[int, str] = field(default_factory=dict)  # dev_id -> name, in per-group lines
 
 
-class _Pending:
-    """A group read and not yet answered; ``task`` is the policy call deciding it."""
-
-    __slots__ = ("group", "read_at", "task", "batched")
-
-    def __init__(self, group: FaultGroup, read_at: float) -> None:
-        self.group = group
-        self.read_at = read_at
-        self.task: asyncio.Task | None = None
-        self.batched = False  # the task decides other groups too
-
-
 class QueueServer:
     """Serves one fault queue (any number of HWPTs, devices and PASIDs) with one policy."""
 
@@ -84,14 +89,24 @@ class QueueServer:
         self.name = config.name
         self.stats = QueueStats()
         self.failure: str | None = None  # why the queue stopped being served, if it did
-        self._pending: dict[int, _Pending] = {}
-        # Answers not yet written, as runs sharing an outcome and read time: (responses, count, outcome, read_at)
-        self._outgoing: list[tuple[bytes | bytearray, int, str, float]] = []
+        self._reads: dict[int, Read] = {}  # serial -> a read with open groups, in read order
+        self._serial = 0
+        self._open = 0  # open groups over all reads
+        # cookie -> serial of the read that holds it open (0: none), and its group index there
+        self._cookie_read: Any = None
+        self._cookie_group: Any = None
+        self._big_cookies: dict[int, tuple[int, int]] = {}  # the same for cookies beyond the table
+        self._awaiting = 0  # per-group decide() tasks in flight
+        self._waiting_turn: deque[tuple[Policy, Batch]] = deque()  # per-group work beyond MAX_AWAITING
+        # Answers not yet written: (responses, started_at, ((outcome, count), ...))
+        self._outgoing: list[tuple[Any, float, tuple[tuple[str, int], ...]]] = []
         self._outgoing_count = 0
-        # A policy whose answer never depends on the group (accept, reject): see _answer_read.
-        self._fixed_code: int | None = getattr(policy, "fixed_code", None)
+        self._fixed_code = policy.code if isinstance(policy, FixedPolicy) else None
+        if self._fixed_code is None:
+            np()  # import numpy now, before READY=1, not on the first fault
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reading = False
+        self._unread_since: float | None = None  # first readiness since the queue was last seen empty
         self._deadline_timer: asyncio.TimerHandle | None = None
         self._flush_handle: asyncio.Handle | None = None
         self._drained: asyncio.Event | None = None
@@ -107,9 +122,14 @@ class QueueServer:
         return self._reading
 
     @property
+    def deciding(self) -> int:
+        """Groups read and not yet answered."""
+        return self._open
+
+    @property
     def pending(self) -> int:
         """Groups read and not yet written back."""
-        return len(self._pending) + self._outgoing_count
+        return self._open + self._outgoing_count
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -125,13 +145,15 @@ class QueueServer:
 
     # -- read ----------------------------------------------------------------------------------
     def _on_readable(self) -> None:
-        admitted = 0
+        loop = self._loop
+        if self._unread_since is None:
+            self._unread_since = loop.time()
         for attempt in range(MAX_READS_PER_WAKEUP):
             # Write answers already made first: once a group is auto-answered by a detach, its cookie
             # can come back with a new group in the very next read, and a stale answer must never
             # reach that one. (So answers go out in one write() per read, like the C floor's.)
             self._flush()
-            if admitted >= MAX_ADMITTED_PER_WAKEUP or (attempt and len(self._pending) >= self.config.max_pending):
+            if attempt and self._open >= self.config.max_pending:
                 return  # let the policies catch up first; shed only if they still have not next time
             try:
                 # Only the first read of a wakeup can meet an old 6.12 kernel's "0 bytes but POLLIN".
@@ -140,29 +162,22 @@ class QueueServer:
                 self._fail(f"cannot read the fault fd: {exc}")
                 return
             if not data:
+                self._unread_since = None
                 return
-            now = self._loop.time()
+            now = loop.time()
             if self.stats.first_read is None:
                 self.stats.first_read = now
-            if self._fixed_code is not None and not self._pending and self._answer_read(data, now):
+            started = self._unread_since
+            if self._fixed_code is not None and not self._reads and self._answer_fixed(data, started, now):
                 continue
-            groups, malformed = assemble_groups(data, self.name)
-            if self.cookie_mark_hook is not None:  # only with crash recovery on: no scan otherwise
-                highest = max((g.cookie for g in groups), default=0)
-                if malformed:
-                    highest = max(highest, *(cookie for cookie, _ in malformed))
-                if highest > self.cookie_mark:
-                    self.cookie_mark = self.cookie_mark_hook(highest)
-            self.stats.read_batches.observe(len(groups))
-            self._admit(groups, malformed, now)
-            admitted += len(groups)
+            self._admit(data, started, now)
 
-    def _answer_read(self, data: memoryview, now: float) -> bool:
-        """Answer a whole read with the policy's fixed code, without a Python object per group: the
-        responses are the read's cookie column with the code beside each. Only for reads of
-        one-record groups (else False, and the read takes the general path) and only while nothing
-        else is pending, so no decision in flight can be for a cookie this read reissues. Cookie 0 or
-        a cookie twice in one read (kernel bugs) are left to the kernel, which refuses the write."""
+    def _answer_fixed(self, data: memoryview, started: float, now: float) -> bool:
+        """Answer a whole read with the policy's fixed code from its cookie column: no numpy, no
+        object per group. Only for reads of one-record groups (else False: the read takes the batch
+        path) and only while nothing is in flight, so no open group can have a cookie this read
+        reissues. Cookie 0 or a cookie twice in one read (kernel bugs) are left to the kernel, which
+        refuses the write."""
         if data[0::RECORD.size].tobytes().translate(None, _WITH_LAST_PAGE):
             return False
         cookies = data.cast("I")[_COOKIE_WORD::_RECORD_WORDS]
@@ -173,159 +188,321 @@ class QueueServer:
         if self._fixed_code:
             columns[1::2] = array("I", (self._fixed_code,)) * count
         if self.cookie_mark_hook is not None:  # only with crash recovery on: no scan otherwise
-            highest = max(cookies)
-            if highest > self.cookie_mark:
-                self.cookie_mark = self.cookie_mark_hook(highest)
+            self._raise_cookie_mark(max(cookies))
         stats = self.stats
         stats.faults += count
         stats.read_batches.observe(count)
-        self._queue_run(responses, count, "success" if self._fixed_code == SUCCESS else "invalid", now)
+        stats.unread_wait.observe(now - started, count)
+        self._queue_run(responses, started, (("success" if self._fixed_code == SUCCESS else "invalid", count),))
         return True
 
-    def _admit(self, groups: list[FaultGroup], malformed: list[tuple[int, str]], now: float) -> None:
-        admitted = []
-        room = self.config.max_pending - len(self._pending)
-        shed = 0
-        for group in groups:
-            self.stats.faults += group.fault_count
-            stale = self._pending.pop(group.cookie, None)
-            if stale is not None:
-                self._superseded(stale)
-            if room <= 0:
-                self._queue_run(RESPONSE.pack(group.cookie, INVALID), 1, "shed", now)
-                shed += 1
-                continue
-            room -= 1
-            entry = _Pending(group, now)
-            self._pending[group.cookie] = entry
-            admitted.append(entry)
-            if self._log_groups:
-                self._log.debug("group read", cookie=group.cookie, dev_id=group.dev_id, pasid=group.pasid,
-                                device=self.config.device_names.get(group.dev_id), faults=group.fault_count,
-                                addr=hex(group.addresses[-1]))
-        if shed:
-            self._log.warning("queue full: groups shed with INVALID", shed=shed, max_pending=self.config.max_pending)
+    def _admit(self, data: memoryview, started: float, now: float) -> None:
+        n = np()
+        if self.cookie_mark_hook is not None:  # only with crash recovery on: no scan otherwise
+            self._raise_cookie_mark(int(n.frombuffer(data, "<u4")[_COOKIE_WORD::_RECORD_WORDS].max()))
+        raw, first, last, malformed = whole_groups(bytes(data))  # a copy: the read buffer is reused
         for cookie, reason in malformed:
             self._log.error("malformed fault group answered INVALID", cookie=cookie, reason=reason)
             if cookie:  # cookie 0 is never issued, so there is nothing to answer
-                self._queue_run(RESPONSE.pack(cookie, INVALID), 1, "error", now)
-        if admitted:
-            self._arm_deadline()
-            self._dispatch(admitted)
+                self._queue_run(RESPONSE.pack(cookie, INVALID), started, (("error", 1),))
+        count = len(last)
+        if not count:
+            return
+        stats = self.stats
+        stats.faults += int((last - first + 1).sum())
+        stats.read_batches.observe(count)
+        stats.unread_wait.observe(now - started, count)
+        self._serial += 1
+        read = Read(raw, first, last, self.name, started, self._serial)
+        self._reads[read.serial] = read
+        self._open += count
+        self._track_cookies(read)
+        if self._log_groups:
+            self._log_read(read)
+        if now - started >= self.config.response_deadline - DEADLINE_SLACK:
+            self._abandon([read], "groups waited unread in the kernel past the response deadline")
+            return
+        room = self.config.max_pending - (self._open - count)
+        if room < count:
+            self._answer(read, n.arange(max(room, 0), count), INVALID, "shed")
+            self._log.warning("queue full: groups shed with INVALID", shed=count - max(room, 0),
+                              max_pending=self.config.max_pending)
+            if room <= 0:
+                return
+        self._arm_deadline()
+        self._dispatch(self.policy, Batch(read, n.flatnonzero(read.open), self._answer_codes), 0)
+
+    def _raise_cookie_mark(self, highest: int) -> None:
+        if highest > self.cookie_mark:
+            self.cookie_mark = self.cookie_mark_hook(highest)
+
+    def _track_cookies(self, read: Read) -> None:
+        """Record which read holds each cookie open, voiding the open group of any cookie the kernel
+        has reissued (it answered that group itself, on a detach or replace)."""
+        n = np()
+        cookies = read.column("cookie")
+        small = cookies < MAX_TRACKED_COOKIE
+        positions = n.arange(len(read))
+        if not small.all():  # absurd cookies (a kernel bug): looked up one by one
+            for cookie, position in zip(cookies[~small].tolist(), positions[~small].tolist()):
+                holder = self._big_cookies.get(cookie)
+                if holder is not None:
+                    self._void_reissued(n.array([holder[0]]), n.array([holder[1]]))
+                self._big_cookies[cookie] = (read.serial, position)
+            cookies, positions = cookies[small], positions[small]
+            if not len(cookies):
+                return
+        highest = int(cookies.max())
+        if self._cookie_read is None or highest >= len(self._cookie_read):
+            size = 1 << max(12, highest.bit_length())
+            grown_read, grown_group = n.zeros(size, n.int64), n.zeros(size, n.int32)
+            if self._cookie_read is not None:
+                grown_read[:len(self._cookie_read)] = self._cookie_read
+                grown_group[:len(self._cookie_group)] = self._cookie_group
+            self._cookie_read, self._cookie_group = grown_read, grown_group
+        holders = self._cookie_read[cookies]
+        if holders.any():
+            held = holders != 0
+            self._void_reissued(holders[held], self._cookie_group[cookies[held]])
+        self._cookie_read[cookies] = read.serial
+        self._cookie_group[cookies] = positions
+
+    def _void_reissued(self, serials: Any, groups: Any) -> None:
+        """The kernel answered these groups (of these reads) itself, INVALID on a detach or replace,
+        and reissued their cookies: the decisions in flight are void. Counted as errors and response
+        write errors."""
+        for serial in np().unique(serials).tolist():
+            read = self._reads.get(serial)
+            if read is None:
+                continue
+            index = groups[serials == serial]
+            index = index[read.open[index]]
+            if not len(index):
+                continue
+            self._close(read, index)
+            self.stats.outcomes["error"] += len(index)
+            self.stats.write_errors += len(index)
+            self._log.warning("group answered by the kernel before its decision (device detached or replaced)",
+                              cookies=read.column("cookie")[index].tolist())
 
     # -- decide --------------------------------------------------------------------------------
-    def _dispatch(self, entries: list[_Pending]) -> None:
-        if getattr(self.policy, "select", None) is None:
-            self._start(self.policy, entries)
-            return
-        routed: dict[int, tuple[Policy, list[_Pending]]] = {}
-        for entry in entries:
+    def _dispatch(self, policy: Policy, batch: Batch, depth: int) -> None:
+        if isinstance(policy, FixedPolicy):
+            self._answer(batch.read, batch.index, policy.code)
+        elif isinstance(policy, RoutingPolicy):
+            self._route(policy, batch, depth)
+        elif isinstance(policy, BatchPolicy):
             try:
-                policy = _route(self.policy, entry.group)
+                result = policy.decide_batch(batch)
             except Exception:
-                self._log.exception("policy raised selecting a sub-policy; group answered INVALID",
-                                    policy=self.policy.name, cookie=entry.group.cookie)
-                self._answer(entry, INVALID, "error")
+                self._policy_raised(policy, batch)
+                return
+            if result is None:
+                return  # the policy answers through batch.answer
+            if inspect.isawaitable(result):
+                task = self._loop.create_task(self._await_batch(policy, batch, result))
+                batch.read.tasks.add(task)
+                task.add_done_callback(batch.read.tasks.discard)
+            else:
+                self._decided(policy, batch, result)
+        else:
+            self._decide_each(policy, batch)
+
+    def _route(self, policy: RoutingPolicy, batch: Batch, depth: int) -> None:
+        n = np()
+        try:
+            if depth >= MAX_ROUTING_DEPTH:
+                raise RecursionError(f"more than {MAX_ROUTING_DEPTH} routing policies in a chain")
+            route = n.asarray(policy.route(batch))
+            if route.shape != (len(batch),) or route.dtype.kind not in "iu":
+                raise ValueError(f"route() returned {route.dtype} of shape {route.shape} for {len(batch)} groups")
+            targets = policy.targets
+            if len(route) and (route.min() < 0 or route.max() >= len(targets)):
+                raise ValueError(f"route() returned a target index outside 0..{len(targets) - 1}")
+        except Exception:
+            self._log.exception("policy raised selecting a sub-policy; groups answered INVALID",
+                                policy=policy.name, groups=len(batch))
+            self._answer(batch.read, batch.index, INVALID, "error")
+            return
+        if len(targets) == 1 or (route == route[0]).all():
+            self._dispatch(targets[int(route[0])], batch, depth + 1)
+            return
+        order = n.argsort(route, kind="stable")
+        bounds = n.searchsorted(route[order], n.arange(len(targets) + 1))
+        for target, start, end in zip(targets, bounds[:-1].tolist(), bounds[1:].tolist()):
+            if start < end:
+                self._dispatch(target, batch.take(order[start:end]), depth + 1)
+
+    async def _await_batch(self, policy: Policy, batch: Batch, result: Any) -> None:
+        try:
+            codes = await result
+        except Exception:
+            self._policy_raised(policy, batch)
+            return
+        self._decided(policy, batch, codes)
+
+    def _decided(self, policy: Policy, batch: Batch, codes: Any) -> None:
+        self._answer_codes(batch.read, batch.index, codes, policy.name)
+
+    def _answer_codes(self, read: Read, index: Any, codes: Any, policy: str | None = None) -> None:
+        """Answer groups with a policy's codes (one per group, or one for all). Anything but SUCCESS
+        or INVALID answers that group INVALID as a policy error. ``Batch.answer`` lands here."""
+        n = np()
+        index = n.asarray(index)
+        try:
+            codes = n.asarray(codes)
+            if codes.dtype.kind not in "iu" or codes.shape not in ((), index.shape):
+                raise ValueError(f"{codes.dtype} of shape {codes.shape}")
+        except (ValueError, TypeError) as exc:
+            self._log.error("policy returned no code per group; groups answered INVALID",
+                            policy=policy or self.policy.name, groups=len(index), returned=str(exc)[:80])
+            self._answer(read, index, INVALID, "error")
+            return
+        good = (codes == SUCCESS) | (codes == INVALID)
+        if good.all():
+            self._answer(read, index, codes)
+            return
+        if not codes.ndim:
+            codes, good = n.broadcast_to(codes, index.shape), n.broadcast_to(good, index.shape)
+        bad = ~good
+        self._log.error("policy returned neither SUCCESS nor INVALID; groups answered INVALID",
+                        policy=policy or self.policy.name, groups=int(bad.sum()),
+                        returned=sorted(set(codes[bad].tolist()))[:8])
+        self._answer(read, index[bad], INVALID, "error")
+        self._answer(read, index[good], codes[good])
+
+    def _policy_raised(self, policy: Policy, batch: Batch) -> None:
+        self._log.exception("policy raised; groups answered INVALID", policy=policy.name, groups=len(batch))
+        self._answer(batch.read, batch.index, INVALID, "error")
+
+    def _decide_each(self, policy: Policy, batch: Batch) -> None:
+        """Per-group decide(): drive each call once; a call that finishes at once costs no task."""
+        read = batch.read
+        index = batch.index
+        raw, size, queue = read.raw, RECORD.size, read.queue
+        positions, codes = [], []
+        for position, (is_open, first, last, cookie) in enumerate(zip(
+                read.open[index].tolist(), read.first[index].tolist(), read.last[index].tolist(),
+                read.column("cookie")[index].tolist())):
+            if not is_open:
                 continue
-            routed.setdefault(id(policy), (policy, []))[1].append(entry)
-        for policy, routed_entries in routed.values():
-            self._start(policy, routed_entries)
+            if self._awaiting >= MAX_AWAITING:
+                self._waiting_turn.append((policy, batch.take(slice(position, None))))
+                break
+            try:
+                call = policy.decide(FaultGroup(cookie, raw[first * size:(last + 1) * size], queue))
+                waiting_on = call.send(None)
+            except StopIteration as stop:
+                code = stop.value
+                positions.append(position)
+                codes.append(code if type(code) is int and code in (SUCCESS, INVALID) else -1)
+                continue
+            except Exception:
+                self._log.exception("policy raised; group answered INVALID", policy=policy.name, cookie=cookie)
+                self._answer(read, index[position:position + 1], INVALID, "error")
+                continue
+            self._awaiting += 1
+            task = self._loop.create_task(_finish(call, waiting_on))
+            read.tasks.add(task)
+            task.add_done_callback(partial(self._group_decided, policy, batch.take(slice(position, position + 1))))
+        if positions:
+            self._decided(policy, batch.take(positions), codes)
 
-    def _start(self, policy: Policy, entries: list[_Pending]) -> None:
-        """One task per batch for policies with ``decide_batch``, else one per group."""
-        if getattr(policy, "decide_batch", None) is not None:
-            task = self._loop.create_task(self._run_batch(policy, entries))
-            for entry in entries:
-                entry.task = task
-                entry.batched = True
-        else:
-            for entry in entries:
-                entry.task = self._loop.create_task(self._run_one(policy, entry))
+    def _group_decided(self, policy: Policy, batch: Batch, task: asyncio.Task) -> None:
+        self._awaiting -= 1
+        batch.read.tasks.discard(task)
+        if not task.cancelled():
+            exc = task.exception()
+            if exc is not None:
+                self._log.error("policy raised; group answered INVALID", policy=policy.name,
+                                cookie=int(batch.cookie[0]), exc_info=exc)
+                self._answer(batch.read, batch.index, INVALID, "error")
+            else:
+                code = task.result()
+                self._decided(policy, batch, [code if type(code) is int and code in (SUCCESS, INVALID) else -1])
+        while self._waiting_turn and self._awaiting < MAX_AWAITING and self._reading:
+            self._decide_each(*self._waiting_turn.popleft())
 
-    async def _run_one(self, policy: Policy, entry: _Pending) -> None:
-        try:
-            code = await policy.decide(entry.group)
-        except Exception:
-            self._log.exception("policy raised; group answered INVALID", policy=policy.name,
-                                cookie=entry.group.cookie)
-            self._answer(entry, INVALID, "error")
-            return
-        self._decided(policy, entry, code)
-
-    async def _run_batch(self, policy: Policy, entries: list[_Pending]) -> None:
-        try:
-            codes = await policy.decide_batch([entry.group for entry in entries])
-            if len(codes) != len(entries):
-                raise ValueError(f"decide_batch returned {len(codes)} codes for {len(entries)} groups")
-        except Exception:
-            self._log.exception("policy raised; groups answered INVALID", policy=policy.name,
-                                groups=len(entries))
-            for entry in entries:
-                self._answer(entry, INVALID, "error")
-            return
-        for entry, code in zip(entries, codes):
-            self._decided(policy, entry, code)
-
-    def _decided(self, policy: Policy, entry: _Pending, code: object) -> None:
-        if code == SUCCESS and type(code) is not bool:
-            self._answer(entry, SUCCESS, "success")
-        elif code == INVALID and type(code) is not bool:
-            self._answer(entry, INVALID, "invalid")
-        else:
-            self._log.error("policy returned neither SUCCESS nor INVALID; group answered INVALID",
-                            policy=policy.name, cookie=entry.group.cookie, returned=repr(code)[:80])
-            self._answer(entry, INVALID, "error")
-
-    def _superseded(self, entry: _Pending) -> None:
-        """The kernel answered this group itself (INVALID, on a detach or replace) and reissued its
-        cookie: the decision in flight is void. Counted as an error and a response write error."""
-        if entry.task is not None and not entry.batched:
-            entry.task.cancel()
-        self.stats.outcomes["error"] += 1
-        self.stats.write_errors += 1
-        self._log.warning("group answered by the kernel before its decision (device detached or replaced)",
-                          cookie=entry.group.cookie)
-
+    # -- deadlines -----------------------------------------------------------------------------
     def _arm_deadline(self) -> None:
-        if self._deadline_timer is None and self._pending:
-            oldest = next(iter(self._pending.values()))  # insertion order is read order
-            self._deadline_timer = self._loop.call_at(oldest.read_at + self.config.response_deadline,
+        if self._deadline_timer is None and self._reads:
+            oldest = next(iter(self._reads.values()))  # insertion order is read order
+            self._deadline_timer = self._loop.call_at(oldest.started_at + self.config.response_deadline,
                                                       self._on_deadline)
 
     def _on_deadline(self) -> None:
         self._deadline_timer = None
         limit = self._loop.time() - self.config.response_deadline + DEADLINE_SLACK
         expired = []
-        for entry in self._pending.values():
-            if entry.read_at > limit:
+        for read in self._reads.values():
+            if read.started_at > limit:
                 break
-            expired.append(entry)
+            expired.append(read)
         if expired:
             self._abandon(expired, "policy missed the response deadline")
         self._arm_deadline()
 
-    def _abandon(self, entries: Sequence[_Pending], why: str) -> None:
-        """Answer with the deadline code and cancel the policy calls still deciding."""
-        for entry in entries:
-            self._answer(entry, self.config.deadline_code, "deadline")
-            if entry.task is not None:
-                entry.task.cancel()  # no-op once done; a batch's task is shared by its entries
+    def _abandon(self, reads: list[Read], why: str) -> None:
+        """Answer every open group of these reads with the deadline code, cancelling their policy calls."""
+        groups = 0
+        for read in reads:
+            groups += read.left
+            self._answer(read, np().flatnonzero(read.open), self.config.deadline_code, "deadline")
         self._log.warning(f"{why}; groups answered with the deadline code", policy=self.policy.name,
-                          groups=len(entries), code=self.config.deadline_code)
+                          groups=groups, code=self.config.deadline_code)
 
     # -- answer --------------------------------------------------------------------------------
-    def _answer(self, entry: _Pending, code: int, outcome: str) -> None:
-        cookie = entry.group.cookie
-        if self._pending.get(cookie) is not entry:
-            return  # already answered (deadline, shutdown): a late decision changes nothing
-        del self._pending[cookie]
-        self._queue_run(RESPONSE.pack(cookie, code), 1, outcome, entry.read_at)
-        if not self._pending and self._drained is not None:
+    def _answer(self, read: Read, index: Any, codes: Any, outcome: str | None = None) -> None:
+        """Answer the groups of ``read`` at ``index`` that are still open, each exactly once. ``codes``
+        is one code for all or one per index; the outcome is "success"/"invalid" by code unless given."""
+        n = np()
+        index = n.asarray(index)
+        still_open = read.open[index]
+        if not still_open.all():
+            index = index[still_open]
+            if n.ndim(codes):
+                codes = n.asarray(codes)[still_open]
+        count = len(index)
+        if not count:
+            return
+        responses = n.empty(count, _response_dtype())
+        responses["cookie"] = read.column("cookie")[index]
+        responses["code"] = codes
+        if outcome is not None:
+            outcomes: tuple[tuple[str, int], ...] = ((outcome, count),)
+        elif n.ndim(codes):
+            succeeded = int(n.count_nonzero(responses["code"] == SUCCESS))
+            outcomes = (("success", succeeded), ("invalid", count - succeeded))
+        else:
+            outcomes = (("success" if codes == SUCCESS else "invalid", count),)
+        self._close(read, index)
+        self._queue_run(responses.view(n.uint32), read.started_at, outcomes)
+
+    def _close(self, read: Read, index: Any) -> None:
+        read.open[index] = False
+        read.left -= len(index)
+        self._open -= len(index)
+        if read.left:
+            return
+        del self._reads[read.serial]
+        for task in read.tasks:  # every group is answered: nothing they decide can matter
+            task.cancel()
+        cookies = read.column("cookie")
+        if self._big_cookies:
+            for cookie in cookies[cookies >= MAX_TRACKED_COOKIE].tolist():
+                if self._big_cookies.get(cookie, (0,))[0] == read.serial:
+                    del self._big_cookies[cookie]
+        if self._cookie_read is not None:
+            cookies = cookies[cookies < MAX_TRACKED_COOKIE]
+            mine = self._cookie_read[cookies] == read.serial
+            self._cookie_read[cookies[mine]] = 0
+        if not self._reads and self._drained is not None:
             self._drained.set()
 
-    def _queue_run(self, responses: bytes | bytearray, count: int, outcome: str, read_at: float) -> None:
-        self._outgoing.append((responses, count, outcome, read_at))
-        self._outgoing_count += count
+    def _queue_run(self, responses: Any, started_at: float, outcomes: tuple[tuple[str, int], ...]) -> None:
+        """Queue packed responses (any buffer of ``struct iommu_hwpt_page_response``) for the next write."""
+        self._outgoing.append((responses, started_at, outcomes))
+        self._outgoing_count += len(memoryview(responses).cast("B")) // RESPONSE.size
         if self._flush_handle is None:
             self._flush_handle = self._loop.call_soon(self._flush)
 
@@ -338,6 +515,7 @@ class QueueServer:
         if not outgoing:
             return
         payload = outgoing[0][0] if len(outgoing) == 1 else b"".join(run[0] for run in outgoing)
+        payload = memoryview(payload).cast("B")
         try:
             refused = respond_packed(self.source, payload)
         except IommufdError as exc:
@@ -349,25 +527,25 @@ class QueueServer:
         now = self._loop.time()
         stats = self.stats
         stats.last_write = now
-        outcomes = stats.outcomes
-        run_read_at, run = 0.0, 0  # answers of one read share read_at: one histogram update per read
-        for _, count, outcome, read_at in outgoing:
-            outcomes[outcome] += count
-            if read_at != run_read_at:
+        counts = stats.outcomes
+        run_started, run = 0.0, 0  # answers of one read share started_at: one histogram update per read
+        for _, started_at, outcomes in outgoing:
+            total = 0
+            for outcome, count in outcomes:
+                counts[outcome] += count
+                total += count
+            if started_at != run_started:
                 if run:
-                    stats.latency.observe(now - run_read_at, run)
-                run_read_at, run = read_at, 0
-            run += count
-        stats.latency.observe(now - run_read_at, run)
+                    stats.latency.observe(now - run_started, run)
+                run_started, run = started_at, 0
+            run += total
+        if run:
+            stats.latency.observe(now - run_started, run)
         if stats.latency_samples is not None:
-            for _, count, _, read_at in outgoing:
-                stats.latency_samples.extend(array("d", (now - read_at,)) * count)
+            for _, started_at, outcomes in outgoing:
+                stats.latency_samples.extend(array("d", (now - started_at,)) * sum(c for _, c in outcomes))
         if self._log_groups:
-            cookies = iter(_cookies(payload))
-            for _, count, outcome, read_at in outgoing:
-                for _ in range(count):
-                    self._log.debug("group answered", cookie=next(cookies), outcome=outcome,
-                                    latency=round(now - read_at, 6))
+            self._log.debug("groups answered", cookies=_cookies(payload), codes=_codes(payload))
         for index in refused:
             stats.write_errors += 1
             self._log.warning("kernel refused a response: the group was already answered "
@@ -380,12 +558,21 @@ class QueueServer:
             self._log.error("fault queue no longer served", reason=reason)
         self.stop_reading()
 
+    def _log_read(self, read: Read) -> None:
+        batch = Batch(read, np().arange(len(read)), self._answer_codes)
+        for position in range(len(batch)):
+            group = batch.group(position)
+            self._log.debug("group read", cookie=group.cookie, dev_id=group.dev_id, pasid=group.pasid,
+                            device=self.config.device_names.get(group.dev_id), faults=group.fault_count,
+                            addr=hex(group.addresses[-1]))
+
     # -- stop ----------------------------------------------------------------------------------
     async def stop(self, grace: float) -> None:
         """Stop reading, give in-flight policy calls up to ``grace`` seconds, answer what is still
-        pending with the deadline code, and write it all back. Nothing read stays unanswered."""
+        open with the deadline code, and write it all back. Nothing read stays unanswered."""
         self.stop_reading()
-        if self._pending and grace > 0:
+        self._waiting_turn.clear()  # never called: answered below with the rest
+        if self._reads and grace > 0:
             self._drained = asyncio.Event()
             try:
                 await asyncio.wait_for(self._drained.wait(), grace)
@@ -395,27 +582,55 @@ class QueueServer:
         if self._deadline_timer is not None:
             self._deadline_timer.cancel()
             self._deadline_timer = None
-        left = list(self._pending.values())
+        left = list(self._reads.values())
+        tasks = {task for read in left for task in read.tasks}
         if left:
             self._abandon(left, "shutting down")
         self._flush()
-        tasks = {entry.task for entry in left if entry.task is not None}
         if tasks:
             await asyncio.wait(tasks, timeout=CANCEL_WAIT)
 
 
-def _cookies(payload: bytes | bytearray) -> list[int]:
-    return memoryview(payload).cast("I")[0::2].tolist()
+class _Resumed:
+    """The rest of a coroutine that was driven once outside any task and then awaited something."""
+
+    __slots__ = ("call", "waiting_on")
+
+    def __init__(self, call: Any, waiting_on: Any) -> None:
+        self.call = call
+        self.waiting_on = waiting_on
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        call, waiting_on = self.call, self.waiting_on
+        while True:
+            try:
+                sent = yield waiting_on
+            except BaseException as exc:  # cancellation, thrown into the awaiting call
+                try:
+                    waiting_on = call.throw(exc)
+                except StopIteration as stop:
+                    return stop.value
+            else:
+                try:
+                    waiting_on = call.send(sent)
+                except StopIteration as stop:
+                    return stop.value
 
 
-def _route(policy: Policy, group: FaultGroup) -> Policy:
-    """Follow routing policies (those with ``select``, like rules) down to the one that decides."""
-    for _ in range(MAX_ROUTING_DEPTH):
-        select = getattr(policy, "select", None)
-        if select is None:
-            return policy
-        policy = select(group)
-    raise RecursionError(f"more than {MAX_ROUTING_DEPTH} routing policies in a chain")
+async def _finish(call: Any, waiting_on: Any) -> Any:
+    return await _Resumed(call, waiting_on)
+
+
+def _response_dtype() -> Any:
+    return np().dtype([("cookie", "<u4"), ("code", "<u4")])
+
+
+def _cookies(payload: Any) -> list[int]:
+    return memoryview(payload).cast("B").cast("I")[0::2].tolist()
+
+
+def _codes(payload: Any) -> list[int]:
+    return memoryview(payload).cast("B").cast("I")[1::2].tolist()
 
 
 def _debug_enabled() -> bool:

@@ -6,7 +6,7 @@ from array import array
 from bisect import bisect_left
 
 OUTCOMES = ("success", "invalid", "deadline", "shed", "error")
-# Response latency, read() to write(): 10 µs (a policy that answers at once) to 5 s (past any deadline).
+# Response latency, readiness to write(): 10 µs (a policy that answers at once) to 5 s (past any deadline).
 LATENCY_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2,
                    0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 READ_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -47,7 +47,9 @@ class QueueStats:
         self.outcomes = dict.fromkeys(OUTCOMES, 0)
         self.faults = 0
         self.write_errors = 0
-        self.latency = Histogram(LATENCY_BUCKETS)
+        self.latency = Histogram(LATENCY_BUCKETS)  # from the group's clock start (see unread_wait) to write()
+        # From the first readiness since the queue was last seen empty to the read() that took the group.
+        self.unread_wait = Histogram(LATENCY_BUCKETS)
         self.read_batches = Histogram(READ_BATCH_BUCKETS)
         self.first_read: float | None = None  # loop.time() (CLOCK_MONOTONIC) of the first group read
         self.last_write: float | None = None  # ... and of the last response written

@@ -16,16 +16,17 @@ import errno
 import mmap
 import os
 from collections.abc import Callable
-from typing import Annotated
+from typing import Annotated, Any
 
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from iopfd._uapi import ffi
-from iopfd.engine.policy import Policy
+from iopfd.engine.batch import Batch, np
+from iopfd.engine.policy import BatchPolicy, Policy
 from iopfd.iommufd.context import Iommufd
 from iopfd.iommufd.errors import IommufdError
-from iopfd.iommufd.fault import INVALID, SUCCESS, FaultGroup
+from iopfd.iommufd.fault import INVALID, SUCCESS
 from iopfd.iommufd.ioas import Ioas
 
 log = structlog.get_logger("iopfd.policies.ioas_map")
@@ -68,7 +69,7 @@ class IoasMapOptions(BaseModel):
         return self
 
 
-class IoasMapPolicy(Policy):
+class IoasMapPolicy(BatchPolicy):
     Options = IoasMapOptions
 
     def __init__(self, name: str, options: IoasMapOptions) -> None:
@@ -106,30 +107,57 @@ class IoasMapPolicy(Policy):
         """Where the page's bytes are in this process: the backing at the same offset into the window."""
         return self._base + (page - self.options.iova)
 
-    async def decide(self, group: FaultGroup) -> int:
-        pages = {self.page_of(addr) for addr in group.addresses}
-        if None in pages:
-            self.counts["outside_window"] += 1
-            log.warning("fault outside the ioas-map window; answered INVALID", policy=self.name, queue=group.queue,
-                        dev_id=group.dev_id, pasid=group.pasid, addresses=[hex(a) for a in group.addresses],
+    def decide_batch(self, batch: Batch) -> Any:
+        """Map every page the batch faults on inside the window, coalesced into ranges of consecutive
+        pages with one IOMMU_IOAS_MAP each; SUCCESS for groups whose pages are all mapped."""
+        n = np()
+        size = self.options.page_size
+        records = batch.records()
+        counts = batch.fault_count
+        starts = n.cumsum(counts) - counts
+        pages = records["addr"] & n.uint64(~(size - 1) & 0xFFFFFFFFFFFFFFFF)
+        inside = (pages >= n.uint64(self.options.iova)) & (pages < n.uint64(min(self.window_end, (1 << 64) - 1)))
+        served = n.logical_and.reduceat(inside, starts) if len(batch) else inside[:0]
+        codes = n.where(served, SUCCESS, INVALID).astype(n.uint32)
+        if not served.all():
+            outside = n.flatnonzero(~served)
+            self.counts["outside_window"] += len(outside)
+            log.warning("faults outside the ioas-map window; answered INVALID", policy=self.name, queue=batch.queue,
+                        groups=len(outside), dev_ids=sorted(set(batch.dev_id[outside].tolist()))[:8],
+                        addresses=[hex(a) for a in records["addr"][~inside][:8].tolist()],
                         window=f"[{self.options.iova:#x}, {self.window_end:#x})")
-            return INVALID
-        iommufd = self._iommufds.get(group.queue)
+        wanted = n.unique(pages[n.repeat(served, counts)])
+        if not len(wanted):
+            return codes
+        iommufd = self._iommufds.get(batch.queue)
         if iommufd is None:  # bind() refuses such queues; a group from one means a caller skipped it
-            raise RuntimeError(f"policy {self.name!r} is not bound to queue {group.queue!r}")
+            raise RuntimeError(f"policy {self.name!r} is not bound to queue {batch.queue!r}")
         ioas = Ioas(iommufd, self.options.ioas_id)
-        for page in sorted(pages):
-            # One page pinned and mapped: short enough to run on the event loop.
-            try:
-                ioas.map(self.user_va_of(page), self.options.page_size, page,
-                         readable=self.options.readable, writeable=self.options.writeable)
-            except IommufdError as exc:
-                if exc.errno != errno.EEXIST:
-                    raise  # the engine answers INVALID, counts an error and logs this message
+        breaks = n.flatnonzero(n.diff(wanted) != size) + 1
+        failed = [run for run in n.split(wanted, breaks) if not self._map_run(ioas, int(run[0]), len(run))]
+        if failed:
+            lost = n.isin(pages, n.concatenate(failed))
+            codes[n.logical_or.reduceat(lost, starts) & served] = INVALID
+        return codes
+
+    def _map_run(self, ioas: Ioas, first_page: int, pages: int) -> bool:
+        """Map ``pages`` consecutive pages in one IOMMU_IOAS_MAP; where some are mapped already (EEXIST),
+        page by page. False if the kernel refused for another reason (logged)."""
+        size = self.options.page_size
+        try:
+            ioas.map(self.user_va_of(first_page), pages * size, first_page,
+                     readable=self.options.readable, writeable=self.options.writeable)
+        except IommufdError as exc:
+            if exc.errno != errno.EEXIST:
+                log.error("cannot map faulting pages; their groups answered INVALID", policy=self.name,
+                          iova=hex(first_page), pages=pages, error=str(exc))
+                return False
+            if pages == 1:
                 self.counts["already_mapped"] += 1
-            else:
-                self.counts["mapped"] += 1
-        return SUCCESS
+                return True
+            return all([self._map_run(ioas, first_page + i * size, 1) for i in range(pages)])
+        self.counts["mapped"] += pages
+        return True
 
 
 def _map_backing(options: IoasMapOptions) -> tuple[mmap.mmap, int]:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from iopfd.engine.policy import Policy
+from iopfd.engine.batch import Batch, np
+from iopfd.engine.policy import Policy, RoutingPolicy
 from iopfd.iommufd.context import Iommufd
 from iopfd.iommufd.fault import FaultGroup
 from iopfd.iommufd.uapi import lib
@@ -64,8 +65,9 @@ class RulesOptions(BaseModel):
     default: str = "reject"  # the policy for groups no rule matches
 
 
-class RulesPolicy(Policy):
-    """Routes each group to a sub-policy; the engine calls ``select`` and then the sub-policy."""
+class RulesPolicy(RoutingPolicy):
+    """Routes each group to a sub-policy. The rules are compiled once into numpy tests over a batch's
+    columns; ``route`` answers a whole batch with one pass per rule."""
 
     Options = RulesOptions
 
@@ -73,6 +75,15 @@ class RulesPolicy(Policy):
         self.name = name
         self.rules = rules
         self.default = default
+        # One target per distinct policy, the default last among them; rule i routes to _rule_target[i].
+        targets: dict[int, Policy] = {}
+        for _, policy in [*rules, (None, default)]:
+            targets.setdefault(id(policy), policy)
+        self.targets = list(targets.values())
+        position = {id(policy): index for index, policy in enumerate(self.targets)}
+        self._rule_target = [position[id(policy)] for _, policy in rules]
+        self._default_target = position[id(default)]
+        self._compiled: list[Callable[[Batch], Any]] | None = None  # built on first use: it needs numpy
 
     @classmethod
     def from_config(cls, name: str, options: RulesOptions, lookup: Callable[[str, str], Policy]) -> RulesPolicy:
@@ -80,18 +91,29 @@ class RulesPolicy(Policy):
         return cls(name, rules, lookup(options.default, "default"))
 
     def bind(self, queue: str, iommufd: Iommufd | None) -> None:
-        for policy in self._policies():
+        for policy in self.targets:
             policy.bind(queue, iommufd)
 
     def unbind(self, queue: str) -> None:
-        for policy in self._policies():
+        for policy in self.targets:
             policy.unbind(queue)
 
-    def _policies(self) -> list[Policy]:
-        """Each sub-policy once, even when several rules select it."""
-        return list({id(policy): policy for _, policy in [*self.rules, (None, self.default)]}.values())
+    def route(self, batch: Batch) -> Any:
+        n = np()
+        if self._compiled is None:
+            self._compiled = [_compile(rule) for rule, _ in self.rules]
+        route = n.full(len(batch), self._default_target, n.intp)
+        unmatched = n.ones(len(batch), bool)
+        for matches, target in zip(self._compiled, self._rule_target):
+            hit = matches(batch) & unmatched
+            route[hit] = target
+            unmatched &= ~hit
+            if not unmatched.any():
+                break
+        return route
 
     def select(self, group: FaultGroup) -> Policy:
+        """The policy for one group (the rules' reference semantics; the engine uses ``route``)."""
         for rule, policy in self.rules:
             if rule.matches(group):
                 return policy
@@ -99,3 +121,42 @@ class RulesPolicy(Policy):
 
     async def decide(self, group: FaultGroup) -> int:
         return await self.select(group).decide(group)
+
+
+def _compile(rule: Rule) -> Callable[[Batch], Any]:
+    """The rule as a test of a whole batch: one boolean per group, as ``Rule.matches`` would say."""
+    n = np()
+    tests: list[Callable[[Batch], Any]] = []
+    if rule.dev_id is not None:
+        dev_ids = n.array(sorted(set(rule.dev_id)), n.uint32)
+        tests.append(lambda batch: n.isin(batch.dev_id, dev_ids))
+    if rule.pasid is not None:
+        pasids = n.array(sorted({p for p in rule.pasid if p != "none"}), n.uint32)
+        without = "none" in rule.pasid
+        tests.append(lambda batch: n.where(batch.pasid_valid, n.isin(batch.pasid, pasids), without))
+    if rule.queue is not None:
+        queues = frozenset(rule.queue)
+        tests.append(lambda batch: n.full(len(batch), batch.queue in queues))
+    if rule.perm is not None:
+        allowed = 0
+        for name in rule.perm:
+            allowed |= PERMS[name]
+        refused = n.uint32(~allowed & 0xFFFFFFFF)
+        tests.append(lambda batch: (batch.perm & refused) == 0)
+    if rule.address is not None:
+        start, end = rule.address
+        if end > 0xFFFFFFFFFFFFFFFF:  # [start, 2^64): no address is at or past the end
+            tests.append(lambda batch: batch.addr_min >= n.uint64(start))
+        else:
+            tests.append(lambda batch: (batch.addr_min >= n.uint64(start)) & (batch.addr_max < n.uint64(end)))
+    if not tests:
+        return lambda batch: n.ones(len(batch), bool)
+    if len(tests) == 1:
+        return tests[0]
+
+    def every(batch: Batch) -> Any:
+        result = tests[0](batch)
+        for test in tests[1:]:
+            result = result & test(batch)
+        return result
+    return every

@@ -9,7 +9,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from iopfd.engine import Policy, QueueConfig, QueueServer
+from iopfd.engine import Batch, BatchPolicy, Policy, QueueConfig, QueueServer
 from iopfd.iommufd import INVALID, SUCCESS
 from iopfd.iommufd.emulated import EmulatedFaultQueue, PageRequest
 
@@ -34,12 +34,27 @@ class Scripted(Policy):
         return outcome
 
 
+class ScriptedBatches(BatchPolicy):
+    """Takes each batch and answers parts of it when the state machine says so (or never)."""
+
+    name = "scripted-batches"
+
+    def __init__(self) -> None:
+        self.waiting: list[Batch] = []
+
+    def decide_batch(self, batch):
+        self.waiting.append(batch)
+        return None
+
+
 class EngineMachine(RuleBasedStateMachine):
+    make_policy = Scripted
+
     def __init__(self) -> None:
         super().__init__()
         self.loop = asyncio.new_event_loop()
         self.emulated = EmulatedFaultQueue()
-        self.policy = Scripted()
+        self.policy = self.make_policy()
         self.server = QueueServer(self.emulated.open(batch_records=4), self.policy,
                                   QueueConfig("sm", response_deadline=DEADLINE, max_pending=MAX_PENDING))
         self.loop.run_until_complete(self._run(self.server.start))
@@ -64,8 +79,15 @@ class EngineMachine(RuleBasedStateMachine):
     def detach(self, dev_id):
         self.emulated.detach(dev_id)
 
-    @rule(outcome=st.sampled_from([SUCCESS, INVALID, 7, None, "raise"]), which=st.integers(0, 100))
-    def decide(self, outcome, which):
+    @rule(outcome=st.sampled_from([SUCCESS, INVALID, 7, None, "raise"]), which=st.integers(0, 100),
+          part=st.integers(1, 8))
+    def decide(self, outcome, which, part):
+        if isinstance(self.policy, ScriptedBatches):
+            if self.policy.waiting:
+                batch = self.policy.waiting[which % len(self.policy.waiting)]
+                if outcome in (SUCCESS, INVALID, 7):  # a part of the batch, perhaps again
+                    batch.answer(slice(0, part), outcome)
+            return
         waiting = [future for future in self.policy.waiting if not future.done()]
         if waiting:
             waiting[which % len(waiting)].set_result(outcome)
@@ -80,7 +102,7 @@ class EngineMachine(RuleBasedStateMachine):
 
     @invariant()
     def pending_is_bounded(self):
-        assert len(self.server._pending) <= MAX_PENDING
+        assert self.server.deciding <= MAX_PENDING
 
     @invariant()
     def every_group_read_is_pending_or_answered_once(self):
@@ -103,5 +125,11 @@ class EngineMachine(RuleBasedStateMachine):
             self.emulated.close()
 
 
+class BatchEngineMachine(EngineMachine):
+    make_policy = ScriptedBatches
+
+
 EngineMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
+BatchEngineMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
 test_engine_state_machine = EngineMachine.TestCase
+test_engine_state_machine_with_batches = BatchEngineMachine.TestCase

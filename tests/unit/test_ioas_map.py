@@ -9,6 +9,9 @@ import errno
 import pytest
 from control_server import control_servers
 
+from structlog.testing import capture_logs
+
+from iopfd.engine.batch import batch_of
 from iopfd.iommufd import INVALID, LAST_PAGE, PASID_VALID, SUCCESS, Iommufd, IommufdError
 from iopfd.iommufd.emulated import EmulatedFaultQueue
 from iopfd.iommufd.fault import RECORD, FaultGroup
@@ -104,12 +107,36 @@ async def test_a_page_already_mapped_counts_as_served(backing):
 
 
 @pytest.mark.asyncio
-async def test_any_other_map_error_reaches_the_engine_with_its_cause(backing):
+async def test_any_other_map_error_answers_its_groups_invalid_and_logs_the_cause(backing):
     policy, ctx = build(backing, page_size=1024, iova=WINDOW, length=4096, backing_offset=0), RecordingIommufd()
     policy.bind("vm1", ctx)
     ctx.refuse[WINDOW] = errno.EINVAL  # e.g. a page_size below the IOAS's IOVA alignment
-    with pytest.raises(IommufdError, match="aligned to the IOAS's iova alignment"):
-        await policy.decide(group(WINDOW))
+    with capture_logs() as logs:
+        assert await policy.decide(group(WINDOW)) == INVALID
+    assert [entry["error"] for entry in logs if entry["log_level"] == "error"] == [
+        "IOMMU_IOAS_MAP failed: EINVAL (Invalid argument): user_va, length and iova must be aligned to the IOAS's "
+        "iova alignment"]
+
+
+def test_a_batch_maps_each_run_of_consecutive_pages_once(backing):
+    policy, ctx = build(backing), RecordingIommufd()
+    policy.bind("vm1", ctx)
+    groups = [group(WINDOW + PAGE + 8), group(WINDOW + 8, WINDOW + 2 * PAGE), group(WINDOW + PAGE),
+              group(WINDOW + 4 * PAGE)]  # the last one is outside the window
+    codes = policy.decide_batch(batch_of(groups))
+    assert codes.tolist() == [SUCCESS, SUCCESS, SUCCESS, INVALID]
+    assert [(m["iova"], m["length"], m["user_va"]) for m in ctx.maps] == [(WINDOW, 3 * PAGE, policy.user_va_of(WINDOW))]
+    assert policy.counts == {"mapped": 3, "already_mapped": 0, "outside_window": 1}
+
+
+def test_a_run_with_a_page_mapped_already_is_mapped_page_by_page(backing):
+    policy, ctx = build(backing), RecordingIommufd()
+    policy.bind("vm1", ctx)
+    ctx.refuse[WINDOW] = errno.EEXIST  # the run's first page, and so the whole run's map
+    codes = policy.decide_batch(batch_of([group(WINDOW), group(WINDOW + PAGE), group(WINDOW + 2 * PAGE)]))
+    assert codes.tolist() == [SUCCESS] * 3
+    assert [(m["iova"], m["length"]) for m in ctx.maps] == [(WINDOW + PAGE, PAGE), (WINDOW + 2 * PAGE, PAGE)]
+    assert policy.counts == {"mapped": 2, "already_mapped": 1, "outside_window": 0}
 
 
 @pytest.mark.asyncio

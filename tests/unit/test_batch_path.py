@@ -1,0 +1,185 @@
+"""The columnar decision path: columns equal the records, rules route a batch exactly as each rule
+matches one group, per-group decide() costs a task only when it really awaits, and at most
+MAX_AWAITING such calls are in flight while the rest wait inside their deadline."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from iopfd.engine import Policy, QueueConfig, QueueServer
+from iopfd.engine.batch import batch_of, record_dtype
+from iopfd.engine.queue import MAX_AWAITING
+from iopfd.iommufd import INVALID, SUCCESS
+from iopfd.iommufd.emulated import EmulatedFaultQueue, PageRequest
+from iopfd.iommufd.fault import LAST_PAGE, PASID_VALID, RECORD, FaultGroup
+from iopfd.policies import AcceptPolicy, RejectPolicy, Rule, RulesPolicy
+
+u32 = st.integers(0, 2**32 - 1) | st.sampled_from([0, 1, 7, 100])
+addresses = st.integers(0, 2**64 - 1) | st.sampled_from([0, 0x1000, 0x7FFF_FFFF, 0x8000_0000, 2**64 - 1])
+
+
+@st.composite
+def groups(draw) -> FaultGroup:
+    size = draw(st.integers(1, 3))
+    dev_id, pasid, valid = draw(st.sampled_from([1, 2, 3])), draw(st.sampled_from([0, 5, 9])), draw(st.booleans())
+    cookie = draw(st.integers(1, 2**32 - 1))
+    records = b"".join(RECORD.pack((PASID_VALID if valid else 0) | (LAST_PAGE if i == size - 1 else 0), dev_id, pasid,
+                                   draw(u32), draw(st.integers(0, 15)), 0, draw(addresses), 0, cookie)
+                       for i in range(size))
+    return FaultGroup(cookie, records, draw(st.sampled_from(["vm1", "vm2"])))
+
+
+rules = st.builds(
+    Rule,
+    dev_id=st.none() | st.lists(st.sampled_from([1, 2, 3]), min_size=1),
+    pasid=st.none() | st.lists(st.sampled_from([0, 5, 9, "none"]), min_size=1),
+    address=st.none() | st.tuples(addresses, addresses).filter(lambda r: r[0] < r[1])
+    | st.sampled_from([(0, 0x8000_0000), (0x1000, 2**64)]),
+    perm=st.none() | st.lists(st.sampled_from(["read", "write", "exec", "priv"]), min_size=1),
+    queue=st.none() | st.lists(st.sampled_from(["vm1", "vm2"]), min_size=1),
+    policy=st.just("x"),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(groups(), min_size=1, max_size=12), st.lists(rules, max_size=4), st.data())
+def test_rules_route_a_batch_as_each_rule_matches_each_group(batch_groups, rule_list, data):
+    targets = [AcceptPolicy(f"t{i}") for i in range(len(rule_list))]
+    policy = RulesPolicy("r", list(zip(rule_list, targets)), RejectPolicy())
+    for sub in {group.queue for group in batch_groups}:  # a batch is one queue's read
+        one_queue = [group for group in batch_groups if group.queue == sub]
+        route = policy.route(batch_of(one_queue))
+        assert [policy.targets[i] for i in route.tolist()] == [policy.select(group) for group in one_queue]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(groups(), min_size=1, max_size=12))
+def test_the_columns_are_the_groups_fields(batch_groups):
+    batch_groups = [FaultGroup(group.cookie, group.records, "vm1") for group in batch_groups]  # one queue's read
+    batch = batch_of(batch_groups)
+    assert batch.cookie.tolist() == [group.cookie for group in batch_groups]
+    assert batch.dev_id.tolist() == [group.dev_id for group in batch_groups]
+    assert batch.perm.tolist() == [group.perm for group in batch_groups]
+    assert batch.pasid_valid.tolist() == [group.pasid_valid for group in batch_groups]
+    assert batch.addr_min.tolist() == [min(group.addresses) for group in batch_groups]
+    assert batch.addr_max.tolist() == [max(group.addresses) for group in batch_groups]
+    assert batch.fault_count.tolist() == [group.fault_count for group in batch_groups]
+    some = numpy.arange(0, len(batch), 2)
+    assert batch.take(some).records().tobytes() == b"".join(batch_groups[i].records for i in some.tolist())
+    assert [batch.group(i) for i in range(len(batch))] == batch_groups
+
+
+def test_the_record_dtype_is_the_records_layout():
+    values = (LAST_PAGE | PASID_VALID, 2, 3, 4, 5, 6, 0x1122334455667788, 9, 10)
+    (record,) = numpy.frombuffer(RECORD.pack(*values), record_dtype())
+    assert tuple(int(value) for value in record) == values
+
+
+def served(policy: Policy, **config) -> tuple[EmulatedFaultQueue, QueueServer]:
+    emulated = EmulatedFaultQueue()
+    server = QueueServer(emulated.open(), policy, QueueConfig("q", **config))
+    server.start()
+    return emulated, server
+
+
+async def settle(emulated: EmulatedFaultQueue, server: QueueServer) -> None:
+    async with asyncio.timeout(10):
+        while emulated.undelivered or server.pending:
+            await asyncio.sleep(0.001)
+
+
+@pytest.mark.asyncio
+async def test_a_decide_that_never_awaits_costs_no_task():
+    class Immediate(Policy):
+        async def decide(self, group):
+            return SUCCESS if group.dev_id == 1 else INVALID
+
+    created = []
+    loop = asyncio.get_running_loop()
+    loop.set_task_factory(lambda loop, coro, **kw: created.append(coro) or asyncio.Task(coro, loop=loop, **kw))
+    try:
+        emulated, server = served(Immediate())
+        for i in range(500):
+            emulated.report(PageRequest(dev_id=1 + i % 2, addr=0x1000 * i, grpid=i % 512))
+        await settle(emulated, server)
+    finally:
+        loop.set_task_factory(None)
+    assert sorted(code for _, code in emulated.answers) == [SUCCESS] * 250 + [INVALID] * 250
+    assert [coro for coro in created if "_finish" in repr(coro)] == []
+    await server.stop(0)
+    emulated.close()
+
+
+@pytest.mark.asyncio
+async def test_per_group_calls_that_await_are_bounded_and_the_rest_wait_inside_their_deadline():
+    in_flight, most = 0, 0
+
+    class Slow(Policy):
+        async def decide(self, group):
+            nonlocal in_flight, most
+            in_flight += 1
+            most = max(most, in_flight)
+            await asyncio.sleep(0.01)
+            in_flight -= 1
+            return SUCCESS
+
+    emulated, server = served(Slow(), response_deadline=5)
+    for i in range(3 * MAX_AWAITING):
+        emulated.report(PageRequest(dev_id=1, addr=0x1000 * i, grpid=i % 512))
+    await settle(emulated, server)
+    assert most == MAX_AWAITING
+    assert [code for _, code in emulated.answers] == [SUCCESS] * (3 * MAX_AWAITING)
+    assert server.stats.outcomes["deadline"] == 0
+    await server.stop(0)
+    emulated.close()
+
+
+@pytest.mark.asyncio
+async def test_groups_waiting_for_a_turn_get_the_deadline_code_in_time():
+    class Never(Policy):
+        async def decide(self, group):
+            await asyncio.sleep(3600)
+
+    emulated, server = served(Never(), response_deadline=0.1, deadline_code=SUCCESS)
+    for i in range(MAX_AWAITING + 50):
+        emulated.report(PageRequest(dev_id=1, addr=0x1000 * i, grpid=i % 512))
+    await settle(emulated, server)
+    assert server.stats.outcomes["deadline"] == MAX_AWAITING + 50
+    assert server.stats.latency.sum / (MAX_AWAITING + 50) < 0.5
+    await server.stop(0)
+    emulated.close()
+
+
+@pytest.mark.asyncio
+async def test_time_spent_unread_counts_against_the_deadline():
+    """Reads of two groups; deciding the first read blocks the loop for 0.2 s while 18 more groups
+    wait unread in the kernel. Their clock started at the readiness that was seen, so when they are
+    read they are already past the 0.1 s deadline and get the deadline code at once."""
+
+    class BlocksOnce(Policy):
+        blocked = False
+
+        async def decide(self, group):
+            if not self.blocked:
+                self.blocked = True
+                time.sleep(0.2)
+            return INVALID
+
+    emulated = EmulatedFaultQueue()
+    server = QueueServer(emulated.open(batch_records=2), BlocksOnce(),
+                         QueueConfig("q", response_deadline=0.1, deadline_code=SUCCESS))
+    server.start()
+    for i in range(20):
+        emulated.report(PageRequest(dev_id=1, addr=0x1000 * i, grpid=i))
+    await settle(emulated, server)
+    assert [code for _, code in emulated.answers] == [INVALID] * 2 + [SUCCESS] * 18
+    assert server.stats.outcomes["deadline"] == 18
+    assert server.stats.unread_wait.sum >= 18 * 0.2 and server.stats.unread_wait.count == 20
+    await server.stop(0)
+    emulated.close()

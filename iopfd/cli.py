@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def _cmd_probe(args: argparse.Namespace) -> int:
@@ -48,6 +49,27 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
         print(f"{args.file}: invalid configuration\n{exc}", file=sys.stderr)
         return EX_CONFIG
     print(f"{args.file}: ok ({len(settings.queues)} queue(s), {len(settings.policies)} policy table(s))")
+    return 0
+
+
+def _cmd_install_units(args: argparse.Namespace) -> int:
+    from iopfd.service.install import EXAMPLES_DIR, InstallError, hidden_from_service, install, running_binary
+
+    binary = running_binary()
+    for warning in hidden_from_service(binary):
+        print(f"iopfd install-units: warning: {warning}", file=sys.stderr)
+    try:
+        installed = install(args.root, binary)
+    except InstallError as exc:
+        print(f"iopfd install-units: {exc}", file=sys.stderr)
+        return 1
+    for item in installed:
+        print(f"kept {item.path}: it exists (the shipped one is {args.root / EXAMPLES_DIR}/iopfd-host.toml)"
+              if item.kept else f"installed {item.path}")
+    print(f"ExecStart={binary}")
+    if args.root == Path("/"):
+        print("next: iopfd check-config /etc/iopfd/iopfd.toml && systemctl daemon-reload "
+              "&& systemctl enable --now iopfd.socket iopfd.service")
     return 0
 
 
@@ -106,9 +128,17 @@ def _fault_fd(text: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from importlib.metadata import version
+
     from iopfd.lab.kernel import DEFAULT_KERNEL, KERNELS
 
     parser = argparse.ArgumentParser(prog="iopfd", description="User-space IOMMUFD I/O page-fault delivery daemon")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version('iopfd')}")
+
+    def add_kernel(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--kernel", choices=sorted(KERNELS), default=DEFAULT_KERNEL,
+                       help="lab kernel (default: %(default)s)")
+
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("probe", help="show what the running kernel offers (iommufd, fault queues, vEVENTQ, ...)")
@@ -116,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_probe)
 
     p = sub.add_parser("run", help="serve fault queues: read fault groups, decide them, answer them")
-    p.add_argument("--config", metavar="FILE", help="TOML configuration (see config/iopfd.toml)")
+    p.add_argument("--config", metavar="FILE", help="TOML configuration (every key: the example iopfd.toml)")
     p.add_argument("--fault-fd", metavar="N[:NAME]", action="append", default=[], type=_fault_fd,
                    help="serve the inherited fault fd N as queue NAME (repeatable)")
     p.add_argument("--policy", metavar="NAME", help="default policy for queues that name none (default: accept)")
@@ -127,12 +157,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("check-config", help="validate a configuration file and its policies, then exit")
-    p.add_argument("file", metavar="FILE")
+    p.add_argument("file", metavar="FILE", help="the TOML file, as given to run --config")
     p.set_defaults(func=_cmd_check_config)
+
+    p = sub.add_parser("install-units", help="install the systemd units (ExecStart: this iopfd), the host "
+                       "config if absent, the example configs and the man page")
+    p.add_argument("--root", metavar="DIR", type=Path, default=Path("/"),
+                   help="install under DIR instead of / (the units still name this iopfd and /etc/iopfd)")
+    p.set_defaults(func=_cmd_install_units)
 
     p = sub.add_parser("demo", help="the daemon answering a stream of mock faults in the kernel lab, live")
     p.add_argument("--here", action="store_true", help="run on this kernel instead of booting the lab")
-    p.add_argument("--kernel", choices=sorted(KERNELS), default=DEFAULT_KERNEL, help="lab kernel (default: %(default)s)")
+    add_kernel(p)
     p.add_argument("--duration", type=float, default=10, help="seconds of faults (default: %(default)s; "
                    "Ctrl-C stops early)")
     p.set_defaults(func=_cmd_demo)
@@ -142,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("scenarios", nargs="*", type=_scenario, metavar="SCENARIO",
                    help="burst, steady, storm, multi (default: all)")
     p.add_argument("--here", action="store_true", help="run on this kernel instead of booting the lab")
-    p.add_argument("--kernel", choices=sorted(KERNELS), default=DEFAULT_KERNEL)
+    add_kernel(p)
     p.add_argument("--groups", type=int, default=200_000, help="fault groups per run (default: %(default)s)")
     p.add_argument("--rate", type=float, default=20_000, help="steady: groups/s offered (default: %(default)s)")
     p.add_argument("--repeat", type=_positive, default=3, help="runs of burst and multi; the median run is reported "
@@ -159,11 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("lab", help="the kernel lab: build the mock-IOMMU kernel, run commands inside it")
     lab_sub = p.add_subparsers(dest="lab_command", required=True)
     b = lab_sub.add_parser("build", help="build (or find in the cache) a lab kernel; prints its cache directory")
-    b.add_argument("--kernel", choices=sorted(KERNELS), default=DEFAULT_KERNEL)
+    add_kernel(b)
     r = lab_sub.add_parser("run", help="boot a lab kernel and run a command in it (this checkout as cwd)")
-    r.add_argument("--kernel", choices=sorted(KERNELS), default=DEFAULT_KERNEL)
+    add_kernel(r)
     r.add_argument("--timeout", type=float, default=1800, help="seconds before the guest is killed")
-    r.add_argument("argv", nargs="+", metavar="COMMAND")
+    r.add_argument("argv", nargs="+", metavar="COMMAND", help="the command and its arguments")
     p.set_defaults(func=_cmd_lab)
     return parser
 

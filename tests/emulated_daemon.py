@@ -5,10 +5,11 @@ whole daemon without a kernel, e.g. a real Prometheus scraping it).
 
 The daemon is built as ``iopfd run --config CONFIG`` builds it (``prepare``: policies, control socket,
 systemd notification) and serves two EmulatedFaultQueues until SIGTERM, while this process raises
-faults on them: every outcome but ``error``, and refused responses.
+faults on them: every outcome, and refused responses.
 - ``vm1`` (policy ``mixed``): dev_id 1 accepted, dev_id 2 rejected (100 groups/s each), dev_id 3 slow
-  (10 groups/s) so it misses response_deadline; dev_id 3 is detached every second, so its pending
-  groups are answered by the "kernel" and the daemon's late answers are refused.
+  (10 groups/s) so it misses response_deadline; dev_id 3 is detached every second with a group
+  pending, which the "kernel" answers and whose cookie it reuses at once: the daemon counts it as
+  an error and a refused response.
 - ``vm2`` (policy ``slow``): bursts of BURST groups a second, more than max_pending: the rest is shed.
 Exits with the daemon's status, 1 if any group it read is left unanswered.
 """
@@ -58,6 +59,7 @@ policy = "reject"
 """
 TICK = 0.01  # seconds between load slices
 BURST = 100  # vm2's groups per second, in one burst
+REUSE = 8  # groups raised right after a detach: more than the cookies in use, so freed ones are reused
 
 
 def write_config(tmp: Path) -> Path:
@@ -73,8 +75,10 @@ async def load(vm1: EmulatedFaultQueue, vm2: EmulatedFaultQueue) -> None:
             vm1.report(PageRequest(dev_id=dev_id, addr=0x1000 * (tick % 4096 + 1), perm=PERM_READ))
         if tick % 10 == 0:
             vm1.report(PageRequest(dev_id=3, addr=0x1000, perm=PERM_READ))
-        if tick % 100 == 50:
-            vm1.detach(3)
+        if tick % 100 == 45:
+            vm1.detach(3)  # its groups read in the last response_deadline are pending: the kernel answers them
+            for i in range(REUSE):  # and hands their cookies to new groups: the daemon counts an error
+                vm1.report(PageRequest(dev_id=1, addr=0x1000 * (i + 1), grpid=i, perm=PERM_READ))
         if tick % 100 == 0:
             for i in range(BURST):
                 vm2.report(PageRequest(dev_id=1, addr=0x1000 * (i + 1), grpid=i, perm=PERM_READ))

@@ -142,11 +142,12 @@ def control_requests(path: str) -> None:
             client.request("detach", (), queue="vm9")
 
 
-def dashboard_queries() -> list[tuple[str, str]]:
-    """(panel title, expr) of every target, with $queue as Grafana's "All" (its allValue)."""
+def dashboard_queries(queue: str | None = None) -> list[tuple[str, str]]:
+    """(panel title, expr) of every target, with $queue set to ``queue``, else to Grafana's "All"
+    (the variable's allValue)."""
     dashboard = json.loads((DEPLOY / "grafana-dashboard.json").read_text())
-    (queue,) = [var for var in dashboard["templating"]["list"] if var["name"] == "queue"]
-    return [(panel["title"], target["expr"].replace("$queue", queue["allValue"]))
+    (variable,) = [var for var in dashboard["templating"]["list"] if var["name"] == "queue"]
+    return [(panel["title"], target["expr"].replace("$queue", queue or variable["allValue"]))
             for panel in dashboard["panels"] for target in panel["targets"]]
 
 
@@ -162,11 +163,12 @@ def test_a_real_prometheus_gets_data_for_every_dashboard_query_and_evaluates_eve
         f'count_over_time(up{{job="iopfd"}}[1m]) >= {SCRAPES} and on () up{{job="iopfd"}} == 1'))
 
     results = {}
-    for title, expr in dashboard_queries():
+    for title, expr in dashboard_queries() + dashboard_queries("vm1"):
         result = server.query(expr)
         values = [float(series["value"][1]) for series in result]
         assert values and all(math.isfinite(value) for value in values), (title, expr, result)
         results[expr] = {tuple(sorted(series["metric"].items())): value for series, value in zip(result, values)}
+    assert {dict(labels)["queue"] for labels in results['sum by (queue) (iopfd_pending_groups{queue=~"vm1"})']} == {"vm1"}
     by_outcome = {dict(labels)["outcome"]: value for labels, value in
                   results['sum by (outcome) (rate(iopfd_fault_groups_total{queue=~".*"}[1m]))'].items()}
     assert set(by_outcome) == {"success", "invalid", "deadline", "shed", "error"}

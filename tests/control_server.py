@@ -19,7 +19,7 @@ async def start_server(tmp_path: Path, *, allowed_uids=None, **settings) -> tupl
     """Serving once this returns; ``allowed_uids`` defaults to the test's own uid."""
     path = str(tmp_path / "control.sock")
     control = {"path": path, **settings.pop("control", {})}
-    config = load_settings(None, metrics_address="off", control=control, **settings)
+    config = load_settings(None, control=control, **({"metrics_address": "off"} | settings))
     server = Server(config, Engine(), build_policies(config), Notifier(None))
     uids = {os.getuid()} if allowed_uids is None else set(allowed_uids)
     server.control = ControlServer(server, bind_socket(path, 0o660), allowed_uids=uids, allowed_gids=set(),

@@ -23,7 +23,8 @@ AS_SYSTEMD = ("import os, sys; os.dup2(int(sys.argv[1]), 3); os.environ['LISTEN_
 
 class DaemonProcess:
     def __init__(self, tmp_path: Path, pass_fds: tuple[int, ...], *args: str, env: dict[str, str] | None = None,
-                 prefix: tuple[str, ...] = ()):
+                 prefix: tuple[str, ...] = (), program: tuple[str, ...] = ("-m", "iopfd", "run")):
+        """``program``: what the interpreter runs, with ``args`` after it (default ``iopfd run``)."""
         self.notify_path = tmp_path / "notify.sock"
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         self.notify.bind(str(self.notify_path))
@@ -33,7 +34,7 @@ class DaemonProcess:
         self._log = self.log_path.open("wb")
         # Unbuffered, so a daemon that fails to start has its log lines in output() all the same.
         environ = {**os.environ, "NOTIFY_SOCKET": str(self.notify_path), "PYTHONUNBUFFERED": "1", **(env or {})}
-        self.proc = subprocess.Popen([*prefix, sys.executable, "-m", "iopfd", "run", *args], pass_fds=pass_fds,
+        self.proc = subprocess.Popen([*prefix, sys.executable, *program, *args], pass_fds=pass_fds,
                                      env=environ, stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log)
 
     def wait_message(self, predicate, timeout: float = 60.0) -> str:

@@ -13,6 +13,7 @@ import reprlib
 import socket
 import stat
 import struct
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -73,6 +74,8 @@ class ControlServer:
         self._owns_path = owns_path
         self._tasks: set[asyncio.Task] = set()
         self._accepting: asyncio.Task | None = None
+        # (op, "ok" or the refusal's error code) -> requests: iopfd_control_requests_total
+        self.requests: Counter[tuple[str, str]] = Counter()
 
     def start(self) -> None:
         self.listener.setblocking(False)
@@ -133,6 +136,7 @@ class Connection:
         try:
             if not self.authorised:
                 self.log.warning("control peer refused: uid and gid not in [control] allowed_uids/allowed_gids")
+                self.control.requests["unknown", "unauthorized"] += 1  # its requests go unread
                 await self.send({"ok": False, "error": {"code": "unauthorized", "message":
                                  "this uid/gid is not allowed; add it to [control] allowed_uids or allowed_gids"}})
                 await self._discard_requests()
@@ -145,6 +149,7 @@ class Connection:
                 except BlockingIOError:
                     continue
                 except ProtocolError as exc:
+                    self.control.requests["unknown", exc.code] += 1
                     await self.send({"ok": False, "error": {"code": exc.code, "message": exc.message}})
                     continue
                 except ConnectionResetError:
@@ -181,10 +186,12 @@ class Connection:
                 raise ProtocolError("bad-request", f"{op} carries no file descriptors, got {len(fds)} (closed); "
                                                    "only attach sends fds")
             reply, reply_fds = await handler(message, fds)
+            self.control.requests[op, "ok"] += 1
             if reply is None:  # forward answers get no reply
                 return
             reply = {"ok": True, **reply}
         except ProtocolError as exc:
+            self.control.requests[op if handler else "unknown", exc.code] += 1
             reply = {"ok": False, "error": {"code": exc.code, "message": exc.message}}
             self.log.warning("control request refused", op=op if handler else reprlib.repr(op), code=exc.code,
                              reason=exc.message)

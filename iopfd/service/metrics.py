@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import platform
+from collections import Counter
 from collections.abc import Iterator
 from importlib.metadata import PackageNotFoundError, version
 
-from prometheus_client import CollectorRegistry, Info, start_http_server
+from prometheus_client import CollectorRegistry, GCCollector, Info, PlatformCollector, ProcessCollector, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -22,11 +23,13 @@ def iopfd_version() -> str:
 
 
 class EngineCollector(Collector):
-    """Labels are only the queue name (one per fault queue), the outcome (five values) and the
-    vEVENTQ type (one per vEVENTQ, of the few iopfd knows)."""
+    """Labels are only the queue name (one per fault queue), the outcome (five values), the
+    vEVENTQ type (one per vEVENTQ, of the few iopfd knows) and a control request's op and result
+    (the ops and error codes of docs/protocol.md)."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, control_requests: Counter[tuple[str, str]] | None = None) -> None:
         self.engine = engine
+        self.control_requests = control_requests
 
     def collect(self) -> Iterator[Metric]:
         groups = CounterMetricFamily("iopfd_fault_groups", "Fault groups answered, by outcome "
@@ -39,8 +42,11 @@ class EngineCollector(Collector):
         write_errors = CounterMetricFamily("iopfd_response_write_errors", "Responses the kernel refused "
                                            "(group already answered by a detach) or that could not be "
                                            "written", labels=["queue"])
+        reading = GaugeMetricFamily("iopfd_queue_reading", "1 while the fault queue is read, 0 once it is not "
+                                    "(its fd failed, or the daemon is stopping)", labels=["queue"])
         batches = Histogram(READ_BATCH_BUCKETS)  # one histogram for the daemon: summed over queues
-        for name, server in list(self.engine.queues.items()):
+        queues = list(self.engine.queues.items())
+        for name, server in queues:
             stats = server.stats
             for outcome, count in stats.outcomes.items():
                 groups.add_metric([name, outcome], count)
@@ -48,6 +54,7 @@ class EngineCollector(Collector):
             latency.add_metric([name], stats.latency.cumulative(), stats.latency.sum)
             pending.add_metric([name], server.pending)
             write_errors.add_metric([name], stats.write_errors)
+            reading.add_metric([name], 1 if server.reading else 0)
             batches.counts = [a + b for a, b in zip(batches.counts, stats.read_batches.counts)]
             batches.sum += stats.read_batches.sum
         read_batch = HistogramMetricFamily("iopfd_read_batch_groups", "Groups returned by one read()",
@@ -59,12 +66,25 @@ class EngineCollector(Collector):
         for name, server in list(self.engine.event_queues.items()):
             vevents.add_metric([name, server.source.type_name], server.stats.events)
             vevents_lost.add_metric([name], server.stats.lost)
-        yield from (groups, faults, latency, pending, write_errors, read_batch, vevents, vevents_lost)
+        served = GaugeMetricFamily("iopfd_queues", "Fault queues served (from the config, --fault-fd or the "
+                                   "control socket)", value=len(queues))
+        requests = CounterMetricFamily("iopfd_control_requests", "Control socket requests, by op (unknown: "
+                                       "no op iopfd knows, undecodable, or from a peer refused as unauthorized) "
+                                       "and result (ok, or the error code of the refusal)", labels=["op", "result"])
+        for (op, result), count in list((self.control_requests or {}).items()):
+            requests.add_metric([op, result], count)
+        yield from (groups, faults, latency, pending, write_errors, reading, read_batch, vevents, vevents_lost,
+                    served, requests)
 
 
-def registry_for(engine: Engine) -> CollectorRegistry:
+def registry_for(engine: Engine, control_requests: Counter[tuple[str, str]] | None = None) -> CollectorRegistry:
+    """The engine's metrics, the control socket's request counts (ControlServer.requests) and the
+    process_* (open and max fds, CPU, memory), python_gc_* and python_info metrics of
+    prometheus_client's default registry."""
     registry = CollectorRegistry()
-    registry.register(EngineCollector(engine))
+    registry.register(EngineCollector(engine, control_requests))
+    for default in (ProcessCollector, PlatformCollector, GCCollector):
+        default(registry=registry)
     Info("iopfd_build", "iopfd version and the Python running it", registry=registry).info(
         {"version": iopfd_version(), "python": platform.python_version()})
     return registry

@@ -245,7 +245,8 @@ class Server:
             loop.add_signal_handler(signum, self.request_stop, signal.Signals(signum).name)
         endpoint = self.settings.metrics_endpoint
         if endpoint is not None:
-            self.metrics = MetricsServer(registry_for(self.engine), *endpoint)
+            requests = self.control.requests if self.control is not None else None
+            self.metrics = MetricsServer(registry_for(self.engine, requests), *endpoint)
             log.info("metrics", address=f"http://{self.metrics.host}:{self.metrics.port}/metrics")
         if self.control is not None:
             self.control.start()

@@ -37,7 +37,12 @@ class EngineCollector(Collector):
                                      labels=["queue", "outcome"])
         faults = CounterMetricFamily("iopfd_faults", "Fault records (page requests) read", labels=["queue"])
         latency = HistogramMetricFamily("iopfd_response_latency_seconds",
-                                        "From reading a group to writing its response", labels=["queue"])
+                                        "From the group's clock start (the first readiness since the queue "
+                                        "was last empty) to writing its response", labels=["queue"])
+        unread = HistogramMetricFamily("iopfd_unread_wait_seconds",
+                                       "How long groups waited unread in the kernel: from the first readiness "
+                                       "since the queue was last empty to the read() that took them",
+                                       labels=["queue"])
         pending = GaugeMetricFamily("iopfd_pending_groups", "Groups read and not yet answered", labels=["queue"])
         write_errors = CounterMetricFamily("iopfd_response_write_errors", "Responses the kernel refused "
                                            "(group already answered by a detach) or that could not be "
@@ -52,6 +57,7 @@ class EngineCollector(Collector):
                 groups.add_metric([name, outcome], count)
             faults.add_metric([name], stats.faults)
             latency.add_metric([name], stats.latency.cumulative(), stats.latency.sum)
+            unread.add_metric([name], stats.unread_wait.cumulative(), stats.unread_wait.sum)
             pending.add_metric([name], server.pending)
             write_errors.add_metric([name], stats.write_errors)
             reading.add_metric([name], 1 if server.reading else 0)
@@ -73,7 +79,7 @@ class EngineCollector(Collector):
                                        "and result (ok, or the error code of the refusal)", labels=["op", "result"])
         for (op, result), count in list((self.control_requests or {}).items()):
             requests.add_metric([op, result], count)
-        yield from (groups, faults, latency, pending, write_errors, reading, read_batch, vevents, vevents_lost,
+        yield from (groups, faults, latency, unread, pending, write_errors, reading, read_batch, vevents, vevents_lost,
                     served, requests)
 
 

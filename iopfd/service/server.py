@@ -350,7 +350,7 @@ class Server:
             return
         if policy is not queue.policy:
             queue.policy.unbind(queue.name)
-            queue.policy = policy
+            queue.use_policy(policy)
 
     def supervise(self, task: asyncio.Task, what: str) -> None:
         """Have ``task``'s exception, if it ends with one, logged and the watchdog pings stopped:

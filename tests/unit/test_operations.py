@@ -263,6 +263,21 @@ async def test_reload_applies_policies_and_defaults_and_keeps_every_queue(tmp_pa
     emulated.close()
 
 
+def test_a_config_queue_gets_its_own_limits(tmp_path):
+    config = tmp_path / "c.toml"
+    write_config(config, """
+        [[queues]]
+        name = "vm1"
+        max_pending = 8
+        response_deadline = 0.5
+    """)
+    server = Server(load_settings(config, runtime_dir=str(tmp_path)), Engine(), Policies({}), Notifier(None))
+    queue = server.add_queue("vm1", EmulatedFaultQueue().open(), policy="accept")
+    assert (queue.config.max_pending, queue.config.response_deadline) == (8, 0.5)
+    other = server.add_queue("vm2", EmulatedFaultQueue().open())
+    assert (other.config.max_pending, other.config.response_deadline) == (4096, 1.0)
+
+
 def test_sighup_reloads_the_running_daemon_and_sigterm_still_stops_it(tmp_path):
     config = tmp_path / "c.toml"
     write_config(config, f"""

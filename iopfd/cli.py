@@ -8,8 +8,6 @@ import math
 import os
 import sys
 
-OUTCOMES = ("success", "invalid", "deadline", "shed", "error")
-
 
 def _cmd_probe(args: argparse.Namespace) -> int:
     from iopfd.iommufd.probe import probe
@@ -77,6 +75,8 @@ def _table(header: list[str], rows: list[list[object]]) -> str:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
+    from iopfd.engine.stats import OUTCOMES
+
     reply = _control_request(args, "status")
     if reply is None:
         return 1
@@ -93,6 +93,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_detach(args: argparse.Namespace) -> int:
+    from iopfd.engine.stats import OUTCOMES
+
     reply = _control_request(args, "detach", args.queue)
     if reply is None:
         return 1
@@ -247,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--here", action="store_true", help="run on this kernel instead of booting the lab")
     p.add_argument("--kernel", choices=sorted(KERNELS), default=DEFAULT_KERNEL)
     p.add_argument("--groups", type=_positive, default=200_000, help="fault groups per run (default: %(default)s)")
-    p.add_argument("--rate", type=_positive_number, default=20_000, help="steady: groups/s offered (default: %(default)s)")
+    p.add_argument("--rate", type=_positive_number, default=20_000,
+                   help="steady: groups/s offered (default: %(default)s)")
     p.add_argument("--repeat", type=_positive, default=3, help="runs of burst and multi; the median run is reported "
                    "(default: %(default)s)")
     p.add_argument("--out", metavar="FILE", help="write the results as JSON (default: bench-results.json)")

@@ -114,7 +114,8 @@ def build_policies(settings: Settings, kept: Mapping[str, Policy] | None = None)
     tables = {name: (table.type, table.options) for name, table in settings.policies.items()}
     policies = _ReloadedPolicies(tables, kept) if kept else Policies(tables)
     problems: list[tuple[str, str]] = []
-    for name, where in [*((name, f"policies.{name}") for name in sorted(settings.policies)), (settings.policy, "policy")]:
+    named = [(name, f"policies.{name}") for name in sorted(settings.policies)]
+    for name, where in [*named, (settings.policy, "policy")]:
         try:
             policies.get(name, where)
         except PolicyError as exc:
@@ -154,7 +155,8 @@ def prepare(settings: Settings, fault_fds: list[FaultFdArg], report_path: str | 
             reload_settings: Callable[[], Settings] | None = None) -> Server:
     """Check and build everything; raises ConfigError, PolicyError or UsageError before serving.
     ``reload_settings`` loads the config again, for SIGHUP."""
-    server = Server(settings, Engine(), build_policies(settings), report_path=report_path, reload_settings=reload_settings)
+    server = Server(settings, Engine(), build_policies(settings), report_path=report_path,
+                    reload_settings=reload_settings)
     passed = listen_fds()  # what systemd passed: the control socket and the fd store's fault fds
     taken_back = server.take_back_stored_queues(passed)
     queues = [queue for queue in resolve_queues(settings, fault_fds, allow_none=bool(taken_back))

@@ -398,7 +398,7 @@ def test_a_traceback_to_journald_keeps_its_priority_on_every_line(tmp_path):
 def test_no_priority_prefix_off_journald(tmp_path):
     out = tmp_path / "log"
     with out.open("w") as stream:
-        other = os.fstat(sys.__stdin__.fileno()) if sys.__stdin__ else os.stat("/")
+        other = os.stat(tmp_path)
         configure_logging("info", "json", stream=stream,
                           environ={"JOURNAL_STREAM": f"{other.st_dev}:{other.st_ino}"})  # another file's
         structlog.get_logger("iopfd.test").warning("w")

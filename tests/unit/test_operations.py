@@ -30,7 +30,7 @@ from iopfd.iommufd.probe import probe
 from iopfd.policies import Policies
 from iopfd.service.config import ConfigError, load_settings
 from iopfd.service.logging import configure_logging
-from iopfd.service.server import Server, build_policies
+from iopfd.service.server import Server, build_policies, unchanged_policies
 from iopfd.service.systemd import Notifier
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -261,6 +261,25 @@ async def test_reload_applies_policies_and_defaults_and_keeps_every_queue(tmp_pa
     assert await asyncio.wait_for(serving, 10) == 0
     assert emulated.pending_cookies == []
     emulated.close()
+
+
+def test_a_reload_keeps_only_policies_whose_tables_and_references_are_unchanged(tmp_path):
+    def settings(a_type: str):
+        config = tmp_path / f"{a_type}.toml"
+        write_config(config, f"""
+            [policies.a]
+            type = "{a_type}"
+            [policies.uses-a]
+            type = "rules"
+            default = "a"
+            [policies.alone]
+            type = "rules"
+            default = "accept"
+        """)
+        return load_settings(config)
+
+    assert unchanged_policies(settings("reject"), settings("reject")) == {"a", "uses-a", "alone"}
+    assert unchanged_policies(settings("reject"), settings("accept")) == {"alone"}
 
 
 def test_a_config_queue_gets_its_own_limits(tmp_path):

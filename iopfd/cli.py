@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import os
 import sys
 from pathlib import Path
 
@@ -11,6 +14,10 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     from iopfd.iommufd.probe import probe
 
     features = probe(args.device)
+    if args.json:
+        print(json.dumps({"device": args.device, "features": [
+            {"name": f.name, "status": f.status, "detail": f.detail} for f in features]}, indent=2))
+        return 0
     width = max(len(f.name) for f in features)
     print(f"{'feature':<{width}}  {'status':<7}  detail")
     for f in features:
@@ -25,17 +32,80 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from iopfd.service.logging import configure_logging
     from iopfd.service.server import PolicyError, UsageError, prepare
 
+    def load():
+        return load_settings(args.config, policy=args.policy, metrics_address=args.metrics_address)
+
     try:
-        settings = load_settings(args.config, policy=args.policy, metrics_address=args.metrics_address)
+        settings = load()
         configure_logging(settings.log_level, settings.log_format)
-        server = prepare(settings, args.fault_fd, args.report)
+        server = prepare(settings, args.fault_fd, args.report, reload_settings=load if args.config else None)
+        return asyncio.run(server.serve())  # ConfigError too: the metrics address cannot be listened on
     except (ConfigError, PolicyError) as exc:
         print(f"iopfd run: invalid configuration\n{exc}", file=sys.stderr)
         return EX_CONFIG
     except UsageError as exc:
         print(f"iopfd run: {exc}", file=sys.stderr)
         return 2
-    return asyncio.run(server.serve())
+
+
+def _control_request(args: argparse.Namespace, method: str, *params) -> dict | None:
+    """One request to the daemon's control socket; None (and the reason on stderr) if it failed."""
+    from iopfd.client import Client
+    from iopfd.protocol import ProtocolError
+
+    try:
+        with Client(args.socket, timeout=args.timeout) as client:
+            return getattr(client, method)(*params)
+    except ProtocolError as exc:
+        print(f"iopfd {args.command}: iopfd refused: {exc.message} ({exc.code})", file=sys.stderr)
+    except PermissionError:
+        print(f"iopfd {args.command}: {args.socket}: permission denied; run as root or as a user of the socket's "
+              "group (SocketGroup= in iopfd.socket, [control] allowed_gids)", file=sys.stderr)
+    except (FileNotFoundError, ConnectionRefusedError):
+        print(f"iopfd {args.command}: nothing listens on {args.socket}; is iopfd running? (--socket PATH)",
+              file=sys.stderr)
+    except OSError as exc:
+        print(f"iopfd {args.command}: {args.socket}: {exc.strerror or exc}", file=sys.stderr)
+    return None
+
+
+def _table(header: list[str], rows: list[list[object]]) -> str:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+    return "\n".join("  ".join(f"{str(cell):<{width}}" for cell, width in zip(row, widths)).rstrip()
+                     for row in [header, *rows])
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from iopfd.engine.stats import OUTCOMES
+
+    reply = _control_request(args, "status")
+    if reply is None:
+        return 1
+    reply = {key: value for key, value in reply.items() if key not in ("ok", "id")}
+    if args.json:
+        print(json.dumps(reply, indent=2))
+        return 0
+    rows = [[q["name"], q["policy"], "yes" if q["reading"] else "no", q["pending"], q["faults"],
+             *(q["outcomes"].get(o, 0) for o in OUTCOMES), q["write_errors"]] for q in reply["queues"]]
+    totals = reply["totals"]
+    rows.append(["(all)", "", "", totals["pending"], totals["faults"], *(totals.get(o, 0) for o in OUTCOMES), ""])
+    print(_table(["queue", "policy", "reading", "pending", "faults", *OUTCOMES, "write_errors"], rows))
+    return 0
+
+
+def _cmd_detach(args: argparse.Namespace) -> int:
+    from iopfd.engine.stats import OUTCOMES
+
+    reply = _control_request(args, "detach", args.queue)
+    if reply is None:
+        return 1
+    reply = {key: value for key, value in reply.items() if key not in ("ok", "id")}
+    if args.json:
+        print(json.dumps(reply, indent=2))
+        return 0
+    print(f"queue {reply['queue']} detached; every group it read was answered")
+    print(_table(["faults", *OUTCOMES], [[reply["faults"], *(reply["outcomes"].get(o, 0) for o in OUTCOMES)]]))
+    return 0
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
@@ -46,7 +116,8 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
         settings = load_settings(args.file)
         build_policies(settings)  # queues name only tables or built-ins: the config checked that
     except (ConfigError, PolicyError) as exc:
-        print(f"{args.file}: invalid configuration\n{exc}", file=sys.stderr)
+        where = args.file if getattr(exc, "in_file", True) else f"the environment (not {args.file})"
+        print(f"{where}: invalid configuration\n{exc}", file=sys.stderr)
         return EX_CONFIG
     print(f"{args.file}: ok ({len(settings.queues)} queue(s), {len(settings.policies)} policy table(s))")
     return 0
@@ -110,6 +181,25 @@ def _positive(text: str) -> int:
     return int(text)
 
 
+def _positive_number(text: str) -> float:
+    """Seconds or a rate: a finite number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r}: a number above 0, e.g. 10 or 0.5")
+    return value
+
+
+def _queue_name(text: str) -> str:
+    from iopfd.service.config import NAME_RULE, is_name
+
+    if not is_name(text):
+        raise argparse.ArgumentTypeError(f"{text!r}: a queue name is {NAME_RULE}")
+    return text
+
+
 def _scenario(text: str) -> str:
     from iopfd.bench.run import SCENARIOS
 
@@ -143,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("probe", help="show what the running kernel offers (iommufd, fault queues, vEVENTQ, ...)")
     p.add_argument("--device", default="/dev/iommu", help="iommufd device node (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print the features as JSON")
     p.set_defaults(func=_cmd_probe)
 
     p = sub.add_parser("run", help="serve fault queues: read fault groups, decide them, answer them")
@@ -155,6 +246,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", metavar="FILE", help="at exit, write what each queue did (counts, latency "
                    "percentiles, CPU time, peak RSS) as JSON; used by iopfd bench")
     p.set_defaults(func=_cmd_run)
+
+    for name, func, help_text in (
+            ("status", _cmd_status, "what the running daemon serves: its queues and their counts (control socket)"),
+            ("detach", _cmd_detach, "stop serving a queue: its pending groups are answered, its fd closed "
+                                    "(control socket)")):
+        p = sub.add_parser(name, help=help_text)
+        if name == "detach":
+            p.add_argument("queue", metavar="QUEUE", type=_queue_name, help="the queue's name, as `iopfd status` shows")
+        p.add_argument("--socket", metavar="PATH", default="/run/iopfd/control.sock",
+                       help="the daemon's control socket (default: %(default)s)")
+        p.add_argument("--timeout", type=_positive_number, default=10, help="seconds to wait for the daemon "
+                       "(default: %(default)s)")
+        p.add_argument("--json", action="store_true", help="print the daemon's reply as JSON")
+        p.set_defaults(func=func)
 
     p = sub.add_parser("check-config", help="validate a configuration file and its policies, then exit")
     p.add_argument("file", metavar="FILE", help="the TOML file, as given to run --config")
@@ -169,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the daemon answering a stream of mock faults in the kernel lab, live")
     p.add_argument("--here", action="store_true", help="run on this kernel instead of booting the lab")
     add_kernel(p)
-    p.add_argument("--duration", type=float, default=10, help="seconds of faults (default: %(default)s; "
+    p.add_argument("--duration", type=_positive_number, default=10, help="seconds of faults (default: %(default)s; "
                    "Ctrl-C stops early)")
     p.set_defaults(func=_cmd_demo)
 
@@ -179,8 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="burst, steady, storm, multi (default: all)")
     p.add_argument("--here", action="store_true", help="run on this kernel instead of booting the lab")
     add_kernel(p)
-    p.add_argument("--groups", type=int, default=200_000, help="fault groups per run (default: %(default)s)")
-    p.add_argument("--rate", type=float, default=20_000, help="steady: groups/s offered (default: %(default)s)")
+    p.add_argument("--groups", type=_positive, default=200_000, help="fault groups per run (default: %(default)s)")
+    p.add_argument("--rate", type=_positive_number, default=20_000,
+                   help="steady: groups/s offered (default: %(default)s)")
     p.add_argument("--repeat", type=_positive, default=3, help="runs of burst and multi; the median run is reported "
                    "(default: %(default)s)")
     p.add_argument("--out", metavar="FILE", help="write the results as JSON (default: bench-results.json)")
@@ -198,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_kernel(b)
     r = lab_sub.add_parser("run", help="boot a lab kernel and run a command in it (this checkout as cwd)")
     add_kernel(r)
-    r.add_argument("--timeout", type=float, default=1800, help="seconds before the guest is killed")
+    r.add_argument("--timeout", type=_positive_number, default=1800, help="seconds before the guest is killed")
     r.add_argument("argv", nargs="+", metavar="COMMAND", help="the command and its arguments")
     p.set_defaults(func=_cmd_lab)
     return parser
@@ -206,7 +312,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except BrokenPipeError:  # `iopfd status | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the exit flush cannot fail
+        return 1
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import asyncio
 
 from iopfd.engine.events import EventQueueServer
 from iopfd.engine.queue import QueueServer
+from iopfd.engine.stats import OUTCOMES
 
 
 class Engine:
@@ -60,13 +61,14 @@ class Engine:
         await asyncio.gather(*(server.stop(grace) for server in (*self.queues.values(), *self.event_queues.values())))
 
     def totals(self) -> dict[str, int]:
-        """Summed counts over all queues, for STATUS= and the demo."""
-        totals = {"pending": 0, "faults": 0}
+        """Summed counts over all queues, for STATUS= and the demo; every outcome is present, with no
+        queue too (the host service starts so)."""
+        totals = {"pending": 0, "faults": 0, **dict.fromkeys(OUTCOMES, 0)}
         for server in self.queues.values():
             totals["pending"] += server.pending
             totals["faults"] += server.stats.faults
             for outcome, count in server.stats.outcomes.items():
-                totals[outcome] = totals.get(outcome, 0) + count
+                totals[outcome] += count
         totals["vevents"] = sum(server.stats.events for server in self.event_queues.values())
         totals["vevents_lost"] = sum(server.stats.lost for server in self.event_queues.values())
         return totals

@@ -117,6 +117,14 @@ class QueueServer:
         self.cookie_mark = 0
         self._log_groups = _debug_enabled()
 
+    def use_policy(self, policy: Policy) -> None:
+        """Decide the groups read from now on with ``policy`` (a config reload); those already read
+        finish with the one that has them."""
+        self.policy = policy
+        self._fixed_code = policy.code if isinstance(policy, FixedPolicy) else None
+        if self._fixed_code is None:
+            np()
+
     @property
     def reading(self) -> bool:
         return self._reading

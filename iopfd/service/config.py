@@ -3,12 +3,14 @@
 Sources, highest priority first: overrides passed to ``load_settings`` (CLI flags), environment
 variables (``IOPFD_POLICY=reject``, ``IOPFD_DEFAULTS__MAX_PENDING=10``; lists and tables as JSON),
 the TOML file, defaults. ``config/iopfd.toml`` documents every key. ``load_settings`` reports every
-problem at once in one ``ConfigError``, one ``path.to.field: message`` line each.
+problem at once in one ``ConfigError``, one ``path.to.field: message`` line each; a value that came
+from an ``IOPFD_*`` variable or a flag is blamed on that, not on the file.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
 import reprlib
@@ -17,6 +19,7 @@ import sys
 import tomllib
 from contextvars import ContextVar
 from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -39,9 +42,10 @@ _CODES = {"success": SUCCESS, "invalid": INVALID}
 class ConfigError(Exception):
     """The configuration cannot be used; ``lines`` holds every ``(path, message)`` problem found."""
 
-    def __init__(self, lines: list[tuple[str, str]]) -> None:
+    def __init__(self, lines: list[tuple[str, str]], *, in_file: bool = True) -> None:
         super().__init__(lines)
         self.lines = lines
+        self.in_file = in_file  # False: every problem came from the environment or the command line
 
     def __str__(self) -> str:
         return "\n".join(f"{path}: {message}" for path, message in self.lines)
@@ -51,10 +55,18 @@ def _error(message: str, **context: Any) -> PydanticCustomError:
     return PydanticCustomError(_ERROR_TYPE, message, context)
 
 
+NAME_RULE = "1 to 64 of A-Z a-z 0-9 _ . -"
+
+
+def is_name(text: str) -> bool:
+    """Whether ``text`` may name a queue or a policy."""
+    return bool(_NAME.fullmatch(text))
+
+
 def _check_name(name: str) -> str:
-    if not _NAME.fullmatch(name):
-        raise _error("invalid name '{name}': use 1 to 64 of A-Z a-z 0-9 _ . - (names appear in metric "
-                     "labels and logs)", name=name)
+    if not is_name(name):
+        raise _error("invalid name '{name}': use " + NAME_RULE + " (names appear in metric labels and logs)",
+                     name=name)
     return name
 
 
@@ -152,6 +164,26 @@ class ControlSettings(BaseModel, extra="forbid"):
     def enabled(self) -> bool:
         return self.path != "off"
 
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _octal_mode(cls, value: Any) -> Any:
+        """The usual slips get a hint: "0660" (a string; a leading 0 is not octal) and 660 (decimal)."""
+        if isinstance(value, str):
+            if re.fullmatch(r"0o[0-7]{1,3}", value):  # IOPFD_CONTROL__MODE=0o660: the environment has only strings
+                return int(value, 8)
+            if re.fullmatch(r"0[0-7]{1,3}", value):
+                raise _error("'{value}' is not read as octal; write 0o{octal} (a TOML number, no quotes) or "
+                             "{decimal}", value=value, octal=value[1:], decimal=int(value, 8))
+        if type(value) is int and value > 0o777 and re.fullmatch(r"[0-7]{3}", str(value)):
+            raise _error("{value} is decimal and more than 0o777; write the mode in octal, 0o{value}, or in "
+                         "decimal, {decimal}", value=value, decimal=int(str(value), 8))
+        return value
+
+
+def _runtime_directory(environ: Mapping[str, str]) -> str:
+    """The directory systemd made for the service (RuntimeDirectory=, the first if several), else /run/iopfd."""
+    return environ.get("RUNTIME_DIRECTORY", "").split(":")[0] or "/run/iopfd"
+
 
 # The file load_settings() is loading. A context variable rather than a class attribute, so that
 # concurrent loads in other threads or tasks cannot see each other's file.
@@ -170,7 +202,8 @@ class Settings(BaseSettings):
     shutdown_grace: float = Field(2.0, ge=0, le=60)  # seconds policies get on SIGTERM before deadline answers
     policy: str = "accept"  # for queues that name none
     watch_devices: bool = True  # detach a queue when the last VFIO device it serves is hot-unplugged
-    runtime_dir: str = "/run/iopfd"  # the state file (highest cookie per queue) lives here, across restarts
+    # The state file (highest cookie per queue) lives here, across restarts.
+    runtime_dir: str = Field(default_factory=lambda: _runtime_directory(os.environ))
     defaults: QueueDefaults = Field(default_factory=QueueDefaults)
     queues: list[QueueSettings] = []
     policies: dict[Name, PolicySettings] = {}
@@ -279,6 +312,37 @@ def _message(error: ErrorDetails) -> str:
     return f"{message} (got {reprlib.repr(error['input'])})"
 
 
+_ABSENT = object()
+
+
+def _blame(loc: tuple[str | int, ...], overrides: dict[str, Any], environ: Mapping[str, str]) -> str | None:
+    """The flag or ``IOPFD_*`` variable the value at ``loc`` came from, or None (the file or a default)."""
+    parts = [str(part) for part in loc if part != "[key]"]
+    if parts and parts[0] in overrides:
+        return "--" + parts[0].replace("_", "-")  # overrides are the command line's flags
+    variables = {key.upper(): value for key, value in environ.items() if key.upper().startswith("IOPFD_")}
+    for end in range(len(parts), 0, -1):
+        name = "IOPFD_" + "__".join(part.upper() for part in parts[:end])
+        if name not in variables:
+            continue
+        if end == len(parts):
+            return name
+        try:  # a table or list given whole as JSON: blamed only if it holds the bad value
+            value: Any = json.loads(variables[name])
+        except ValueError:
+            return name
+        for part in parts[end:]:
+            if isinstance(value, dict):
+                value = value.get(part, _ABSENT)
+            elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
+                value = value[int(part)]
+            else:
+                value = _ABSENT
+        if value is not _ABSENT:
+            return name
+    return None
+
+
 def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:
     """Settings from the TOML file at ``path`` (None: no file), the environment and ``overrides``.
 
@@ -295,13 +359,22 @@ def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) 
         if not regular:
             raise ConfigError([(str(path), "not a regular file; pass the config file itself")])
     token = _toml_path.set(path)
+    given = {key: value for key, value in overrides.items() if value is not None}
     try:
-        return Settings(**{key: value for key, value in overrides.items() if value is not None})
+        return Settings(**given)
     except ValidationError as exc:
-        raise ConfigError([(_path(error["loc"]), _message(error)) for error in exc.errors()]) from None
+        lines, in_file = [], False
+        for error in exc.errors():
+            source = _blame(error["loc"], given, os.environ)
+            in_file = in_file or source is None
+            blame = "" if source is None else f" (from {source})"
+            lines.append((_path(error["loc"]), _message(error) + blame))
+        raise ConfigError(lines, in_file=in_file) from None
     except SettingsError as exc:  # an IOPFD_* variable that is not valid JSON where JSON is needed
-        raise ConfigError([("(environment)", f"{exc}: {exc.__cause__}; give lists and tables as JSON")]) from None
+        raise ConfigError([("(environment)", f"{exc}: {exc.__cause__}; give lists and tables as JSON")],
+                          in_file=False) from None
     except RecursionError:  # the file's source catches its own: JSON from an IOPFD_* variable
-        raise ConfigError([("(environment)", "an IOPFD_* variable nests lists or tables too deeply")]) from None
+        raise ConfigError([("(environment)", "an IOPFD_* variable nests lists or tables too deeply")],
+                          in_file=False) from None
     finally:
         _toml_path.reset(token)

@@ -80,6 +80,7 @@ class ControlServer:
     def start(self) -> None:
         self.listener.setblocking(False)
         self._accepting = asyncio.get_running_loop().create_task(self._accept())
+        self.server.supervise(self._accepting, "control socket accept loop")
 
     async def close(self) -> None:
         tasks = [task for task in (self._accepting, *self._tasks) if task is not None]
@@ -107,6 +108,7 @@ class ControlServer:
             task = loop.create_task(Connection(self, conn).serve())
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+            self.server.supervise(task, "control connection")
 
 
 @dataclass(frozen=True)

@@ -3,12 +3,15 @@
 ``prepare()`` does everything that can fail on bad input before anything is served (config errors
 exit 78, a bad fault fd exits 2); ``Server.serve()`` runs the engine with systemd notification,
 metrics and the watchdog, and on a signal: STOPPING=1, stop reading, grace for in-flight policies,
-answer the rest with the deadline code, flush, exit 0.
+answer the rest with the deadline code, flush, exit 0. SIGHUP reloads the policies and the defaults
+from the config (``Server.reload``); every queue stays served.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import errno
 import json
 import os
 import resource
@@ -16,7 +19,7 @@ import signal
 import socket
 from array import array
 from bisect import bisect_right
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +28,8 @@ import structlog
 from iopfd.engine import Engine, EventQueueServer, QueueConfig, QueueServer
 from iopfd.iommufd import FaultQueue, Iommufd, IommufdError, VeventQueue
 from iopfd.policies import Policies, PolicyError
-from iopfd.service.config import ConfigError, QueueSettings, ResolvedQueue, Settings
+from iopfd.engine.policy import Policy
+from iopfd.service.config import NAME_RULE, ConfigError, QueueSettings, ResolvedQueue, Settings, is_name
 from iopfd.service.control import ControlServer, bind_socket
 from iopfd.service.metrics import MetricsServer, registry_for
 from iopfd.service.recovery import FD_PREFIX, StateFile, sweep
@@ -53,9 +57,14 @@ class FaultFdArg:
     @classmethod
     def parse(cls, text: str) -> FaultFdArg:
         number, _, name = text.partition(":")
-        if not number.isdigit():
+        if not number.isdigit() or int(number) > MAX_FD:
             raise ValueError(f"{text!r}: expected N or N:NAME, N an inherited file descriptor number")
+        if name and not is_name(name):
+            raise ValueError(f"{text!r}: the queue name must be {NAME_RULE}")
         return cls(int(number), name or None)
+
+
+MAX_FD = 2**31 - 1  # an int in the kernel
 
 
 def resolve_queues(settings: Settings, fault_fds: list[FaultFdArg], *, allow_none: bool = False) -> list[ResolvedQueue]:
@@ -84,19 +93,70 @@ def resolve_queues(settings: Settings, fault_fds: list[FaultFdArg], *, allow_non
     return [queue.resolved(settings) for queue in queues]
 
 
-def build_policies(settings: Settings) -> Policies:
+class _ReloadedPolicies(Policies):
+    """Policies from a reloaded config, where the instances in ``kept`` (tables unchanged) are the
+    running ones: a forward policy keeps its peer, ioas-map its bound queues."""
+
+    def __init__(self, tables: Mapping[str, tuple[str, Mapping]], kept: Mapping[str, Policy]) -> None:
+        super().__init__(tables)
+        self._kept = dict(kept)
+
+    def get(self, name: str, where: str = "policy") -> Policy:
+        if name in self._kept:
+            return self._kept[name]
+        return super().get(name, where)
+
+
+def build_policies(settings: Settings, kept: Mapping[str, Policy] | None = None) -> Policies:
     """Every policy table and the default policy, built now so that a bad table fails at start-up
-    even when no queue uses it yet; raises PolicyError."""
-    policies = Policies({name: (table.type, table.options) for name, table in settings.policies.items()})
-    for name in sorted(settings.policies):
-        policies.get(name, f"policies.{name}")
-    policies.get(settings.policy, "policy")
+    even when no queue uses it yet; raises PolicyError naming every broken table. ``kept``: running
+    instances to reuse by name (a reload)."""
+    tables = {name: (table.type, table.options) for name, table in settings.policies.items()}
+    policies = _ReloadedPolicies(tables, kept) if kept else Policies(tables)
+    problems: list[tuple[str, str]] = []
+    named = [(name, f"policies.{name}") for name in sorted(settings.policies)]
+    for name, where in [*named, (settings.policy, "policy")]:
+        try:
+            policies.get(name, where)
+        except PolicyError as exc:
+            problems += exc.lines
+    if problems:
+        # A table that refers to a broken one fails with the same lines: each is reported once.
+        raise PolicyError(list(dict.fromkeys(problems)))
     return policies
 
 
-def prepare(settings: Settings, fault_fds: list[FaultFdArg], report_path: str | None = None) -> Server:
-    """Check and build everything; raises ConfigError, PolicyError or UsageError before serving."""
-    server = Server(settings, Engine(), build_policies(settings), report_path=report_path)
+def unchanged_policies(old: Settings, new: Settings) -> set[str]:
+    """Names whose table is the same in ``new`` as in ``old``, and so is every table it names (any
+    string in its options that is a policy's name counts, which errs towards rebuilding)."""
+    tables = {name: table.model_dump() for name, table in new.policies.items()}
+    same = {name for name, table in tables.items()
+            if name in old.policies and old.policies[name].model_dump() == table}
+    while True:
+        broken = {name for name in same if any(other in tables and other not in same
+                                                for other in _strings(tables[name]))}
+        if not broken:
+            return same
+        same -= broken
+
+
+def _strings(value: object):
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
+
+
+def prepare(settings: Settings, fault_fds: list[FaultFdArg], report_path: str | None = None,
+            reload_settings: Callable[[], Settings] | None = None) -> Server:
+    """Check and build everything; raises ConfigError, PolicyError or UsageError before serving.
+    ``reload_settings`` loads the config again, for SIGHUP."""
+    server = Server(settings, Engine(), build_policies(settings), report_path=report_path,
+                    reload_settings=reload_settings)
     passed = listen_fds()  # what systemd passed: the control socket and the fd store's fault fds
     taken_back = server.take_back_stored_queues(passed)
     queues = [queue for queue in resolve_queues(settings, fault_fds, allow_none=bool(taken_back))
@@ -116,8 +176,10 @@ def prepare(settings: Settings, fault_fds: list[FaultFdArg], report_path: str | 
 
 class Server:
     def __init__(self, settings: Settings, engine: Engine, policies: Policies,
-                 notifier: Notifier | None = None, report_path: str | None = None) -> None:
+                 notifier: Notifier | None = None, report_path: str | None = None,
+                 reload_settings: Callable[[], Settings] | None = None) -> None:
         self.settings = settings
+        self.reload_settings = reload_settings  # SIGHUP: the config again (None: nothing to reload)
         self.report_path = report_path  # `iopfd run --report`: figures for `iopfd bench`, written at exit
         self.engine = engine
         self.policies = policies
@@ -128,6 +190,9 @@ class Server:
         # Queues a control peer attached or brokered -> its uid: only that uid (or an administrator)
         # may detach them. Queues from the config have no owner.
         self.owners: dict[str, int] = {}
+        # The policy each queue was added with, None for "the default": what a reload resolves again.
+        self._asked_policy: dict[str, str | None] = {}
+        self.failed_tasks: list[str] = []  # background tasks that raised: the watchdog is no longer pinged
         self._stop = asyncio.Event()
         self._background: set[asyncio.Task] = set()
         self._cpu_serving = 0.0  # CPU seconds from READY=1 to the last answer written at stop
@@ -192,7 +257,7 @@ class Server:
         unless it came from there (``stored``); a vEVENTQ fd does not (it needs no sweep, and
         after a crash the queue comes back without it: its peer detaches and attaches again).
         ``owner_uid``: the control peer that attached it."""
-        resolved = QueueSettings(name=name, policy=policy).resolved(self.settings)
+        resolved = self._resolved(name, policy)
         try:  # first: a policy that cannot serve this queue (ioas-map without its iommufd) leaves nothing behind
             self.policies.get(resolved.policy).bind(name, keep_open)
         except ValueError as exc:
@@ -216,6 +281,7 @@ class Server:
             self._keep_open[name] = keep_open
         if owner_uid is not None:
             self.owners[name] = owner_uid
+        self._asked_policy[name] = policy
         return queue
 
     async def remove_queue(self, name: str) -> QueueServer:
@@ -232,36 +298,102 @@ class Server:
         if name in self._keep_open:
             self._keep_open.pop(name).close()
         self.owners.pop(name, None)
+        self._asked_policy.pop(name, None)
         return queue
 
     def request_stop(self, reason: str = "requested") -> None:
         if not self._stop.is_set():
+            self._stop.set()  # first: nothing after it may keep the daemon from stopping
             log.info("stopping", reason=reason)
-            self._stop.set()
+
+    def reload(self) -> bool:
+        """SIGHUP: the config's policies, default policy and defaults (deadline, deadline code,
+        max_pending) and its queues' own settings apply from now on, to every queue; groups already
+        read finish with the policy that has them. Nothing else changes (sockets, metrics, logging).
+        A config that does not load leaves everything as it was. True if it was applied."""
+        if self.reload_settings is None:
+            log.warning("reload requested, but iopfd runs without a config file; nothing to reload")
+            return False
+        try:
+            loaded = self.reload_settings()
+            kept = {name: self.policies.get(name) for name in unchanged_policies(self.settings, loaded)}
+            policies = build_policies(loaded, kept)
+        except (ConfigError, PolicyError) as exc:
+            log.error("reload failed; the running configuration stays in force", problems=str(exc).splitlines())
+            return False
+        self.settings = self.settings.model_copy(update={key: getattr(loaded, key) for key in (
+            "policy", "policies", "defaults", "queues", "shutdown_grace")})
+        self.policies = policies
+        configured = {queue.name for queue in self.settings.queues}
+        for name, queue in self.engine.queues.items():
+            # A queue of the config takes the config's (new) word; one a peer attached, the peer's.
+            resolved = self._resolved(name, None if name in configured else self._asked_policy.get(name))
+            self._switch_policy(queue, resolved.policy)
+            queue.config = dataclasses.replace(queue.config, response_deadline=resolved.response_deadline,
+                                               deadline_code=resolved.deadline_code, max_pending=resolved.max_pending)
+        log.info("configuration reloaded", queues=sorted(self.engine.queues), policies=sorted(self.settings.policies),
+                 kept_policies=sorted(kept))
+        return True
+
+    def _resolved(self, name: str, policy: str | None) -> ResolvedQueue:
+        """Queue ``name``'s settings: ``policy`` if given, else its [[queues]] entry's (limits too), else
+        the defaults."""
+        entry = next((queue for queue in self.settings.queues if queue.name == name), None) or QueueSettings(name=name)
+        return entry.model_copy(update={"policy": policy or entry.policy}).resolved(self.settings)
+
+    def _switch_policy(self, queue: QueueServer, name: str) -> None:
+        try:
+            policy = self.policies.get(name)
+            if policy is not queue.policy:
+                policy.bind(queue.name, self._keep_open.get(queue.name))
+        except (PolicyError, ValueError) as exc:
+            log.error("after the reload the queue's policy cannot serve it; it keeps its previous policy",
+                      queue=queue.name, policy=name, error=str(exc))
+            return
+        if policy is not queue.policy:
+            queue.policy.unbind(queue.name)
+            queue.use_policy(policy)
+
+    def supervise(self, task: asyncio.Task, what: str) -> None:
+        """Have ``task``'s exception, if it ends with one, logged and the watchdog pings stopped:
+        a background task that died must not go unnoticed (systemd restarts a service that stops
+        pinging, and the fd store keeps its queues)."""
+        task.add_done_callback(lambda done: self._task_ended(done, what))
+
+    def _task_ended(self, task: asyncio.Task, what: str) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        self.failed_tasks.append(what)
+        log.error("background task failed; watchdog pings stop", task=what, exc_info=task.exception())
 
     async def serve(self) -> int:
+        """Serve until a stop is requested; 0 then. Raises ConfigError (exit 78) when the metrics
+        address cannot be listened on, after closing (and removing) the control socket."""
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.request_stop, signal.Signals(signum).name)
-        endpoint = self.settings.metrics_endpoint
-        if endpoint is not None:
-            requests = self.control.requests if self.control is not None else None
-            self.metrics = MetricsServer(registry_for(self.engine, requests), *endpoint)
-            log.info("metrics", address=f"http://{self.metrics.host}:{self.metrics.port}/metrics")
-        if self.control is not None:
-            self.control.start()
-        helpers = [loop.create_task(self._report_status())]
-        if self.settings.watch_devices:
-            # Imported only when needed: pyroute2 imports all of itself, 60 % of start-up in the lab.
-            from iopfd.service.hotplug import DeviceWatcher
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        helpers: list[asyncio.Task] = []
 
-            watcher = DeviceWatcher(self.device_removed)
-            watcher.rescan(self.known_devices())
-            helpers.append(loop.create_task(self._watch(watcher)))
-        interval = watchdog_interval()
-        if interval is not None:
-            helpers.append(loop.create_task(run_watchdog(self.notifier, interval, self.healthy)))
+        def helper(coroutine, what: str) -> None:
+            helpers.append(task := loop.create_task(coroutine))
+            self.supervise(task, what)
+
         try:
+            self._start_metrics()
+            if self.control is not None:
+                self.control.start()
+            helper(self._report_status(), "status updates")
+            if self.settings.watch_devices:
+                # Imported only when needed: pyroute2 imports all of itself, 60 % of start-up in the lab.
+                from iopfd.service.hotplug import DeviceWatcher
+
+                watcher = DeviceWatcher(self.device_removed)
+                watcher.rescan(self.known_devices())
+                helper(self._watch(watcher), "device watcher")
+            interval = watchdog_interval()
+            if interval is not None:
+                helper(run_watchdog(self.notifier, interval, self.healthy), "watchdog")
             self.engine.start()
             self.notifier.ready()  # every queue is being read
             cpu_at_ready = _cpu_seconds()
@@ -274,7 +406,7 @@ class Server:
             for task in helpers:
                 task.cancel()
             await asyncio.gather(*helpers, *self._background, return_exceptions=True)
-            for signum in (signal.SIGTERM, signal.SIGINT):
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(signum)
             if self.control is not None:
                 await self.control.close()
@@ -289,6 +421,18 @@ class Server:
         if self.report_path is not None:
             Path(self.report_path).write_text(json.dumps(self.report()))
         return 0
+
+    def _start_metrics(self) -> None:
+        endpoint = self.settings.metrics_endpoint
+        if endpoint is None:
+            return
+        host, port = endpoint
+        try:
+            requests = self.control.requests if self.control is not None else None
+            self.metrics = MetricsServer(registry_for(self.engine, requests), host, port)
+        except OSError as exc:
+            raise ConfigError([("metrics_address", _listen_problem(host, port, exc))]) from None
+        log.info("metrics", address=f"http://{self.metrics.host}:{self.metrics.port}/metrics")
 
     def report(self) -> dict:
         """What each queue and all together did, with latency percentiles, this process's CPU time
@@ -328,13 +472,14 @@ class Server:
                 task = asyncio.get_running_loop().create_task(self.remove_queue(name))
                 self._background.add(task)
                 task.add_done_callback(self._background.discard)
+                self.supervise(task, f"detach of queue {name!r}")
 
     def known_devices(self) -> set[str]:
         return {device for queue in self.engine.queues.values() for device in queue.config.device_names.values()}
 
     def healthy(self) -> bool:
-        """What the watchdog vouches for: every queue still served."""
-        return all(server.failure is None for server in (*self.engine.queues.values(),
+        """What the watchdog vouches for: no background task failed, and every queue still served."""
+        return not self.failed_tasks and all(server.failure is None for server in (*self.engine.queues.values(),
                                                           *self.engine.event_queues.values()))
 
     def status(self) -> str:
@@ -372,6 +517,19 @@ def open_control_socket(server: Server, inherited: list[int] | None) -> ControlS
         raise UsageError(f"control socket {settings.path}: {exc}; set [control] path, or path = \"off\"") from None
     log.info("control socket", path=settings.path, mode=oct(settings.mode))
     return ControlServer(server, listener, owns_path=settings.path, **allowed)
+
+
+def _listen_problem(host: str, port: int, exc: OSError) -> str:
+    where = f"{host}:{port}"
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve {host!r} ({exc.strerror}); use an IP address, e.g. 127.0.0.1:{port}, or off"
+    if exc.errno == errno.EADDRINUSE:
+        return f"{where} is already in use (another iopfd?); choose a free port, or off"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"{host} is not an address of this host; use one of its addresses (127.0.0.1, 0.0.0.0), or off"
+    if exc.errno == errno.EACCES:
+        return f"listening on {where} is not permitted (ports below 1024 need privileges); use a port from 1024 up"
+    return f"cannot listen on {where}: {exc.strerror or exc}; fix the address, or off"
 
 
 def _percentiles(ordered: list[float]) -> dict:

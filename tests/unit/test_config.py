@@ -211,7 +211,7 @@ def test_file_errors_name_every_problem(tmp_path, text, lines):
     ("host:http", "'host:http': the port must be a number from 0 to 65535"),
 ])
 def test_bad_metrics_addresses(address, message):
-    assert config_error(None, metrics_address=address) == f"metrics_address: {message}"
+    assert config_error(None, metrics_address=address) == f"metrics_address: {message} (from --metrics-address)"
 
 
 def test_metrics_endpoints():
@@ -253,10 +253,11 @@ def test_unreadable_file(tmp_path, monkeypatch):
 def test_environment_errors_are_reported_like_file_errors(monkeypatch):
     monkeypatch.setenv("IOPFD_DEFAULTS__MAX_PENDING", "lots")
     monkeypatch.setenv("IOPFD_POLICY", "foo")  # cross-field checks run only once every field is valid
-    assert config_error(None) == \
-        "defaults.max_pending: Input should be a valid integer, unable to parse string as an integer (got 'lots')"
+    assert config_error(None) == ("defaults.max_pending: Input should be a valid integer, unable to parse string as "
+                                  "an integer (got 'lots') (from IOPFD_DEFAULTS__MAX_PENDING)")
     monkeypatch.delenv("IOPFD_DEFAULTS__MAX_PENDING")
-    assert config_error(None) == "policy: unknown policy 'foo'; define [policies.foo] or use accept, reject"
+    assert config_error(None) == ("policy: unknown policy 'foo'; define [policies.foo] or use accept, reject "
+                                  "(from IOPFD_POLICY)")
     monkeypatch.setenv("IOPFD_QUEUES", "[{name: q}]")
     assert config_error(None) == (
         '(environment): error parsing value for field "queues" from source "EnvSettingsSource": Expecting property '

@@ -95,6 +95,7 @@ def test_iopfd_run_with_a_bad_config_exits_78_naming_the_field(tmp_path):
     assert result.returncode == 78 and "policies.r.default: unknown policy 'nope'" in result.stderr
     result = iopfd("run", "--config", str(config), "--fault-fd", "0", env={**fixed, "IOPFD_POLICY": "x"})
     assert result.returncode == 78 and "policy: unknown policy 'x'" in result.stderr
+    assert "(from IOPFD_POLICY)" in result.stderr and str(config) not in result.stderr
 
 
 def test_check_config_validates_policies_too(tmp_path):

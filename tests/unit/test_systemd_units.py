@@ -42,7 +42,7 @@ def test_security_exposure_stays_low(units):
 def test_the_service_has_what_the_daemon_relies_on():
     service = (UNITS / "iopfd.service").read_text()
     for line in ("Type=notify", "RestartPreventExitStatus=78", "DeviceAllow=/dev/iommu rw",
-                 "DeviceAllow=char-vfio-dev rw", "RuntimeDirectory=iopfd", "DevicePolicy=closed",
+                 "DeviceAllow=char-vfio-dev rw", "RuntimeDirectory=iopfd/state", "DevicePolicy=closed",
                  "RestrictAddressFamilies=AF_UNIX AF_NETLINK AF_INET AF_INET6", "SystemCallFilter=@system-service"):
         assert f"\n{line}\n" in service, line
     assert re.search(r"\nWatchdogSec=\d+s\n", service) and re.search(r"\nFileDescriptorStoreMax=[1-9]\d*\n", service)

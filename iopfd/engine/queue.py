@@ -58,6 +58,8 @@ MAX_AWAITING = 256
 _WITH_LAST_PAGE = bytes(b for b in range(256) if b & LAST_PAGE)
 _RECORD_WORDS = RECORD.size // 4
 _COOKIE_WORD = 9  # struct iommu_hwpt_pgfault.cookie, the last u32
+_RECORD_QWORDS = RECORD.size // 8
+_ADDR_QWORD = 3  # struct iommu_hwpt_pgfault.addr
 # Timers may fire a hair early; answering 100 µs early is well inside any deadline.
 DEADLINE_SLACK = 1e-4
 # Routing policies (rules) may select other routing policies; the config forbids cycles.
@@ -202,6 +204,8 @@ class QueueServer:
         stats.read_batches.observe(count)
         stats.unread_wait.observe(now - started, count)
         self._queue_run(responses, started, (("success" if self._fixed_code == SUCCESS else "invalid", count),))
+        if stats.answer_log is not None:
+            stats.answer_log.append((data.cast("Q")[_ADDR_QWORD::_RECORD_QWORDS].tolist(), now))
         return True
 
     def _admit(self, data: memoryview, started: float, now: float) -> None:
@@ -485,6 +489,8 @@ class QueueServer:
             outcomes = (("success" if codes == SUCCESS else "invalid", count),)
         self._close(read, index)
         self._queue_run(responses.view(n.uint32), read.started_at, outcomes)
+        if self.stats.answer_log is not None:
+            self.stats.answer_log.append((read.column("addr_max")[index], self._loop.time()))
 
     def _close(self, read: Read, index: Any) -> None:
         read.open[index] = False

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from array import array
 from bisect import bisect_left
+from typing import Any
 
 OUTCOMES = ("success", "invalid", "deadline", "shed", "error")
 # Response latency, readiness to write(): 10 µs (a policy that answers at once) to 5 s (past any deadline).
@@ -54,6 +55,9 @@ class QueueStats:
         self.first_read: float | None = None  # loop.time() (CLOCK_MONOTONIC) of the first group read
         self.last_write: float | None = None  # ... and of the last response written
         self.latency_samples: array | None = None  # every latency, when a benchmark asks for them
+        # ... and (faulting addresses, loop.time()) of each run of answers, to time answers from the
+        # moment the benchmark's trigger raised each fault (its address says which)
+        self.answer_log: list[tuple[Any, float]] | None = None
 
     @property
     def answered(self) -> int:

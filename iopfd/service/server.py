@@ -270,6 +270,7 @@ class Server:
             self.engine.add_events(EventQueueServer(events, queue.policy, name, labels))
         if self.report_path is not None:
             queue.stats.latency_samples = array("d")
+            queue.stats.answer_log = []
         if self.state is not None:
             if not stored:
                 self.notifier.store_fd(source.fileno(), FD_PREFIX + name)
@@ -450,7 +451,9 @@ class Server:
             late += queue_late
             queues[name] = {"outcomes": stats.outcomes, "faults": stats.faults, "write_errors": stats.write_errors,
                             "first_read": stats.first_read, "last_write": stats.last_write, "late": queue_late,
-                            "latency": _percentiles(samples)}
+                            "latency": _percentiles(samples),
+                            "answered_at": [[int(addr), at] for addrs, at in stats.answer_log or ()
+                                            for addr in list(addrs)]}
         every.sort()
         return {"queues": queues, "cpu_seconds": self._cpu_serving,
                 "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from iopfd._uapi import ffi
+from iopfd.engine.batch import record_dtype
 from iopfd.iommufd.uapi import lib
 
 pytestmark = [pytest.mark.kernel, pytest.mark.timeout(3600)]
@@ -100,6 +101,25 @@ def test_struct_sizes_and_field_offsets_match_the_kernel_headers(built, absent, 
     actual = {key: int(value) for key, value in (line.rsplit(" ", 1) for line in result.stdout.splitlines())}
     assert actual == expected
     assert len(actual) > 100  # every struct and field was really checked
+
+
+def test_the_numpy_record_dtype_matches_the_kernel_headers(built, tmp_path):
+    """The engine's columns (``record_dtype``) are struct iommu_hwpt_pgfault field by field: the same
+    names, offsets, sizes and order, and no padding of its own."""
+    dtype = record_dtype()
+    lines = [f'printf("{name} %zu %zu\\n", offsetof(struct iommu_hwpt_pgfault, {name}), '
+             f'sizeof(((struct iommu_hwpt_pgfault *)0)->{name}));' for name in dtype.names if name != "reserved"]
+    lines.append('printf("__reserved %zu %zu\\n", offsetof(struct iommu_hwpt_pgfault, __reserved), '
+                 'sizeof(((struct iommu_hwpt_pgfault *)0)->__reserved));')
+    lines.append('printf("sizeof %zu 0\\n", sizeof(struct iommu_hwpt_pgfault));')
+    result = compile_and_run(built, "\n".join(lines), tmp_path, "dtype")
+    assert result.returncode == 0, result.stderr
+    actual = {name: (int(offset), int(size)) for name, offset, size in
+              (line.split() for line in result.stdout.splitlines())}
+    expected = {("__reserved" if name == "reserved" else name): (dtype.fields[name][1], dtype.fields[name][0].itemsize)
+                for name in dtype.names}
+    assert actual == expected | {"sizeof": (dtype.itemsize, 0)}
+    assert [dtype.fields[name][1] for name in dtype.names] == sorted(dtype.fields[name][1] for name in dtype.names)
 
 
 def test_constants_match_the_kernel_headers(built, absent, tmp_path):

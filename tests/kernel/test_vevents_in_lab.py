@@ -21,10 +21,10 @@ from daemon_process import DaemonProcess
 from test_daemon import assert_kernel_has_nothing_pending, trigger
 
 from iopfd.client import Client
-from iopfd.engine import Engine, EventQueueServer, Policy, QueueConfig, QueueServer
+from iopfd.engine import Engine, EventQueueServer, FixedPolicy, QueueConfig, QueueServer
 from iopfd.iommufd import (
     Hwpt, InvalidArgument, Ioas, MockDevice, NotFound, NotSupported, SequenceTracker, VeventQueue, Viommu,
-    ViommuMockSetup, lib,
+    SUCCESS, ViommuMockSetup, lib,
 )
 from iopfd.iommufd.errors import IommufdError
 from iopfd.iommufd.viommu import LOST_EVENTS, MAX_DEPTH, SELFTEST
@@ -115,11 +115,9 @@ def test_an_overflowed_queue_reports_exactly_what_the_kernel_dropped(viommu_rig)
 def test_the_engine_reads_counts_and_hands_events_in_order_even_past_a_failing_policy(queue, viommu_rig):
     rig = viommu_rig
 
-    class Recording(Policy):
-        name = "recording"
-        fixed_code = 0
-
+    class Recording(FixedPolicy):
         def __init__(self) -> None:
+            super().__init__("recording", SUCCESS)
             self.events = []
 
         async def on_event(self, event):

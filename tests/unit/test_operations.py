@@ -135,7 +135,7 @@ BROKEN_STDERR_DAEMON = textwrap.dedent("""
         serving = asyncio.create_task(server.serve())
         for i in range(5):
             emulated.report(PageRequest(dev_id=1, addr=i))
-        while emulated.undelivered or len(engine.queues["vm1"]._pending) < 5:
+        while emulated.undelivered or engine.queues["vm1"].deciding < 5:
             await asyncio.sleep(0.01)
         print("serving", flush=True)
         code = await serving

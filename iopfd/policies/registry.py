@@ -77,6 +77,10 @@ class Policies:
             self._building.pop()
         return self._built[name]
 
+    def built(self) -> list[Policy]:
+        """Every policy built so far."""
+        return list(self._built.values())
+
     def _build(self, name: str, type_name: str, options: Mapping[str, Any]) -> Policy:
         path = f"policies.{name}"
         try:

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import structlog
 
-from iopfd.engine import Engine, EventQueueServer, QueueConfig, QueueServer
+from iopfd.engine import Engine, EventQueueServer, FixedPolicy, Policy, QueueConfig, QueueServer
+from iopfd.engine.batch import np
 from iopfd.iommufd import FaultQueue, Iommufd, IommufdError, VeventQueue
 from iopfd.policies import Policies, PolicyError
-from iopfd.engine.policy import Policy
 from iopfd.service.config import NAME_RULE, ConfigError, QueueSettings, ResolvedQueue, Settings, is_name
 from iopfd.service.control import ControlServer, bind_socket
 from iopfd.service.metrics import MetricsServer, registry_for
@@ -123,6 +123,8 @@ def build_policies(settings: Settings, kept: Mapping[str, Policy] | None = None)
     if problems:
         # A table that refers to a broken one fails with the same lines: each is reported once.
         raise PolicyError(list(dict.fromkeys(problems)))
+    if any(not isinstance(policy, FixedPolicy) for policy in policies.built()):
+        np()  # the batch path's numpy, imported before READY=1 rather than on the first attach
     return policies
 
 

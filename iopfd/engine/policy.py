@@ -46,6 +46,10 @@ class Policy:
 
     name = "policy"
 
+    def __init__(self, name: str | None = None) -> None:
+        if name is not None:  # the name of its [policies.NAME] table
+            self.name = name
+
     async def decide(self, group: FaultGroup) -> int:
         raise NotImplementedError(f"policy {self.name!r} ({type(self).__name__}) defines no decide()")
 

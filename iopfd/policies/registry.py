@@ -9,6 +9,7 @@ that classmethod (policies made of other policies, like ``rules``), else ``cls(n
 from __future__ import annotations
 
 from collections.abc import Mapping
+import importlib
 from importlib.metadata import entry_points
 from typing import Any
 
@@ -35,17 +36,33 @@ class PolicyError(Exception):
 
 
 def policy_type(type_name: str) -> type:
+    """A built-in, ``package.module:Class``, or the name of an entry point of ENTRY_POINT_GROUP."""
     if type_name in BUILTIN_TYPES:
         return BUILTIN_TYPES[type_name]
+    if ":" in type_name:
+        return _class_at(type_name)
     found = entry_points(group=ENTRY_POINT_GROUP, name=type_name)
     if not found:
-        raise LookupError(f"unknown policy type {type_name!r}: not built in ({', '.join(BUILTIN_TYPES)}) and no "
-                          f"installed package provides it in the entry-point group {ENTRY_POINT_GROUP!r}")
+        raise LookupError(f"unknown policy type {type_name!r}: not built in ({', '.join(BUILTIN_TYPES)}), not "
+                          "package.module:Class, and no installed package provides it in the entry-point group "
+                          f"{ENTRY_POINT_GROUP!r}")
     entry = next(iter(found))
     try:
         return entry.load()
     except Exception as exc:
         raise LookupError(f"policy type {type_name!r} ({entry.value}) failed to load: {exc}") from exc
+
+
+def _class_at(path: str) -> type:
+    module_name, _, attribute = path.partition(":")
+    try:
+        found = getattr(importlib.import_module(module_name), attribute)
+    except Exception as exc:  # ImportError, AttributeError, or the module's own failure
+        raise LookupError(f"policy type {path!r} cannot be loaded: {type(exc).__name__}: {exc}; give "
+                          "package.module:Class of an importable module") from None
+    if not (isinstance(found, type) and issubclass(found, Policy)):
+        raise LookupError(f"policy type {path!r} is {found!r}, not a subclass of iopfd.policies.Policy")
+    return found
 
 
 class Policies:

@@ -183,3 +183,23 @@ async def test_time_spent_unread_counts_against_the_deadline():
     assert server.stats.unread_wait.sum >= 18 * 0.2 and server.stats.unread_wait.count == 20
     await server.stop(0)
     emulated.close()
+
+
+class Immediate(Policy):
+    """Loaded by its import path in the test below."""
+
+    async def decide(self, group):
+        return SUCCESS
+
+
+def test_a_policy_type_can_be_a_class_by_its_import_path():
+    from iopfd.policies import Policies, PolicyError
+
+    policy = Policies({"p": ("test_batch_path:Immediate", {})}).get("p")
+    assert type(policy).__name__ == "Immediate" and policy.name == "p"
+    for path, message in [("no_such_module:X", "ModuleNotFoundError"), ("test_batch_path:Missing", "AttributeError"),
+                          ("test_batch_path:settle", "not a subclass of iopfd.policies.Policy")]:
+        with pytest.raises(PolicyError) as info:
+            Policies({"p": (path, {})}).get("p")
+        ((where, text),) = info.value.lines
+        assert where == "policies.p.type" and message in text

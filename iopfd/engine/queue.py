@@ -30,7 +30,7 @@ from array import array
 from collections import deque
 from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cache, partial
 from typing import Any
 
 import structlog
@@ -53,6 +53,7 @@ MAX_READS_PER_WAKEUP = 4
 # Per-group decide() calls that really await, in flight per queue; further groups wait their turn
 # inside their deadline.
 MAX_AWAITING = 256
+DECIDE_CHUNK = 64  # groups whose columns _decide_each turns into lists at once
 # Deleting every byte with the LAST_PAGE bit from a read's flag bytes leaves nothing exactly when
 # every record is a whole one-record group (what a PRI device sends for single-page faults).
 _WITH_LAST_PAGE = bytes(b for b in range(256) if b & LAST_PAGE)
@@ -100,6 +101,9 @@ class QueueServer:
         self._big_cookies: dict[int, tuple[int, int]] = {}  # the same for cookies beyond the table
         self._awaiting = 0  # per-group decide() tasks in flight
         self._waiting_turn: deque[tuple[Policy, Batch]] = deque()  # per-group work beyond MAX_AWAITING
+        # (read, group, code, policy name) of per-group calls that awaited, answered once per loop turn
+        self._decided_groups: list[tuple[Read, int, int, str]] = []
+        self._decided_handle: asyncio.Handle | None = None
         # Answers not yet written: (responses, started_at, ((outcome, count), ...))
         self._outgoing: list[tuple[Any, float, tuple[tuple[str, int], ...]]] = []
         self._outgoing_count = 0
@@ -390,48 +394,73 @@ class QueueServer:
     def _decide_each(self, policy: Policy, batch: Batch) -> None:
         """Per-group decide(): drive each call once; a call that finishes at once costs no task."""
         read = batch.read
-        index = batch.index
         raw, size, queue = read.raw, RECORD.size, read.queue
         positions, codes = [], []
-        for position, (is_open, first, last, cookie) in enumerate(zip(
-                read.open[index].tolist(), read.first[index].tolist(), read.last[index].tolist(),
-                read.column("cookie")[index].tolist())):
-            if not is_open:
+        for chunk in range(0, len(batch), DECIDE_CHUNK):  # columns as lists, a chunk at a time
+            index = batch.index[chunk:chunk + DECIDE_CHUNK]
+            for position, (group_index, is_open, first, last, cookie) in enumerate(zip(
+                    index.tolist(), read.open[index].tolist(), read.first[index].tolist(),
+                    read.last[index].tolist(), read.column("cookie")[index].tolist()), chunk):
+                if not is_open:
+                    continue
+                if self._awaiting >= MAX_AWAITING:
+                    self._waiting_turn.append((policy, batch.take(slice(position, None))))
+                    break
+                try:
+                    call = policy.decide(FaultGroup(cookie, raw[first * size:(last + 1) * size], queue))
+                    waiting_on = call.send(None)
+                except StopIteration as stop:
+                    code = stop.value
+                    positions.append(position)
+                    codes.append(code if type(code) is int and code in (SUCCESS, INVALID) else -1)
+                    continue
+                except Exception:
+                    self._log.exception("policy raised; group answered INVALID", policy=policy.name, cookie=cookie)
+                    self._answer(read, index[position - chunk:position - chunk + 1], INVALID, "error")
+                    continue
+                self._awaiting += 1
+                task = self._loop.create_task(_finish(call, waiting_on))
+                read.tasks.add(task)
+                task.add_done_callback(partial(self._group_decided, policy, read, group_index))
+            else:
                 continue
-            if self._awaiting >= MAX_AWAITING:
-                self._waiting_turn.append((policy, batch.take(slice(position, None))))
-                break
-            try:
-                call = policy.decide(FaultGroup(cookie, raw[first * size:(last + 1) * size], queue))
-                waiting_on = call.send(None)
-            except StopIteration as stop:
-                code = stop.value
-                positions.append(position)
-                codes.append(code if type(code) is int and code in (SUCCESS, INVALID) else -1)
-                continue
-            except Exception:
-                self._log.exception("policy raised; group answered INVALID", policy=policy.name, cookie=cookie)
-                self._answer(read, index[position:position + 1], INVALID, "error")
-                continue
-            self._awaiting += 1
-            task = self._loop.create_task(_finish(call, waiting_on))
-            read.tasks.add(task)
-            task.add_done_callback(partial(self._group_decided, policy, batch.take(slice(position, position + 1))))
+            break
         if positions:
             self._decided(policy, batch.take(positions), codes)
 
-    def _group_decided(self, policy: Policy, batch: Batch, task: asyncio.Task) -> None:
+    def _group_decided(self, policy: Policy, read: Read, group_index: int, task: asyncio.Task) -> None:
+        """A per-group call that awaited has ended. Its answer is collected and written with the others
+        of this loop turn (``_answer_decided``): one numpy pass per turn, not per group."""
         self._awaiting -= 1
-        batch.read.tasks.discard(task)
-        if not task.cancelled():
-            exc = task.exception()
-            if exc is not None:
-                self._log.error("policy raised; group answered INVALID", policy=policy.name,
-                                cookie=int(batch.cookie[0]), exc_info=exc)
-                self._answer(batch.read, batch.index, INVALID, "error")
-            else:
-                code = task.result()
-                self._decided(policy, batch, [code if type(code) is int and code in (SUCCESS, INVALID) else -1])
+        read.tasks.discard(task)
+        if task.cancelled():
+            code = None
+        elif (exc := task.exception()) is not None:
+            self._log.error("policy raised; group answered INVALID", policy=policy.name,
+                            cookie=int(read.column("cookie")[group_index]), exc_info=exc)
+            code = None
+            self._answer(read, np().array([group_index]), INVALID, "error")
+        else:
+            code = task.result()
+            code = code if type(code) is int and code in (SUCCESS, INVALID) else -1
+        if code is not None:
+            self._decided_groups.append((read, group_index, code, policy.name))
+        if self._decided_handle is None:
+            self._decided_handle = self._loop.call_soon(self._answer_decided)
+
+    def _answer_decided(self) -> None:
+        self._decided_handle = None
+        decided, self._decided_groups = self._decided_groups, []
+        by_read: dict[tuple[int, str], tuple[Read, list[int], list[int]]] = {}
+        for read, group_index, code, policy in decided:
+            entry = by_read.get((read.serial, policy))
+            if entry is None:
+                entry = by_read[read.serial, policy] = (read, [], [])
+            entry[1].append(group_index)
+            entry[2].append(code)
+        n = np()
+        for (_, policy), (read, index, codes) in by_read.items():
+            self._answer_codes(read, n.array(index), n.array(codes), policy)
         while self._waiting_turn and self._awaiting < MAX_AWAITING and self._reading:
             self._decide_each(*self._waiting_turn.popleft())
 
@@ -635,6 +664,7 @@ async def _finish(call: Any, waiting_on: Any) -> Any:
     return await _Resumed(call, waiting_on)
 
 
+@cache
 def _response_dtype() -> Any:
     return np().dtype([("cookie", "<u4"), ("code", "<u4")])
 

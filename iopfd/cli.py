@@ -27,7 +27,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     try:
         settings = load_settings(args.config, policy=args.policy, metrics_address=args.metrics_address)
         configure_logging(settings.log_level, settings.log_format)
-        server = prepare(settings, args.fault_fd, args.report)
+        server = prepare(settings, args.fault_fd, args.report, forward_fds=args.forward_fd,
+                         forward_events_fds=args.forward_events_fd)
     except (ConfigError, PolicyError) as exc:
         print(f"iopfd run: invalid configuration\n{exc}", file=sys.stderr)
         return EX_CONFIG
@@ -105,6 +106,24 @@ def _fault_fd(text: str):
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _forward_fd(text: str):
+    from iopfd.service.server import ForwardFdArg
+
+    try:
+        return ForwardFdArg.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _forward_events_fd(text: str):
+    from iopfd.service.server import ForwardEventsFdArg
+
+    try:
+        return ForwardEventsFdArg.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     from iopfd.lab.kernel import DEFAULT_KERNEL, KERNELS
 
@@ -119,6 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE", help="TOML configuration (see config/iopfd.toml)")
     p.add_argument("--fault-fd", metavar="N[:NAME]", action="append", default=[], type=_fault_fd,
                    help="serve the inherited fault fd N as queue NAME (repeatable)")
+    p.add_argument("--forward-fd", metavar="N:POLICY[:RECORDS]", action="append", default=[], type=_forward_fd,
+                   help="the inherited socket N (one end of a SOCK_SEQPACKET socketpair) is the peer channel of the "
+                   "forward policy POLICY; the peer reads RECORDS fault records at once (default 256; repeatable)")
+    p.add_argument("--forward-events-fd", metavar="M:POLICY", action="append", default=[], type=_forward_events_fd,
+                   help="the inherited socket M carries the vEVENTs of POLICY (given --forward-fd) to its peer")
     p.add_argument("--policy", metavar="NAME", help="default policy for queues that name none (default: accept)")
     p.add_argument("--metrics-address", metavar="HOST:PORT|off",
                    help="Prometheus endpoint (default: 127.0.0.1:9769)")

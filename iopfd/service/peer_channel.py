@@ -107,7 +107,7 @@ class FaultChannel:
 
     def __init__(self, sock: socket.socket, policy: ForwardPolicy, *,
                  read_records: int = protocol.DEFAULT_READ_RECORDS, name: str = "peer",
-                 events: EventChannel | None = None, on_close: Callable[[FaultChannel], None] | None = None) -> None:
+                 events: EventChannel | None = None) -> None:
         if not 1 <= read_records <= protocol.MAX_READ_RECORDS:
             raise ValueError(f"read_records: 1 to {protocol.MAX_READ_RECORDS} records, got {read_records}")
         self.sock = sock
@@ -118,7 +118,7 @@ class FaultChannel:
         self.events = events  # the same peer's event channel: it ends with this one
         self.queued = 0  # groups waiting to be sent (the socket was full)
         self.closed = False
-        self._on_close = on_close
+        self.on_close: Callable[[FaultChannel], None] | None = None  # called once the channel is closed
         self._ranges: list[_Range] = []  # in id order: every range with a group still open
         self._starts: numpy.ndarray | None = None  # their starts, cached for searchsorted
         self._queue: deque[_Range] = deque()  # ranges with groups not yet sent, in id order
@@ -349,8 +349,8 @@ class FaultChannel:
                        when_disconnected="success" if code == SUCCESS else "invalid")
         if self.events is not None:
             self.events.close()
-        if self._on_close is not None:
-            self._on_close(self)
+        if self.on_close is not None:
+            self.on_close(self)
 
 
 class EventChannel:

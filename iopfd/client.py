@@ -26,11 +26,12 @@ import numpy
 
 from iopfd import protocol
 from iopfd.engine.batch import record_dtype
-from iopfd.iommufd.fault import LAST_PAGE
+from iopfd.iommufd.fault import INVALID, LAST_PAGE, SUCCESS
 from iopfd.protocol import ProtocolError
 
 DEFAULT_PATH = "/run/iopfd/control.sock"
 CONNECT_POLL = 0.005  # seconds between connect attempts while the daemon's backlog is full
+__all__ = ["DEFAULT_PATH", "INVALID", "LAST_PAGE", "SUCCESS", "Client", "ForwardChannel", "ProtocolError"]
 RECORD = record_dtype()  # struct iommu_hwpt_pgfault
 RESPONSE = numpy.dtype([("cookie", "<u4"), ("code", "<u4")])  # struct iommu_hwpt_page_response
 EVENT_HEADER = struct.Struct("<II")  # struct iommufd_vevent_header: flags, sequence

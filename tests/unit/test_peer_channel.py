@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import struct
 
 import numpy
 import pytest
+from control_server import needs_columnar_engine
 
 from iopfd import protocol
+from iopfd.engine import QueueConfig, QueueServer
 from iopfd.engine.batch import Batch, Read, record_dtype, split_groups
 from iopfd.engine.events import Vevent
+from iopfd.iommufd.emulated import EmulatedFaultQueue, PageRequest
 from iopfd.iommufd.fault import INVALID, LAST_PAGE, SUCCESS
 from iopfd.policies import ForwardPolicy
 from iopfd.policies.forward import ForwardOptions
@@ -336,7 +340,7 @@ async def test_a_full_event_channel_drops_events_and_says_so_with_a_lost_events_
 async def test_a_forward_fd_must_be_a_connected_seqpacket_unix_socket(kind, tmp_path):
     opened = []
     if kind == "pipe":
-        fd, other = __import__("os").pipe()
+        fd, other = os.pipe()
         opened = [fd, other]
     elif kind == "unconnected":
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -349,10 +353,10 @@ async def test_a_forward_fd_must_be_a_connected_seqpacket_unix_socket(kind, tmp_
     try:
         with pytest.raises(ValueError, match=r"socketpair\(AF_UNIX, SOCK_SEQPACKET\)"):
             check_channel_socket(fd)
-        __import__("os").fstat(fd)  # still open: the caller's
+        os.fstat(fd)  # still open: the caller's
     finally:
         for each in opened:
-            __import__("os").close(each)
+            os.close(each)
 
 
 async def test_read_records_is_bounded():
@@ -361,3 +365,62 @@ async def test_read_records_is_bounded():
         FaultChannel(ours, ForwardPolicy("vmm"), read_records=protocol.MAX_READ_RECORDS + 1)
     ours.close()
     theirs.close()
+
+
+# -- through the engine ------------------------------------------------------------------------------
+@needs_columnar_engine
+async def test_the_engine_forwards_through_the_channel_and_its_deadline_holds(pair):
+    ours, theirs = pair
+    policy = ForwardPolicy("vmm")
+    channel = FaultChannel(ours, policy)
+    channel.start()
+    emulated = EmulatedFaultQueue()
+    server = QueueServer(emulated.open(), policy, QueueConfig("vm1", response_deadline=0.3))
+    server.start()
+    try:
+        for i in range(6):
+            emulated.report(PageRequest(dev_id=3, addr=0x1000 * (i + 1)))
+        records = []
+        while len(records) < 6:
+            records += list(await asyncio.to_thread(receive, theirs))
+        records = numpy.array(records, record_dtype())
+        ids = group_ids(records)
+        respond(theirs, ids[:4], numpy.where(records["addr"][:4] < 0x3000, SUCCESS, INVALID))  # 2 left unanswered
+        await until(lambda: len(emulated.answers) == 6)  # the last two at the deadline
+        assert [code for _, code in emulated.answers] == [SUCCESS, SUCCESS, INVALID, INVALID, INVALID, INVALID]
+        assert server.stats.outcomes["deadline"] == 2
+        respond(theirs, ids[4:], [SUCCESS, SUCCESS])  # too late
+        await until(lambda: policy.stats.late_answers == 2)
+        assert len(emulated.answers) == 6
+    finally:
+        await server.stop(0)
+        channel.close()
+        emulated.close()
+
+
+@needs_columnar_engine
+async def test_the_engine_answers_when_disconnected_once_the_peer_goes(pair):
+    ours, theirs = pair
+    policy = ForwardPolicy("vmm")
+    channel = FaultChannel(ours, policy)
+    channel.start()
+    emulated = EmulatedFaultQueue()
+    server = QueueServer(emulated.open(), policy, QueueConfig("vm1", response_deadline=30))
+    server.start()
+    try:
+        for i in range(3):
+            emulated.report(PageRequest(dev_id=3, addr=0x1000 * (i + 1)))
+        ids = group_ids(await asyncio.to_thread(receive, theirs))
+        while len(ids) < 3:
+            ids += group_ids(await asyncio.to_thread(receive, theirs))
+        respond(theirs, ids[:1], [SUCCESS])
+        theirs.close()
+        await until(lambda: len(emulated.answers) == 3)
+        assert [code for _, code in emulated.answers] == [SUCCESS, INVALID, INVALID]
+        assert server.stats.outcomes["deadline"] == 0 and policy.channel is None
+        emulated.report(PageRequest(dev_id=3, addr=0x9000))
+        await until(lambda: len(emulated.answers) == 4)
+        assert emulated.answers[-1][1] == INVALID
+    finally:
+        await server.stop(0)
+        emulated.close()

@@ -77,7 +77,9 @@ class ForwardFdArg:
         if len(parts) == 3 and not (parts[2].isdigit() and 1 <= int(parts[2]) <= protocol.MAX_READ_RECORDS):
             raise ValueError(f"{text!r}: RECORDS is how many fault records the peer reads at once, 1 to "
                              f"{protocol.MAX_READ_RECORDS}")
-        return cls(int(parts[0]), parts[1], *(int(parts[2]),) * (len(parts) == 3))
+        if len(parts) == 2:
+            return cls(int(parts[0]), parts[1])
+        return cls(int(parts[0]), parts[1], int(parts[2]))
 
 
 @dataclass(frozen=True)

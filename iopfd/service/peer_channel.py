@@ -102,7 +102,53 @@ class _Range:
         return not self.left or not self.batch.read.open[self.batch.index].any()
 
 
-class FaultChannel:
+class _Channel:
+    """What both channels do with their socket: non-blocking sends that wait for room, and letting go."""
+
+    def __init__(self, sock: socket.socket, policy: ForwardPolicy, name: str) -> None:
+        self.sock = sock
+        self.policy = policy
+        self.stats = policy.stats
+        self.name = name
+        self.closed = False
+        self._waiting_room = False  # a writer callback is registered
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._log = log.bind(policy=policy.name, peer=name)
+        sock.setblocking(False)
+
+    def _send(self) -> None:
+        raise NotImplementedError
+
+    def _wait_for_room(self) -> None:
+        self._waiting_room = True
+        self._loop.add_writer(self.sock.fileno(), self._on_writable)
+
+    def _on_writable(self) -> None:
+        self._loop.remove_writer(self.sock.fileno())
+        self._waiting_room = False
+        self._send()
+
+    def close(self) -> None:
+        """iopfd lets go of the peer (it is stopping)."""
+        self._disconnect("iopfd closed the channel")
+
+    def _disconnect(self, reason: str) -> None:
+        raise NotImplementedError
+
+    def _let_go(self) -> bool:
+        """Stop watching the socket and leave the policy; False if that was done already."""
+        if self.closed:
+            return False
+        self.closed = True
+        if self._loop is not None:
+            self._loop.remove_reader(self.sock.fileno())
+            if self._waiting_room:
+                self._loop.remove_writer(self.sock.fileno())
+        self.policy.disconnect(self)
+        return True
+
+
+class FaultChannel(_Channel):
     """The fault side of one peer of a ``forward`` policy. ``start()`` in the running loop."""
 
     def __init__(self, sock: socket.socket, policy: ForwardPolicy, *,
@@ -110,25 +156,17 @@ class FaultChannel:
                  events: EventChannel | None = None) -> None:
         if not 1 <= read_records <= protocol.MAX_READ_RECORDS:
             raise ValueError(f"read_records: 1 to {protocol.MAX_READ_RECORDS} records, got {read_records}")
-        self.sock = sock
-        self.policy = policy
-        self.stats = policy.stats
+        super().__init__(sock, policy, name)
         self.read_records = read_records
-        self.name = name
         self.events = events  # the same peer's event channel: it ends with this one
         self.queued = 0  # groups waiting to be sent (the socket was full)
-        self.closed = False
         self.on_close: Callable[[FaultChannel], None] | None = None  # called once the channel is closed
         self._ranges: list[_Range] = []  # in id order: every range with a group still open
         self._starts: numpy.ndarray | None = None  # their starts, cached for searchsorted
         self._queue: deque[_Range] = deque()  # ranges with groups not yet sent, in id order
         self._next = 1  # the next id's sequence number
-        self._waiting_room = False  # a writer callback is registered
         self._buffer = bytearray(protocol.MAX_RESPONSES * protocol.RESPONSE_SIZE)
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._log = log.bind(policy=policy.name, peer=name)
         packet = read_records * protocol.RECORD_SIZE
-        sock.setblocking(False)
         # A packet larger than the send buffer fails with EMSGSIZE (the kernel doubles what is set).
         if sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) < 4 * packet:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 2 * packet)
@@ -206,8 +244,7 @@ class FaultChannel:
             try:
                 self.sock.sendmsg(parts)
             except BlockingIOError:
-                self._waiting_room = True
-                self._loop.add_writer(self.sock.fileno(), self._on_writable)
+                self._wait_for_room()
                 return
             except OSError as exc:  # the peer is gone; answers it sent before still count
                 self._gone(f"send failed: {exc.strerror or exc}")
@@ -219,11 +256,6 @@ class FaultChannel:
                 found.sent = stop
                 if stop == len(found.ends):
                     queue.popleft()
-
-    def _on_writable(self) -> None:
-        self._loop.remove_writer(self.sock.fileno())
-        self._waiting_room = False
-        self._send()
 
     # -- in ------------------------------------------------------------------------------------
     def _on_readable(self) -> None:
@@ -318,20 +350,10 @@ class FaultChannel:
         self._on_readable()
         self._disconnect(reason)
 
-    def close(self) -> None:
-        """iopfd lets go of the peer (it is stopping)."""
-        self._disconnect("iopfd closed the channel")
-
     def _disconnect(self, reason: str) -> None:
         """Every group still open on the channel gets the policy's when_disconnected answer at once."""
-        if self.closed:
+        if not self._let_go():
             return
-        self.closed = True
-        if self._loop is not None:
-            self._loop.remove_reader(self.sock.fileno())
-            if self._waiting_room:
-                self._loop.remove_writer(self.sock.fileno())
-        self.policy.disconnect(self)
         code = self.policy.disconnected_code
         groups = 0
         for found in self._ranges:
@@ -353,21 +375,13 @@ class FaultChannel:
             self.on_close(self)
 
 
-class EventChannel:
+class EventChannel(_Channel):
     """The vEVENT side of one peer of a ``forward`` policy: one event per packet, nothing back."""
 
     def __init__(self, sock: socket.socket, policy: ForwardPolicy, *, name: str = "peer") -> None:
-        self.sock = sock
-        self.policy = policy
-        self.stats = policy.stats
-        self.name = name
-        self.closed = False
+        super().__init__(sock, policy, name)
         self._backlog: deque[bytes] = deque()
         self._dropped_upto: int | None = None  # the sequence of the last event dropped, not yet announced
-        self._waiting_room = False
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._log = log.bind(policy=policy.name, peer=name)
-        sock.setblocking(False)
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -399,19 +413,13 @@ class EventChannel:
             try:
                 self.sock.send(self._backlog[0])
             except BlockingIOError:
-                self._waiting_room = True
-                self._loop.add_writer(self.sock.fileno(), self._on_writable)
+                self._wait_for_room()
                 return
             except OSError as exc:
                 self._disconnect(f"send failed: {exc.strerror or exc}")
                 return
             self._backlog.popleft()
             self.stats.events_sent += 1
-
-    def _on_writable(self) -> None:
-        self._loop.remove_writer(self.sock.fileno())
-        self._waiting_room = False
-        self._send()
 
     def _on_readable(self) -> None:
         try:
@@ -426,18 +434,9 @@ class EventChannel:
         else:
             self._log.warning("the peer sent data on the event channel, which takes none; ignored")
 
-    def close(self) -> None:
-        self._disconnect("iopfd closed the channel")
-
     def _disconnect(self, reason: str) -> None:
-        if self.closed:
+        if not self._let_go():
             return
-        self.closed = True
-        if self._loop is not None:
-            self._loop.remove_reader(self.sock.fileno())
-            if self._waiting_room:
-                self._loop.remove_writer(self.sock.fileno())
-        self.policy.disconnect(self)
         self._backlog.clear()
         self.sock.close()
         self._log.info("forward peer event channel closed", reason=reason)

@@ -9,6 +9,7 @@ import struct
 
 import numpy
 import pytest
+import pytest_asyncio
 from control_server import needs_columnar_engine
 
 from iopfd import protocol
@@ -184,6 +185,23 @@ async def test_a_code_other_than_success_or_invalid_answers_that_group_invalid(p
     respond(theirs, ids, [SUCCESS, 7, SUCCESS])
     await until(lambda: len(engine.answers) == 3)
     assert engine.answers == {1: SUCCESS, 2: INVALID, 3: SUCCESS} and policy.stats.bad_codes == 1
+
+
+async def test_a_packet_that_is_not_whole_responses_counts_what_is_whole(pair):
+    ours, theirs = pair
+    engine = Engine()
+    _, policy = channel_on(ours)
+    policy.decide_batch(engine.batch([1, 1]))
+    ids = group_ids(receive(theirs))
+    theirs.send(struct.pack("<II", ids[0], SUCCESS) + b"\x01\x02\x03")
+    await until(lambda: policy.stats.malformed_packets == 1)
+    assert engine.answers == {1: SUCCESS}
+    out = numpy.zeros(protocol.MAX_RESPONSES + 1, RESPONSE)  # one response too many for a packet
+    out["cookie"], out["code"] = ids[0], SUCCESS
+    out["cookie"][-1] = ids[1]
+    theirs.send(out.tobytes())
+    await until(lambda: policy.stats.malformed_packets == 2)
+    assert engine.answers == {1: SUCCESS} and policy.stats.late_answers == protocol.MAX_RESPONSES
 
 
 async def test_ids_are_never_reused_while_open_and_wrap_past_2_to_the_32(pair):
@@ -368,59 +386,62 @@ async def test_read_records_is_bounded():
 
 
 # -- through the engine ------------------------------------------------------------------------------
-@needs_columnar_engine
-async def test_the_engine_forwards_through_the_channel_and_its_deadline_holds(pair):
-    ours, theirs = pair
-    policy = ForwardPolicy("vmm")
-    channel = FaultChannel(ours, policy)
-    channel.start()
-    emulated = EmulatedFaultQueue()
-    server = QueueServer(emulated.open(), policy, QueueConfig("vm1", response_deadline=0.3))
-    server.start()
-    try:
-        for i in range(6):
-            emulated.report(PageRequest(dev_id=3, addr=0x1000 * (i + 1)))
-        records = []
-        while len(records) < 6:
-            records += list(await asyncio.to_thread(receive, theirs))
-        records = numpy.array(records, record_dtype())
-        ids = group_ids(records)
-        respond(theirs, ids[:4], numpy.where(records["addr"][:4] < 0x3000, SUCCESS, INVALID))  # 2 left unanswered
-        await until(lambda: len(emulated.answers) == 6)  # the last two at the deadline
-        assert [code for _, code in emulated.answers] == [SUCCESS, SUCCESS, INVALID, INVALID, INVALID, INVALID]
-        assert server.stats.outcomes["deadline"] == 2
-        respond(theirs, ids[4:], [SUCCESS, SUCCESS])  # too late
-        await until(lambda: policy.stats.late_answers == 2)
-        assert len(emulated.answers) == 6
-    finally:
+@pytest_asyncio.fixture
+async def served(pair):
+    """A queue served by the engine with a forward policy whose channel is ``pair``."""
+    made = []
+
+    def serve(deadline: float) -> tuple[EmulatedFaultQueue, QueueServer, ForwardPolicy]:
+        policy = ForwardPolicy("vmm")
+        FaultChannel(pair[0], policy).start()
+        emulated = EmulatedFaultQueue()
+        server = QueueServer(emulated.open(), policy, QueueConfig("vm1", response_deadline=deadline))
+        server.start()
+        made.append((emulated, server, policy))
+        return emulated, server, policy
+
+    yield serve
+    for emulated, server, policy in made:
         await server.stop(0)
-        channel.close()
+        if policy.channel is not None:
+            policy.channel.close()
         emulated.close()
 
 
 @needs_columnar_engine
-async def test_the_engine_answers_when_disconnected_once_the_peer_goes(pair):
-    ours, theirs = pair
-    policy = ForwardPolicy("vmm")
-    channel = FaultChannel(ours, policy)
-    channel.start()
-    emulated = EmulatedFaultQueue()
-    server = QueueServer(emulated.open(), policy, QueueConfig("vm1", response_deadline=30))
-    server.start()
-    try:
-        for i in range(3):
-            emulated.report(PageRequest(dev_id=3, addr=0x1000 * (i + 1)))
-        ids = group_ids(await asyncio.to_thread(receive, theirs))
-        while len(ids) < 3:
-            ids += group_ids(await asyncio.to_thread(receive, theirs))
-        respond(theirs, ids[:1], [SUCCESS])
-        theirs.close()
-        await until(lambda: len(emulated.answers) == 3)
-        assert [code for _, code in emulated.answers] == [SUCCESS, INVALID, INVALID]
-        assert server.stats.outcomes["deadline"] == 0 and policy.channel is None
-        emulated.report(PageRequest(dev_id=3, addr=0x9000))
-        await until(lambda: len(emulated.answers) == 4)
-        assert emulated.answers[-1][1] == INVALID
-    finally:
-        await server.stop(0)
-        emulated.close()
+async def test_the_engine_forwards_through_the_channel_and_its_deadline_holds(pair, served):
+    _, theirs = pair
+    emulated, server, policy = served(0.3)
+    for i in range(6):
+        emulated.report(PageRequest(dev_id=3, addr=0x1000 * (i + 1)))
+    records = []
+    while len(records) < 6:
+        records += list(await asyncio.to_thread(receive, theirs))
+    records = numpy.array(records, record_dtype())
+    ids = group_ids(records)
+    respond(theirs, ids[:4], numpy.where(records["addr"][:4] < 0x3000, SUCCESS, INVALID))  # 2 left unanswered
+    await until(lambda: len(emulated.answers) == 6)  # the last two at the deadline
+    assert [code for _, code in emulated.answers] == [SUCCESS, SUCCESS, INVALID, INVALID, INVALID, INVALID]
+    assert server.stats.outcomes["deadline"] == 2
+    respond(theirs, ids[4:], [SUCCESS, SUCCESS])  # too late
+    await until(lambda: policy.stats.late_answers == 2)
+    assert len(emulated.answers) == 6
+
+
+@needs_columnar_engine
+async def test_the_engine_answers_when_disconnected_once_the_peer_goes(pair, served):
+    _, theirs = pair
+    emulated, server, policy = served(30)
+    for i in range(3):
+        emulated.report(PageRequest(dev_id=3, addr=0x1000 * (i + 1)))
+    ids = group_ids(await asyncio.to_thread(receive, theirs))
+    while len(ids) < 3:
+        ids += group_ids(await asyncio.to_thread(receive, theirs))
+    respond(theirs, ids[:1], [SUCCESS])
+    theirs.close()
+    await until(lambda: len(emulated.answers) == 3)
+    assert [code for _, code in emulated.answers] == [SUCCESS, INVALID, INVALID]
+    assert server.stats.outcomes["deadline"] == 0 and policy.channel is None
+    emulated.report(PageRequest(dev_id=3, addr=0x9000))
+    await until(lambda: len(emulated.answers) == 4)
+    assert emulated.answers[-1][1] == INVALID

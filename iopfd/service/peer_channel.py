@@ -222,10 +222,16 @@ class FaultChannel(_Channel):
             return
         n, queue, limit = np(), self._queue, self.read_records
         while queue:
+            first = queue[0]
+            if not first.sent and first.closed():  # answered while it waited (its deadline): never sent
+                queue.popleft()
+                self.queued -= len(first.ends)
+                first.sent = len(first.ends)
+                continue
             parts, plan, room = [], [], limit
             for found in queue:
-                if not found.sent and not plan and found.closed():
-                    break  # dropped below, before building a packet
+                if plan and not found.sent and found.closed():
+                    break  # dropped once it is first
                 base = int(found.ends[found.sent - 1]) if found.sent else 0
                 stop = int(n.searchsorted(found.ends, base + room, "right"))  # the groups that fit
                 if stop <= found.sent:
@@ -236,11 +242,6 @@ class FaultChannel(_Channel):
                 room -= end - base
                 if stop < len(found.ends) or not room:
                     break
-            if not plan:  # the first queued range's groups were all answered meanwhile (deadline)
-                dropped = queue.popleft()
-                self.queued -= len(dropped.ends) - dropped.sent
-                dropped.sent = len(dropped.ends)
-                continue
             try:
                 self.sock.sendmsg(parts)
             except BlockingIOError:

@@ -237,24 +237,26 @@ async def test_a_full_socket_does_not_block_and_groups_wait_their_turn(pair):
     ours, theirs = pair
     engine = Engine()
     channel, policy = channel_on(ours, read_records=16)
-    batches = [engine.batch([1] * 16, first_cookie=1 + 16 * i) for i in range(200)]
+    batches = [engine.batch([1] * 4, first_cookie=1 + 4 * i, addr=i << 20) for i in range(1000)]
     loop = asyncio.get_running_loop()
     started = loop.time()
     for batch in batches:
         policy.decide_batch(batch)  # the peer reads nothing yet
     assert loop.time() - started < 1.0
-    assert 0 < policy.queued == channel.queued < 3200  # some went, the rest wait for room
-    waiting = channel.queued // 16  # the last batches, not sent yet
-    engine.deadline(batches[-1 - waiting // 2].read)  # one of them expires while it waits: it is never sent
+    assert 0 < policy.queued == channel.queued < 4000  # some went, the rest wait for room
+    waiting = channel.queued // 4  # the last batches, not sent yet; they will go four to a packet
+    expired = batches[1000 - waiting + 4 * (waiting // 8) + 1]  # the second of a packet's four
+    engine.deadline(expired.read)  # it expires while it waits: it is never sent
     seen = []
-    while len(seen) < 3200 - 16:
+    while len(seen) < 4000 - 4:
         packet = receive(theirs, 16)
         seen += group_ids(packet)
-        respond(theirs, group_ids(packet), [SUCCESS] * len(packet))
+        assert not set(packet["addr"].tolist()) & set(expired.read.records["addr"].tolist())
+        respond(theirs, group_ids(packet), [SUCCESS] * len(group_ids(packet)))
         await asyncio.sleep(0)  # the loop sends more as the peer reads
-    await until(lambda: len(engine.answers) == 3200)
-    assert channel.queued == 0 and len(set(seen)) == 3200 - 16
-    assert sum(code == SUCCESS for code in engine.answers.values()) == 3200 - 16
+    await until(lambda: len(engine.answers) == 4000)
+    assert channel.queued == 0 and len(set(seen)) == 4000 - 4
+    assert sum(code == SUCCESS for code in engine.answers.values()) == 4000 - 4
     theirs.setblocking(False)
     with pytest.raises(BlockingIOError):
         theirs.recv(1)

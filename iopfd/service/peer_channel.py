@@ -303,8 +303,12 @@ class FaultChannel(_Channel):
             which = n.searchsorted(self._starts, seq, "right") - 1  # -1: older than every open range
             offset = seq - self._starts[which]
             codes = responses["code"]
-            for index in n.unique(which[which >= 0]).tolist():
-                late -= self._answer_range(ranges[index], offset[which == index], codes[which == index])
+            if which[0] == which[-1] and (which == which[0]).all():  # the common case: one batch's answers
+                if which[0] >= 0:
+                    late -= self._answer_range(ranges[which[0]], offset, codes)
+            else:
+                for index in n.unique(which[which >= 0]).tolist():
+                    late -= self._answer_range(ranges[index], offset[which == index], codes[which == index])
         if late:
             self.stats.late_answers += late
         self._sweep()
@@ -312,8 +316,10 @@ class FaultChannel(_Channel):
     def _answer_range(self, found: _Range, offsets: numpy.ndarray, codes: numpy.ndarray) -> int:
         """Answer the groups of ``found`` at ``offsets`` that are open; returns how many were."""
         n = np()
-        positions, first = n.unique(offsets, return_index=True)  # an id twice in a packet: the first answer counts
-        codes = codes[first]
+        if len(offsets) > 1 and not (offsets[1:] > offsets[:-1]).all():  # not in order: maybe an id twice
+            offsets, first = n.unique(offsets, return_index=True)  # the first answer of an id counts
+            codes = codes[first]
+        positions = offsets
         sent = positions < found.sent  # beyond: an id in a gap, or of a group not sent yet
         if not sent.all():
             positions, codes = positions[sent], codes[sent]

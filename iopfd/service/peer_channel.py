@@ -260,24 +260,29 @@ class FaultChannel(_Channel):
 
     # -- in ------------------------------------------------------------------------------------
     def _on_readable(self) -> None:
-        for _ in range(MAX_PACKETS_PER_WAKEUP):
+        self._receive(MAX_PACKETS_PER_WAKEUP)
+
+    def _receive(self, packets: int) -> bool:
+        """Take up to ``packets`` answer packets; True if there may be more."""
+        for _ in range(packets):
             if self.closed:
-                return
+                return False
             try:
                 size = self.sock.recv_into(self._buffer, 0, socket.MSG_TRUNC)
             except BlockingIOError:
-                return
+                return False
             except ConnectionResetError:
                 # The peer closed with packets of ours unread. Linux reports that once, then still
                 # delivers what the peer sent before: its last answers count.
                 continue
             except OSError as exc:
                 self._disconnect(f"receive failed: {exc.strerror or exc}")
-                return
+                return False
             if not size:  # end of the connection (an empty packet cannot be told from it)
                 self._disconnect("peer closed the channel")
-                return
+                return False
             self._take_packet(size)
+        return True
 
     def _take_packet(self, size: int) -> None:
         whole = min(size, len(self._buffer)) // protocol.RESPONSE_SIZE * protocol.RESPONSE_SIZE
@@ -353,8 +358,9 @@ class FaultChannel(_Channel):
 
     # -- end -----------------------------------------------------------------------------------
     def _gone(self, reason: str) -> None:
-        """A send failed: read what the peer sent before it went, then let go of it."""
-        self._on_readable()
+        """A send failed: read all the peer sent before it went, then let go of it."""
+        while self._receive(MAX_PACKETS_PER_WAKEUP):
+            pass
         self._disconnect(reason)
 
     def _disconnect(self, reason: str) -> None:

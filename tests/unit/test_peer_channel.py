@@ -294,6 +294,21 @@ async def test_a_peer_that_died_with_groups_queued_costs_only_those(pair):
     assert [engine.answers[c] for c in range(2, 1001)] == [INVALID] * 999 and channel.queued == 0
 
 
+async def test_a_send_to_a_peer_gone_takes_every_answer_it_sent_before_letting_go(pair, monkeypatch):
+    monkeypatch.setattr(peer_channel, "MAX_PACKETS_PER_WAKEUP", 8)
+    ours, theirs = pair
+    engine = Engine()
+    channel, policy = channel_on(ours, read_records=1)
+    for i in range(30):
+        policy.decide_batch(engine.batch([1], first_cookie=1 + i))
+    ids = [group_ids(receive(theirs, 1))[0] for _ in range(30)]
+    for sent in ids:  # more answer packets than iopfd reads in one wakeup
+        respond(theirs, [sent], [SUCCESS])
+    theirs.close()
+    policy.decide_batch(engine.batch([1], first_cookie=31))  # before the loop sees the end: the send fails
+    assert channel.closed and engine.answers == {**{c: SUCCESS for c in range(1, 31)}, 31: INVALID}
+
+
 async def test_a_second_channel_for_a_taken_policy_is_refused(pair):
     ours, _ = pair
     _, policy = channel_on(ours)

@@ -226,6 +226,11 @@ class Server:
         except ValueError as exc:
             raise UsageError(f"{where}: {exc}") from None
 
+    def forward_policies(self) -> dict[str, ForwardPolicy]:
+        """The config's forward policies by name: their ``queued`` and ``stats`` are the peers' figures."""
+        built = {name: self.policies.get(name) for name in self.settings.policies}
+        return {name: policy for name, policy in built.items() if isinstance(policy, ForwardPolicy)}
+
     def add_channel(self, channel: FaultChannel) -> None:
         """Connect and start a forward peer's channel (RuntimeError: its policy has a peer); it is
         closed at exit if its peer has not closed it first."""

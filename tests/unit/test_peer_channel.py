@@ -409,9 +409,9 @@ async def served(pair):
     """A queue served by the engine with a forward policy whose channel is ``pair``."""
     made = []
 
-    def serve(deadline: float) -> tuple[EmulatedFaultQueue, QueueServer, ForwardPolicy]:
+    def serve(deadline: float, read_records: int = 256) -> tuple[EmulatedFaultQueue, QueueServer, ForwardPolicy]:
         policy = ForwardPolicy("vmm")
-        FaultChannel(pair[0], policy).start()
+        FaultChannel(pair[0], policy, read_records=read_records).start()
         emulated = EmulatedFaultQueue()
         server = QueueServer(emulated.open(), policy, QueueConfig("vm1", response_deadline=deadline))
         server.start()
@@ -463,3 +463,19 @@ async def test_the_engine_answers_when_disconnected_once_the_peer_goes(pair, ser
     emulated.report(PageRequest(dev_id=3, addr=0x9000))
     await until(lambda: len(emulated.answers) == 4)
     assert emulated.answers[-1][1] == INVALID
+
+
+@needs_columnar_engine
+async def test_the_engine_takes_an_answer_made_while_the_batch_is_handed_over(pair, served):
+    _, theirs = pair
+    emulated, server, policy = served(30, read_records=2)
+    emulated.report(PageRequest(dev_id=3, addr=0x1000, grpid=1, last=False))  # a group of three records
+    emulated.report(PageRequest(dev_id=3, addr=0x2000, grpid=1, last=False))
+    emulated.report(PageRequest(dev_id=3, addr=0x3000, grpid=1))
+    emulated.report(PageRequest(dev_id=3, addr=0x4000, grpid=2))
+    records = await asyncio.to_thread(receive, theirs, 2)
+    assert records["addr"].tolist() == [0x4000]
+    respond(theirs, group_ids(records), [SUCCESS])
+    await until(lambda: len(emulated.answers) == 2)
+    assert sorted((len(group), code) for group, code in emulated.answers) == [(1, SUCCESS), (3, INVALID)]
+    assert policy.stats.oversized == 1 and server.pending == 0

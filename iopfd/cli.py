@@ -38,7 +38,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     try:
         settings = load()
         configure_logging(settings.log_level, settings.log_format)
-        server = prepare(settings, args.fault_fd, args.report, reload_settings=load if args.config else None)
+        server = prepare(settings, args.fault_fd, args.report, reload_settings=load if args.config else None,
+                         forward_fds=args.forward_fd, forward_events_fds=args.forward_events_fd)
         return asyncio.run(server.serve())  # ConfigError too: the metrics address cannot be listened on
     except (ConfigError, PolicyError) as exc:
         print(f"iopfd run: invalid configuration\n{exc}", file=sys.stderr)
@@ -217,6 +218,24 @@ def _fault_fd(text: str):
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _forward_fd(text: str):
+    from iopfd.service.server import ForwardFdArg
+
+    try:
+        return ForwardFdArg.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _forward_events_fd(text: str):
+    from iopfd.service.server import ForwardEventsFdArg
+
+    try:
+        return ForwardEventsFdArg.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     from importlib.metadata import version
 
@@ -240,6 +259,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE", help="TOML configuration (every key: the example iopfd.toml)")
     p.add_argument("--fault-fd", metavar="N[:NAME]", action="append", default=[], type=_fault_fd,
                    help="serve the inherited fault fd N as queue NAME (repeatable)")
+    p.add_argument("--forward-fd", metavar="N:POLICY[:RECORDS]", action="append", default=[], type=_forward_fd,
+                   help="the inherited socket N (one end of a SOCK_SEQPACKET socketpair) is the peer channel of the "
+                   "forward policy POLICY; the peer reads RECORDS fault records at once (default 256; repeatable)")
+    p.add_argument("--forward-events-fd", metavar="M:POLICY", action="append", default=[], type=_forward_events_fd,
+                   help="the inherited socket M carries the vEVENTs of POLICY (given --forward-fd) to its peer")
     p.add_argument("--policy", metavar="NAME", help="default policy for queues that name none (default: accept)")
     p.add_argument("--metrics-address", metavar="HOST:PORT|off",
                    help="Prometheus endpoint (default: 127.0.0.1:9769)")

@@ -5,21 +5,37 @@
         print(iopfd.status())
 
 Blocking and single-threaded, like the C or Rust code it stands in for: each call sends one request
-and waits for its reply. A ``forward`` session turns the connection into an event stream.
+and waits for its reply. ``forward`` returns the peer channel of a forward policy, a ``ForwardChannel``:
+fault records arrive as numpy arrays, answers go back as arrays too.
+
+    channel = iopfd.forward("vmm", read_records=256)
+    while (records := channel.recv()) is not None:
+        channel.respond(channel.group_ids(records), SUCCESS)
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import struct
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy
 
 from iopfd import protocol
+from iopfd.engine.batch import record_dtype
+from iopfd.iommufd.fault import INVALID, LAST_PAGE, SUCCESS
 from iopfd.protocol import ProtocolError
 
 DEFAULT_PATH = "/run/iopfd/control.sock"
 CONNECT_POLL = 0.005  # seconds between connect attempts while the daemon's backlog is full
+__all__ = ["DEFAULT_PATH", "INVALID", "LAST_PAGE", "SUCCESS", "Client", "ForwardChannel", "ProtocolError"]
+RECORD = record_dtype()  # struct iommu_hwpt_pgfault
+RESPONSE = numpy.dtype([("cookie", "<u4"), ("code", "<u4")])  # struct iommu_hwpt_page_response
+EVENT_HEADER = struct.Struct("<II")  # struct iommufd_vevent_header: flags, sequence
+MAX_EVENT_PAYLOAD = 4096  # bytes: more than any vEVENT type's record (arm-smmuv3: 32)
 
 
 class Client:
@@ -97,47 +113,94 @@ class Client:
     def status(self) -> dict:
         return self.request("status")[0]
 
-    def forward(self, policy: str) -> ForwardSession:
-        """Become the peer deciding the groups of the ``forward`` policy ``policy``."""
-        self.request("forward", policy=policy)
-        return ForwardSession(self)
-
-
-class ForwardSession:
-    """Fault groups arrive as ``fault`` events; answer each with ``respond(event["group"], code)``.
-    vEVENTs of the policy's queues arrive as ``vevent`` events, which take no answer."""
-
-    def __init__(self, client: Client) -> None:
-        self.client = client
-
-    def events(self) -> Iterator[dict]:
-        """Every event message, ``fault`` and ``vevent``, in the order iopfd sent them."""
-        while True:
-            received = protocol.receive(self.client.sock)
-            if received is None:
-                return
-            message, fds = received
+    def forward(self, policy: str, *, read_records: int = protocol.DEFAULT_READ_RECORDS,
+                events: bool = False) -> ForwardChannel:
+        """Become the peer deciding the groups of the ``forward`` policy ``policy``: returns the peer
+        channel iopfd handed over (with ``events``, its vEVENTs' channel too). This connection stays
+        free for other requests; the channel lives until either side closes it."""
+        reply, fds = self.request("forward", policy=policy, read_records=read_records, events=events)
+        if len(fds) != 1 + events:
             for fd in fds:
                 os.close(fd)
-            if message.get("event") in ("fault", "vevent"):
-                yield message
+            raise ProtocolError("bad-reply", f"forward reply carried {len(fds)} fds, expected {1 + events}")
+        return ForwardChannel.from_fds(*fds, read_records=reply["read_records"])
 
-    def respond(self, group_id: int, code: str | int) -> None:
-        name = code if isinstance(code, str) else protocol.NAMES[code]
-        protocol.send(self.client.sock, {"op": "respond", "group": group_id, "code": name})
 
-    def serve(self, decide: Callable[[dict], str | int], *, count: int | None = None,
-              on_vevent: Callable[[dict], None] | None = None) -> int:
-        """Answer fault events with ``decide(event)`` until the connection ends or ``count`` are
-        answered; vEVENTs go to ``on_vevent``, if given."""
+class ForwardChannel:
+    """The peer's end of a forward policy's channel (docs/protocol.md). ``recv()`` returns the records
+    of one packet (whole groups, ``cookie`` being iopfd's id for each group); ``respond`` answers groups
+    by those ids. ``events``, if opened, is the socket of vEVENTs (``recv_event``)."""
+
+    def __init__(self, sock: socket.socket, *, read_records: int = protocol.DEFAULT_READ_RECORDS,
+                 events: socket.socket | None = None) -> None:
+        self.sock = sock
+        self.read_records = read_records
+        self.events = events
+
+    @classmethod
+    def from_fds(cls, fd: int, events_fd: int | None = None, *,
+                 read_records: int = protocol.DEFAULT_READ_RECORDS) -> ForwardChannel:
+        """A channel over inherited or received fds (e.g. the VMM's end of the --forward-fd socketpair)."""
+        return cls(socket.socket(fileno=fd), read_records=read_records,
+                   events=None if events_fd is None else socket.socket(fileno=events_fd))
+
+    def __enter__(self) -> ForwardChannel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.sock.close()
+        if self.events is not None:
+            self.events.close()
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def recv(self, timeout: float | None = None) -> numpy.ndarray | None:
+        """The records of the next packet (a structured array, dtype ``RECORD``); None once iopfd has
+        closed the channel. ``timeout`` raises TimeoutError when nothing came in time."""
+        self.sock.settimeout(timeout)
+        data = self.sock.recv(self.read_records * protocol.RECORD_SIZE)
+        if not data:
+            return None
+        return numpy.frombuffer(data, RECORD)
+
+    @staticmethod
+    def group_ids(records: numpy.ndarray) -> numpy.ndarray:
+        """The id of each group in ``records``, in order (the cookie of its LAST_PAGE record)."""
+        return records["cookie"][(records["flags"] & LAST_PAGE) != 0]
+
+    def respond(self, ids: Any, codes: Any) -> None:
+        """Answer the groups ``ids`` with ``codes`` (one each, or one for all): SUCCESS (0) or INVALID (1)."""
+        responses = numpy.empty(len(ids), RESPONSE)
+        responses["cookie"] = ids
+        responses["code"] = codes
+        for start in range(0, len(responses), protocol.MAX_RESPONSES):
+            self.sock.send(responses[start:start + protocol.MAX_RESPONSES].tobytes())
+
+    def serve(self, decide: Callable[[numpy.ndarray], Any], *, count: int | None = None) -> int:
+        """Answer every packet's groups with ``decide(records)`` (a code per group, or one for all)
+        until iopfd closes the channel or ``count`` groups are answered; returns how many were."""
         answered = 0
-        for event in self.events():
-            if event["event"] == "vevent":
-                if on_vevent is not None:
-                    on_vevent(event)
-                continue
-            self.respond(event["group"], decide(event))
-            answered += 1
-            if count is not None and answered >= count:
+        while count is None or answered < count:
+            records = self.recv()
+            if records is None:
                 break
+            ids = self.group_ids(records)
+            self.respond(ids, decide(records))
+            answered += len(ids)
         return answered
+
+    def recv_event(self, timeout: float | None = None) -> tuple[int, int, bytes] | None:
+        """The next vEVENT as ``(flags, sequence, payload)``, as a read() of the vEVENTQ returns it
+        (flags 1: a LOST_EVENTS header, no payload); None once iopfd has closed the channel."""
+        if self.events is None:
+            raise ValueError("this channel has no event channel: forward(..., events=True)")
+        self.events.settimeout(timeout)
+        data = self.events.recv(EVENT_HEADER.size + MAX_EVENT_PAYLOAD)
+        if not data:
+            return None
+        flags, sequence = EVENT_HEADER.unpack_from(data)
+        return flags, sequence, data[EVENT_HEADER.size:]

@@ -1,5 +1,6 @@
-"""The control-socket protocol, version 1 (docs/protocol.md): one JSON object per SOCK_SEQPACKET
-message, file descriptors alongside as SCM_RIGHTS. Shared by the daemon and ``iopfd.client``."""
+"""The control-socket protocol, version 2 (docs/protocol.md): one JSON object per SOCK_SEQPACKET
+message, file descriptors alongside as SCM_RIGHTS; and the sizes of the binary peer channel a
+``forward`` request opens. Shared by the daemon and ``iopfd.client``."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import reprlib
 import socket
 import sys
 
-VERSION = 1
+VERSION = 2
 MAX_MESSAGE = 1 << 16
 MAX_FDS = 4
 # Every reply echoes the request's id: it must leave room in the reply and encode without recursing deep.
@@ -17,6 +18,16 @@ MAX_ID = 1 << 12  # bytes, as JSON
 MAX_ID_DEPTH = 32  # lists and objects nested
 CODES = {"success": 0, "invalid": 1}
 NAMES = {code: name for name, code in CODES.items()}
+
+# The peer channel (docs/protocol.md, "The peer channel"): iopfd sends struct iommu_hwpt_pgfault
+# records, whole groups per packet, at most the records the peer reads at once; the peer sends struct
+# iommu_hwpt_page_response records, any number per packet up to MAX_RESPONSES.
+RECORD_SIZE = 40
+RESPONSE_SIZE = 8
+DEFAULT_READ_RECORDS = 256
+MAX_READ_RECORDS = 4096  # 160 KiB packets: within a Unix socket's default send buffer
+MAX_RESPONSES = 8192  # per packet from the peer (64 KiB)
+EVENT_HEADER_SIZE = 8  # struct iommufd_vevent_header, before each vEVENT's payload on the event channel
 
 
 class ProtocolError(Exception):

@@ -1,11 +1,11 @@
-"""The control socket: VMMs attach fault fds, ask iopfd to broker a queue, decide ``forward`` policies'
-groups, and read status. Protocol: docs/protocol.md (iopfd/protocol.py); peers authorised by SO_PEERCRED."""
+"""The control socket: VMMs attach fault fds, ask iopfd to broker a queue, open a ``forward`` policy's
+peer channel, and read status. Protocol: docs/protocol.md (iopfd/protocol.py); peers authorised by
+SO_PEERCRED."""
 
 from __future__ import annotations
 
 import asyncio
 import errno
-import itertools
 import json
 import os
 import re
@@ -22,13 +22,12 @@ import structlog
 from pydantic import TypeAdapter, ValidationError
 
 from iopfd import protocol
-from iopfd.engine.events import Vevent
 from iopfd.iommufd import FaultQueue, Iommufd, IommufdError, VeventQueue
 from iopfd.iommufd.viommu import TYPES as VEVENTQ_TYPES
-from iopfd.iommufd.fault import FaultGroup
 from iopfd.policies import ForwardPolicy, PolicyError
 from iopfd.protocol import ProtocolError
 from iopfd.service.config import Name
+from iopfd.service.peer_channel import EventChannel, FaultChannel
 
 if TYPE_CHECKING:
     from iopfd.service.server import Server
@@ -40,7 +39,7 @@ REFUSED_LINGER = 2.0  # seconds a refused peer's connection stays open to read t
 # accept() failing for want of fds or memory: the peer waits in the backlog until some are freed.
 ACCEPT_RETRY = 0.5  # seconds
 RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
-OPS = "attach, detach, broker, status, forward, respond"
+OPS = "attach, detach, broker, status, forward"
 DEV_ID = re.compile(r"[0-9]{1,10}")  # a dev_id (u32) in decimal
 
 
@@ -127,7 +126,6 @@ class Connection:
         self.server = control.server
         self.sock = sock
         self.sock.setblocking(False)
-        self.peer: SocketPeer | None = None
         pid, uid, gid = PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, PEERCRED.size))
         self.pid = pid
         self.uid = uid
@@ -166,17 +164,16 @@ class Connection:
         except ConnectionError:  # the peer left without reading its reply
             pass
         finally:
-            if self.peer is not None:
-                self.peer.disconnect()
             self.sock.close()
             self.log.info("control peer gone")
 
     async def handle(self, message: dict, fds: list[int]) -> None:
         op = message.get("op")
         handler = {"attach": self.attach, "detach": self.detach, "broker": self.broker, "status": self.status,
-                   "forward": self.forward, "respond": self.respond}.get(op) if isinstance(op, str) else None
+                   "forward": self.forward}.get(op) if isinstance(op, str) else None
         request_id = message.get("id")
         reply_fds: list[int] = []
+        handed_over: list[socket.socket] = []  # sent with the reply, then closed here
         try:
             if not _echoable(request_id):
                 request_id = None
@@ -187,10 +184,12 @@ class Connection:
             if fds and op != "attach":
                 raise ProtocolError("bad-request", f"{op} carries no file descriptors, got {len(fds)} (closed); "
                                                    "only attach sends fds")
-            reply, reply_fds = await handler(message, fds)
+            if op == "forward":
+                reply, handed_over = await self.forward(message)
+                reply_fds = [sock.fileno() for sock in handed_over]
+            else:
+                reply, reply_fds = await handler(message, fds)
             self.control.requests[op, "ok"] += 1
-            if reply is None:  # forward answers get no reply
-                return
             reply = {"ok": True, **reply}
         except ProtocolError as exc:
             self.control.requests[op if handler else "unknown", exc.code] += 1
@@ -199,7 +198,11 @@ class Connection:
                              reason=exc.message)
         finally:
             _close(fds)  # handlers dup what they keep
-        await self.send({"id": request_id, **reply}, reply_fds)
+        try:
+            await self.send({"id": request_id, **reply}, reply_fds)
+        finally:
+            for sock in handed_over:
+                sock.close()
 
     # -- ops -----------------------------------------------------------------------------------
     async def attach(self, message: dict, fds: list[int]) -> tuple[dict, list[int]]:
@@ -256,7 +259,9 @@ class Connection:
                   for name, queue in self.server.engine.queues.items()]
         return {"queues": queues, "totals": self.server.engine.totals()}, []
 
-    async def forward(self, message: dict, fds: list[int]) -> tuple[dict, list[int]]:
+    async def forward(self, message: dict) -> tuple[dict, list[socket.socket]]:
+        """Open a peer channel for a ``forward`` policy: iopfd keeps one end of a socketpair and hands
+        over the other (and, with ``events``, the other end of a second pair, for vEVENTs)."""
         name = message.get("policy")
         if not isinstance(name, str):
             raise ProtocolError("bad-request", f"policy: the name of a policy of type forward, got "
@@ -264,23 +269,28 @@ class Connection:
         policy = self._policy(name)
         if not isinstance(policy, ForwardPolicy):
             raise ProtocolError("not-a-forward-policy", f"policy {name!r} is not of type forward")
-        if self.peer is not None:
-            raise ProtocolError("bad-request", "this connection already forwards a policy")
-        peer = SocketPeer(self, policy)
+        read_records = message.get("read_records", protocol.DEFAULT_READ_RECORDS)
+        if type(read_records) is not int or not 1 <= read_records <= protocol.MAX_READ_RECORDS:
+            raise ProtocolError("bad-request", f"read_records: how many fault records the peer reads at once, 1 to "
+                                               f"{protocol.MAX_READ_RECORDS}; got {reprlib.repr(read_records)}")
+        events = message.get("events", False)
+        if type(events) is not bool:
+            raise ProtocolError("bad-request", f"events: true or false, got {reprlib.repr(events)}")
+        ours, theirs = _socketpair()
+        event_ours, event_theirs = _socketpair() if events else (None, None)
+        peer = f"control peer pid {self.pid}"
+        channel = FaultChannel(ours, policy, read_records=read_records, name=peer,
+                               events=EventChannel(event_ours, policy, name=peer) if event_ours is not None else None)
         try:
-            policy.connect(peer)
+            self.server.add_channel(channel)
         except RuntimeError as exc:
+            for sock in (ours, theirs, event_ours, event_theirs):
+                if sock is not None:
+                    sock.close()
             raise ProtocolError("policy-taken", str(exc)) from None
-        self.peer = peer
-        self.log.info("forward peer connected", policy=name)
-        return {"policy": name}, []
-
-    async def respond(self, message: dict, fds: list[int]) -> tuple[dict | None, list[int]]:
-        if self.peer is None:
-            raise ProtocolError("bad-request", "respond answers a fault event, and this connection forwards no "
-                                               "policy; send forward first")
-        self.peer.answer(message)
-        return None, []
+        self.log.info("forward peer channel handed over", policy=name, read_records=read_records, events=events)
+        return ({"policy": name, "read_records": read_records, "events": events},
+                [theirs] if event_theirs is None else [theirs, event_theirs])
 
     # -- helpers -------------------------------------------------------------------------------
     def _new_queue(self, message: dict) -> NewQueue:
@@ -354,79 +364,6 @@ class Connection:
                 await _wait(self.sock, writable=True)
 
 
-class SocketPeer:
-    """The ``forward`` transport: each group goes to the peer as an event; its answers come back."""
-
-    def __init__(self, connection: Connection, policy: ForwardPolicy) -> None:
-        self.connection = connection
-        self.policy = policy
-        self.name = f"control peer pid {connection.pid}"
-        self._ids = itertools.count(1)
-        self._waiting: dict[int, asyncio.Future] = {}
-        self.gone = False  # a send failed: the peer is dead, its connection not yet drained
-
-    async def forward(self, groups: Sequence[FaultGroup]) -> list[int]:
-        loop = asyncio.get_running_loop()
-        futures, ids = [], []
-        try:
-            for group in groups:
-                group_id = next(self._ids)
-                self._waiting[group_id] = future = loop.create_future()
-                futures.append(future)
-                ids.append(group_id)
-                if self.gone:  # the rest of the batch gets the policy's when_disconnected answer
-                    future.set_result(self.policy.disconnected_code)
-                    continue
-                try:
-                    await self._send_event(group_id, group)
-                except OSError:  # the peer died; answers it sent before still arrive and count
-                    self.gone = True
-                    future.set_result(self.policy.disconnected_code)
-            return list(await asyncio.gather(*futures))
-        finally:
-            for group_id in ids:  # answered, or a deadline cancelled us: a late answer finds nothing
-                self._waiting.pop(group_id, None)
-
-    async def _send_event(self, group_id: int, group: FaultGroup) -> None:
-        await self.connection.send({"event": "fault", "group": group_id, "queue": group.queue,
-                                    "cookie": group.cookie, "dev_id": group.dev_id, "pasid": group.pasid,
-                                    "grpid": group.grpid, "perm": group.perm,
-                                    "faults": [{"addr": f.addr, "perm": f.perm, "flags": f.flags}
-                                               for f in group.faults]})
-
-    async def forward_event(self, event: Vevent) -> None:
-        """A vEVENT goes to the peer as an event; nothing comes back."""
-        if self.gone:
-            return
-        try:
-            await self.connection.send({"event": "vevent", "queue": event.queue, "type": event.type,
-                                        "sequence": event.sequence, "lost": event.lost,
-                                        "data": None if event.data is None else event.data.hex()})
-        except OSError:  # the peer died; its connection's end disconnects the policy
-            self.gone = True
-
-    def answer(self, message: dict) -> None:
-        """Decide the group a ``respond`` names; a malformed one raises ProtocolError."""
-        group, name = message.get("group"), message.get("code")
-        if type(group) is not int:  # not bool: true would answer group 1
-            raise ProtocolError("bad-request", f"group: the group number of a fault event, got {reprlib.repr(group)}")
-        future = self._waiting.pop(group, None)
-        code = protocol.CODES.get(name) if isinstance(name, str) else None
-        if future is not None and not future.done():  # else answered after the deadline: the group is gone
-            # None is no code: the engine answers this group INVALID as a policy error, and only this one
-            # (an exception would fail the whole batch the group was forwarded in)
-            future.set_result(code)
-        if code is None:
-            raise ProtocolError("bad-request", f"code: success or invalid, got {reprlib.repr(name)}")
-
-    def disconnect(self) -> None:
-        self.policy.disconnect(self)
-        for future in self._waiting.values():
-            if not future.done():
-                future.set_result(self.policy.disconnected_code)
-        self._waiting.clear()
-
-
 async def _wait(sock: socket.socket, *, writable: bool) -> None:
     loop = asyncio.get_running_loop()
     future = loop.create_future()
@@ -436,6 +373,10 @@ async def _wait(sock: socket.socket, *, writable: bool) -> None:
         await future
     finally:
         remove(sock.fileno())
+
+
+def _socketpair() -> tuple[socket.socket, socket.socket]:
+    return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
 
 
 def _veventq_type(message: dict, has_fd: bool) -> int | None:

@@ -25,13 +25,15 @@ from pathlib import Path
 
 import structlog
 
+from iopfd import protocol
 from iopfd.engine import Engine, EventQueueServer, FixedPolicy, Policy, QueueConfig, QueueServer
 from iopfd.engine.batch import np
 from iopfd.iommufd import FaultQueue, Iommufd, IommufdError, VeventQueue
-from iopfd.policies import Policies, PolicyError
+from iopfd.policies import ForwardPolicy, Policies, PolicyError
 from iopfd.service.config import NAME_RULE, ConfigError, QueueSettings, ResolvedQueue, Settings, is_name
 from iopfd.service.control import ControlServer, bind_socket
 from iopfd.service.metrics import MetricsServer, registry_for
+from iopfd.service.peer_channel import EventChannel, FaultChannel, check_channel_socket
 from iopfd.service.recovery import FD_PREFIX, StateFile, sweep
 from iopfd.service.systemd import Notifier, listen_fds, run_watchdog, watchdog_interval
 
@@ -65,6 +67,43 @@ class FaultFdArg:
 
 
 MAX_FD = 2**31 - 1  # an int in the kernel
+
+
+@dataclass(frozen=True)
+class ForwardFdArg:
+    """``--forward-fd N:POLICY[:RECORDS]``: the inherited socket N is the peer channel of the forward
+    policy POLICY; the peer reads RECORDS fault records at once (default 256)."""
+
+    fd: int
+    policy: str
+    read_records: int = protocol.DEFAULT_READ_RECORDS
+
+    @classmethod
+    def parse(cls, text: str) -> ForwardFdArg:
+        parts = text.split(":")
+        if len(parts) not in (2, 3) or not parts[0].isdigit() or not parts[1]:
+            raise ValueError(f"{text!r}: expected N:POLICY or N:POLICY:RECORDS, N an inherited socket's fd number")
+        if len(parts) == 3 and not (parts[2].isdigit() and 1 <= int(parts[2]) <= protocol.MAX_READ_RECORDS):
+            raise ValueError(f"{text!r}: RECORDS is how many fault records the peer reads at once, 1 to "
+                             f"{protocol.MAX_READ_RECORDS}")
+        if len(parts) == 2:
+            return cls(int(parts[0]), parts[1])
+        return cls(int(parts[0]), parts[1], int(parts[2]))
+
+
+@dataclass(frozen=True)
+class ForwardEventsFdArg:
+    """``--forward-events-fd M:POLICY``: the inherited socket M carries POLICY's vEVENTs to its peer."""
+
+    fd: int
+    policy: str
+
+    @classmethod
+    def parse(cls, text: str) -> ForwardEventsFdArg:
+        number, _, policy = text.partition(":")
+        if not number.isdigit() or not policy:
+            raise ValueError(f"{text!r}: expected M:POLICY, M an inherited socket's fd number")
+        return cls(int(number), policy)
 
 
 def resolve_queues(settings: Settings, fault_fds: list[FaultFdArg], *, allow_none: bool = False) -> list[ResolvedQueue]:
@@ -154,11 +193,13 @@ def _strings(value: object):
 
 
 def prepare(settings: Settings, fault_fds: list[FaultFdArg], report_path: str | None = None,
-            reload_settings: Callable[[], Settings] | None = None) -> Server:
+            reload_settings: Callable[[], Settings] | None = None, *,
+            forward_fds: list[ForwardFdArg] = (), forward_events_fds: list[ForwardEventsFdArg] = ()) -> Server:
     """Check and build everything; raises ConfigError, PolicyError or UsageError before serving.
     ``reload_settings`` loads the config again, for SIGHUP."""
     server = Server(settings, Engine(), build_policies(settings), report_path=report_path,
                     reload_settings=reload_settings)
+    server.prepare_channels(forward_fds, forward_events_fds, taken={q.fd for q in fault_fds})
     passed = listen_fds()  # what systemd passed: the control socket and the fd store's fault fds
     taken_back = server.take_back_stored_queues(passed)
     queues = [queue for queue in resolve_queues(settings, fault_fds, allow_none=bool(taken_back))
@@ -196,11 +237,73 @@ class Server:
         self._asked_policy: dict[str, str | None] = {}
         self.failed_tasks: list[str] = []  # background tasks that raised: the watchdog is no longer pinged
         self._stop = asyncio.Event()
+        self.channels: set[FaultChannel] = set()  # forward peers' channels, open
+        self._inherited_channels: list[FaultChannel] = []  # from --forward-fd, started by serve()
         self._background: set[asyncio.Task] = set()
         self._cpu_serving = 0.0  # CPU seconds from READY=1 to the last answer written at stop
         # Crash recovery needs systemd's fd store, so it is on exactly when systemd (or whoever owns
         # NOTIFY_SOCKET) listens.
         self.state = StateFile(settings.runtime_dir) if self.notifier.enabled else None
+
+    def prepare_channels(self, forward_fds: list[ForwardFdArg], events_fds: list[ForwardEventsFdArg],
+                         taken: set[int]) -> None:
+        """Peer channels from --forward-fd (and their event channels from --forward-events-fd), checked;
+        raises UsageError."""
+        seen: dict[str, int] = {}
+        for arg in forward_fds:
+            if arg.fd in taken:
+                raise UsageError(f"--forward-fd {arg.fd}: that fd is given twice; a peer channel is its own socket")
+            if arg.policy in seen:
+                raise UsageError(f"--forward-fd {arg.fd}:{arg.policy}: policy {arg.policy!r} already forwards to "
+                                 f"fd {seen[arg.policy]}; a forward policy has one peer")
+            taken.add(arg.fd)
+            seen[arg.policy] = arg.fd
+            self._forward_policy(arg.policy, f"--forward-fd {arg.fd}:{arg.policy}")
+        events: dict[str, EventChannel] = {}
+        for arg in events_fds:
+            where = f"--forward-events-fd {arg.fd}:{arg.policy}"
+            if arg.policy not in seen:
+                raise UsageError(f"{where}: no --forward-fd N:{arg.policy} to go with it; vEVENTs go to the peer "
+                                 "of a fault channel")
+            if arg.fd in taken or arg.policy in events:
+                raise UsageError(f"{where}: that fd or policy is given twice")
+            taken.add(arg.fd)
+            events[arg.policy] = EventChannel(self._channel_socket(arg.fd, where), self._forward_policy(arg.policy, where),
+                                              name=f"fd {arg.fd}")
+        for arg in forward_fds:
+            where = f"--forward-fd {arg.fd}:{arg.policy}"
+            self._inherited_channels.append(FaultChannel(
+                self._channel_socket(arg.fd, where), self._forward_policy(arg.policy, where),
+                read_records=arg.read_records, name=f"fd {arg.fd}", events=events.get(arg.policy)))
+
+    def _forward_policy(self, name: str, where: str) -> ForwardPolicy:
+        try:
+            policy = self.policies.get(name)
+        except PolicyError as exc:
+            raise UsageError(f"{where}: {exc.lines[0][1]}") from None
+        if not isinstance(policy, ForwardPolicy):
+            raise UsageError(f"{where}: policy {name!r} is not of type forward; name a [policies] table with "
+                             'type = "forward"')
+        return policy
+
+    @staticmethod
+    def _channel_socket(fd: int, where: str):
+        try:
+            return check_channel_socket(fd)
+        except ValueError as exc:
+            raise UsageError(f"{where}: {exc}") from None
+
+    def forward_policies(self) -> dict[str, ForwardPolicy]:
+        """The config's forward policies by name: their ``queued`` and ``stats`` are the peers' figures."""
+        built = {name: self.policies.get(name) for name in self.settings.policies}
+        return {name: policy for name, policy in built.items() if isinstance(policy, ForwardPolicy)}
+
+    def add_channel(self, channel: FaultChannel) -> None:
+        """Connect and start a forward peer's channel (RuntimeError: its policy has a peer); it is
+        closed at exit if its peer has not closed it first."""
+        channel.start()
+        self.channels.add(channel)
+        channel.on_close = self.channels.discard
 
     def take_back_stored_queues(self, passed: dict[str, list[int]]) -> set[str]:
         """Serve again the fault fds a previous life put in the fd store (``passed``: listen_fds()),
@@ -384,6 +487,8 @@ class Server:
 
         try:
             self._start_metrics()
+            for channel in self._inherited_channels:
+                self.add_channel(channel)
             if self.control is not None:
                 self.control.start()
             helper(self._report_status(), "status updates")
@@ -406,6 +511,8 @@ class Server:
             await self.engine.stop(self.settings.shutdown_grace)
             self._cpu_serving = _cpu_seconds() - cpu_at_ready
         finally:
+            for channel in list(self.channels):  # after the engine: every group is answered already
+                channel.close()
             for task in helpers:
                 task.cancel()
             await asyncio.gather(*helpers, *self._background, return_exceptions=True)
@@ -547,4 +654,4 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-__all__ = ["ConfigError", "FaultFdArg", "PolicyError", "Server", "UsageError", "build_policies", "prepare", "resolve_queues"]
+__all__ = ["ConfigError", "FaultFdArg", "ForwardEventsFdArg", "ForwardFdArg", "PolicyError", "Server", "UsageError", "build_policies", "prepare", "resolve_queues"]

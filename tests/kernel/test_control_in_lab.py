@@ -15,12 +15,14 @@ import textwrap
 import threading
 import time
 
+import numpy
 import pytest
+from control_server import needs_columnar_engine
 from daemon_process import DaemonProcess
 from test_daemon import assert_kernel_has_nothing_pending, trigger
 
 from iopfd import protocol
-from iopfd.client import Client
+from iopfd.client import INVALID, LAST_PAGE, SUCCESS, Client, ForwardChannel
 from iopfd.iommufd import FaultingMockSetup, Iommufd
 from iopfd.protocol import ProtocolError
 
@@ -84,6 +86,7 @@ def test_broker_opens_the_queue_and_the_peer_builds_its_hwpt_in_the_iommufd_it_r
     assert iopfd.terminate() == 0
 
 
+@needs_columnar_engine
 def test_forward_round_trip_through_a_peer(sidecar, rig, queue):
     iopfd, path = sidecar("""
         [policies.vmm]
@@ -91,25 +94,30 @@ def test_forward_round_trip_through_a_peer(sidecar, rig, queue):
     """)
     seen = []
 
-    def decide(event):
-        seen.append(event)
-        return "success" if event["faults"][0]["addr"] % 0x2000 == 0 else "invalid"
+    def decide(records):
+        seen.append(records.copy())
+        last = records[(records["flags"] & LAST_PAGE) != 0]
+        return numpy.where(last["addr"] % 0x2000 == 0, SUCCESS, INVALID)
 
     with Client(path) as control, Client(path, timeout=120) as peer:
-        session = peer.forward("vmm")
-        answering = threading.Thread(target=session.serve, args=(decide,), kwargs={"count": 100})
+        channel = peer.forward("vmm", read_records=100)
+        answering = threading.Thread(target=channel.serve, args=(decide,), kwargs={"count": 100})
         answering.start()
         control.attach(queue.fd, "vm3", policy="vmm")
         trigger(rig, 100)
         answering.join(120)
         totals = wait_answered(control, 100)
         control.detach("vm3")
+        channel.close()
     assert (totals["success"], totals["invalid"]) == (50, 50)
-    assert {event["dev_id"] for event in seen} == {rig.device.dev_id} and all(e["queue"] == "vm3" for e in seen)
+    records = numpy.concatenate(seen)
+    assert len(records) == 100 and set(records["dev_id"].tolist()) == {rig.device.dev_id}
+    assert len(set(records["cookie"].tolist())) == 100 and all(len(packet) <= 100 for packet in seen)
     assert_kernel_has_nothing_pending(queue, 100)
     assert iopfd.terminate() == 0
 
 
+@needs_columnar_engine
 def test_a_forward_peer_killed_mid_stream_leaves_no_group_unanswered(sidecar, rig, queue):
     """The peer answers 50 groups, then stops answering and is killed with SIGKILL while holding the
     rest: those get the policy's when_disconnected answer (invalid), and so do later groups."""
@@ -124,11 +132,13 @@ def test_a_forward_peer_killed_mid_stream_leaves_no_group_unanswered(sidecar, ri
     if child == 0:  # the VMM-side peer
         try:
             with Client(path, timeout=120) as peer:
-                session = peer.forward("vmm")
+                channel = peer.forward("vmm", read_records=1)  # a packet per group
                 os.write(events_seen, b"c")
-                for count, event in enumerate(session.events(), 1):
+                count = 0
+                while (records := channel.recv()) is not None:
+                    count += 1
                     if count <= 50:
-                        session.respond(event["group"], "success")
+                        channel.respond(channel.group_ids(records), SUCCESS)
                     if count == 80:
                         os.write(events_seen, b"k")  # holding 30 unanswered: kill me now
         finally:
@@ -202,11 +212,55 @@ def test_a_pipe_or_a_plain_file_is_refused_as_a_fault_fd(sidecar, tmp_path):
     assert iopfd.terminate() == 0
 
 
-@pytest.mark.parametrize("mode", ["attach", "broker"])
-def test_the_example_vmm_peer_runs(sidecar, mode):
-    iopfd, path = sidecar()
+@pytest.mark.parametrize(("mode", "forward"), [("attach", False), ("broker", False),
+                                               pytest.param("attach", True, marks=needs_columnar_engine)])
+def test_the_example_vmm_peer_runs(sidecar, mode, forward):
+    iopfd, path = sidecar("""
+        [policies.vmm]
+        type = "forward"
+    """)
     result = subprocess.run([sys.executable, "examples/vmm_peer.py", "--socket", path, "--mode", mode,
-                             "--faults", "50"], capture_output=True, text=True, timeout=300)
+                             "--faults", "50", *(["--forward", "vmm"] if forward else [])],
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"{mode}: 50 faults, iopfd answered 50" in result.stdout
+    if forward:  # the example's peer: SUCCESS below 64 KiB (0x1000 .. 0xf000), INVALID above
+        assert "forward: the peer answered 50 groups" in result.stdout
+        assert "'success': 15" in result.stdout and "'invalid': 35" in result.stdout
     assert iopfd.terminate() == 0
+
+
+@needs_columnar_engine
+def test_forward_fd_at_exec_makes_an_inherited_socketpair_the_peer_channel(tmp_path, rig, queue):
+    """The VMM's way without a control socket: --fault-fd and --forward-fd at exec."""
+    (tmp_path / "iopfd.toml").write_text(textwrap.dedent("""
+        [control]
+        path = "off"
+        [policies.vmm]
+        type = "forward"
+        [[queues]]
+        name = "vm5"
+        policy = "vmm"
+    """))
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    iopfd = DaemonProcess(tmp_path, (queue.fd, theirs.fileno()), "--config", str(tmp_path / "iopfd.toml"),
+                          "--fault-fd", f"{queue.fd}:vm5", "--forward-fd", f"{theirs.fileno()}:vmm:64",
+                          "--metrics-address", "off")
+    theirs.close()
+    try:
+        iopfd.wait_ready()
+        trigger(rig, 300)
+        packets = []
+
+        def decide(records):
+            packets.append(len(records))
+            return SUCCESS
+
+        with ForwardChannel(ours, read_records=64) as channel:
+            assert channel.serve(decide, count=300) == 300
+            iopfd.wait_answered(300)
+            assert iopfd.terminate() == 0
+        assert iopfd.totals()["success"] == 300 and max(packets) <= 64
+        assert_kernel_has_nothing_pending(queue, 300)
+    finally:
+        iopfd.close()

@@ -10,6 +10,7 @@ import asyncio
 import errno
 import os
 import select
+import socket
 import struct
 import textwrap
 import threading
@@ -17,6 +18,7 @@ import time
 import urllib.request
 
 import pytest
+from control_server import needs_columnar_engine
 from daemon_process import DaemonProcess
 from test_daemon import assert_kernel_has_nothing_pending, trigger
 
@@ -156,6 +158,7 @@ async def until(predicate, timeout: float = 60) -> None:
             await asyncio.sleep(0.01)
 
 
+@needs_columnar_engine
 def test_the_daemon_serves_a_fault_fd_and_a_veventq_fd_and_forwards_both(tmp_path, queue, viommu_rig):
     rig = viommu_rig
     for _ in range(10):  # overflow before iopfd ever reads: the kernel drops 6
@@ -169,12 +172,18 @@ def test_the_daemon_serves_a_fault_fd_and_a_veventq_fd_and_forwards_both(tmp_pat
                           env={"IOPFD_CONTROL__PATH": path})
     try:
         iopfd.wait_ready()
-        vevents: list[dict] = []
+        vevents: list[tuple[int, int, bytes]] = []
+
+        def take_events() -> None:
+            while (event := channel.recv_event()) is not None:
+                vevents.append(event)
+
         with Client(path) as control, Client(path, timeout=None) as peer:
-            session = peer.forward("vmm")
-            answering = threading.Thread(target=session.serve, args=(lambda event: "success",),
-                                         kwargs={"on_vevent": vevents.append})
+            channel = peer.forward("vmm", events=True)
+            answering = threading.Thread(target=channel.serve, args=(lambda records: SUCCESS,))
+            receiving = threading.Thread(target=take_events)
             answering.start()
+            receiving.start()
             control.attach(queue.fd, "vm", policy="vmm", labels={"vm": "guest1"},
                            veventq_fd=rig.events.fd, veventq_type="selftest")
             status = wait_vevents(control, events=4, lost=6)
@@ -185,17 +194,19 @@ def test_the_daemon_serves_a_fault_fd_and_a_veventq_fd_and_forwards_both(tmp_pat
             wait_until(lambda: len(vevents) >= 8 and control.status()["totals"]["success"] >= 20)
             metrics = urllib.request.urlopen(f"http://{METRICS}/metrics", timeout=10).read().decode()
             reply = control.detach("vm")
-            peer.sock.shutdown(2)  # ends the peer's event stream
+            channel.sock.shutdown(socket.SHUT_RDWR)  # ends both loops: the peer has had everything
+            channel.events.shutdown(socket.SHUT_RDWR)
             answering.join(30)
+            receiving.join(30)
+            channel.close()
         assert status["vevents"] == {"type": "selftest", "reading": True, "events": 7, "lost": 6}
         assert reply["outcomes"]["success"] == 20
         assert 'iopfd_vevents_total{queue="vm",type="selftest"} 7.0' in metrics
         assert 'iopfd_vevents_lost_total{queue="vm"} 6.0' in metrics
-        payload = struct.pack("<I", VIRT_ID).hex()
-        assert [(e["sequence"], e["lost"], e["data"]) for e in vevents] == [
-            (0, 0, payload), (1, 0, payload), (2, 0, payload), (3, 0, payload), (9, 6, None),
-            *((s, 0, payload) for s in range(10, 13))]
-        assert {(e["queue"], e["type"]) for e in vevents} == {("vm", "selftest")}
+        payload = struct.pack("<I", VIRT_ID)
+        assert vevents == [  # as read() of the vEVENTQ returns them: header and payload, one per packet
+            (0, 0, payload), (0, 1, payload), (0, 2, payload), (0, 3, payload), (LOST_EVENTS, 9, b""),
+            *((0, s, payload) for s in range(10, 13))]
         (logged,) = [e for e in iopfd.log_events() if e["event"].startswith("vEVENTs lost")]
         assert (logged["lost"], logged["sequence"], logged["queue"], logged["vm"]) == (6, 9, "vm", "guest1")
         assert_kernel_has_nothing_pending(queue, 20)

@@ -9,9 +9,10 @@ import socket
 import tempfile
 from pathlib import Path
 
+import numpy
 import pytest
 import pytest_asyncio
-from control_server import control_servers, start_server
+from control_server import control_servers, needs_columnar_engine, start_server
 from daemon_process import AS_SYSTEMD
 
 from iopfd import protocol
@@ -116,28 +117,37 @@ async def test_an_unauthorised_peer_is_refused_and_logged(daemon):
     assert refused.value.code == "unauthorized"
 
 
+@needs_columnar_engine
 @pytest.mark.asyncio
 async def test_forward_over_the_socket_with_the_emulated_queue(daemon):
     server, path = await daemon(policies={"vm": {"type": "forward"}})
     emulated = EmulatedFaultQueue()
     server.add_queue("vm1", emulated.open(), policy="vm")
+    policy = server.policies.get("vm")
 
     def peer():
         with Client(path, timeout=10) as client:
-            session = client.forward("vm")
-            return session.serve(lambda event: "success" if event["faults"][0]["addr"] < 0x3000 else "invalid",
-                                 count=4)
+            channel = client.forward("vm", read_records=2)
+            seen = []
+
+            def decide(records):
+                seen.append(len(records))
+                return numpy.where(records["addr"] < 0x3000, SUCCESS, INVALID)
+
+            with channel:
+                return channel.serve(decide, count=4), seen
 
     answering = asyncio.create_task(asyncio.to_thread(peer))
-    while server.policies.get("vm").peer is None:
+    while policy.channel is None:
         await asyncio.sleep(0.001)
     for i in range(4):
         emulated.report(PageRequest(dev_id=7, addr=0x1000 * (i + 1)))
-    assert await asyncio.wait_for(answering, 10) == 4
+    answered, packets = await asyncio.wait_for(answering, 10)
+    assert answered == 4 and max(packets) <= 2
     while len(emulated.answers) < 4:
         await asyncio.sleep(0.001)
     assert [code for _, code in emulated.answers] == [SUCCESS, SUCCESS, INVALID, INVALID]
-    while server.policies.get("vm").peer is not None:  # the peer left: the policy is disconnected
+    while policy.channel is not None:  # the peer closed its end: the policy is disconnected
         await asyncio.sleep(0.001)
     emulated.report(PageRequest(dev_id=7, addr=0x1000))
     while len(emulated.answers) < 5:
@@ -148,6 +158,32 @@ async def test_forward_over_the_socket_with_the_emulated_queue(daemon):
     reply = await call(path, "detach", "vm1")
     assert reply["queue"] == "vm1" and "vm1" not in server.engine.queues
     emulated.close()
+
+
+@pytest.mark.asyncio
+async def test_forward_hands_over_the_channel_and_a_second_peer_is_refused(daemon):
+    server, path = await daemon(policies={"vm": {"type": "forward"}})
+    policy = server.policies.get("vm")
+
+    def peers():
+        with Client(path, timeout=10) as client:
+            channel = client.forward("vm", read_records=64, events=True)
+            kind = channel.sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
+            with pytest.raises(ProtocolError) as taken:
+                client.forward("vm")
+            with pytest.raises(ProtocolError) as too_many:
+                client.forward("vm", read_records=protocol.MAX_READ_RECORDS + 1)
+            status = client.status()  # the connection still serves requests
+            return channel, kind, taken.value.code, too_many.value.code, status
+
+    channel, kind, taken, too_many, status = await asyncio.to_thread(peers)
+    assert kind == socket.SOCK_SEQPACKET and channel.events is not None
+    assert (taken, too_many, status["ok"]) == ("policy-taken", "bad-request", True)
+    assert policy.channel is not None and policy.channel.read_records == 64 and policy.event_channel is not None
+    channel.close()  # the channel outlives the control connection, until the peer closes it
+    while policy.channel is not None or policy.event_channel is not None:
+        await asyncio.sleep(0.001)
+    assert not server.channels
 
 
 @pytest.mark.asyncio
@@ -236,7 +272,7 @@ async def test_only_the_owner_or_an_administrator_detaches_a_queue():
             server.add_queue(name, EmulatedFaultQueue().open(), owner_uid=owner)
 
         def detach(uid: int, queue: str) -> dict:
-            return _request_as(uid, path, {"v": 1, "op": "detach", "id": 1, "queue": queue})
+            return _request_as(uid, path, {"v": protocol.VERSION, "op": "detach", "id": 1, "queue": queue})
 
         refused = await asyncio.to_thread(detach, 65533, "vm1")
         assert refused["error"]["code"] == "not-owner" and "attached by uid 65534" in refused["error"]["message"]

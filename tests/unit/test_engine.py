@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
-from collections.abc import Sequence
 
 import pytest
 import pytest_asyncio
@@ -15,7 +14,7 @@ from iopfd.engine import BatchPolicy, Engine, Policy, QueueConfig, QueueServer
 from iopfd.iommufd import INVALID, SUCCESS
 from iopfd.iommufd.emulated import EmulatedFaultFd, EmulatedFaultQueue, PageRequest
 from iopfd.iommufd.fault import LAST_PAGE, RECORD, RESPONSE, FaultGroup, FaultQueue
-from iopfd.policies import AcceptPolicy, ForwardPolicy, Policies, RejectPolicy
+from iopfd.policies import AcceptPolicy, Policies, RejectPolicy
 
 pytestmark = pytest.mark.asyncio
 
@@ -422,57 +421,6 @@ async def test_rules_route_groups_and_a_hanging_sub_policy_delays_only_its_group
     gate.release(INVALID)
     await s.settle()
     assert s.server.stats.outcomes["invalid"] == 3 and s.server.stats.outcomes["success"] == 2
-
-
-class InProcessPeer:
-    """A VMM-side peer living in the test: receives groups as events, answers by cookie."""
-
-    name = "peer"
-
-    def __init__(self) -> None:
-        self.events: asyncio.Queue[FaultGroup] = asyncio.Queue()
-        self.answers: dict[int, asyncio.Future] = {}
-
-    async def forward(self, groups: Sequence[FaultGroup]) -> list[int]:
-        loop = asyncio.get_running_loop()
-        futures = []
-        for group in groups:
-            self.answers[group.cookie] = future = loop.create_future()
-            futures.append(future)
-            self.events.put_nowait(group)
-        return list(await asyncio.gather(*futures))
-
-    def respond(self, cookie: int, code: int) -> None:
-        self.answers.pop(cookie).set_result(code)
-
-
-async def test_forward_hands_groups_to_the_connected_peer(served):
-    forward = Policies({"vm": ("forward", {})}).get("vm")
-    peer = InProcessPeer()
-    forward.connect(peer)
-    s = served(forward, response_deadline=30)
-    s.report(3)
-    received = [await peer.events.get() for _ in range(3)]
-    assert [group.addresses for group in received] == [[0x1000], [0x2000], [0x3000]]
-    for group in received:
-        peer.respond(group.cookie, SUCCESS if group.addresses[0] != 0x2000 else INVALID)
-    await s.settle()
-    assert s.codes() == [SUCCESS, INVALID, SUCCESS]
-
-
-async def test_forward_without_a_peer_and_with_a_silent_peer(served):
-    forward = ForwardPolicy("vm")
-    s = served(forward, response_deadline=0.05, deadline_code=SUCCESS)
-    s.report(2)
-    await s.settle()
-    assert s.codes() == [INVALID, INVALID]  # when_disconnected
-    peer = InProcessPeer()
-    forward.connect(peer)
-    s.report(1)
-    await s.settle()  # the peer never answers: the deadline does
-    assert s.codes() == [INVALID, INVALID, SUCCESS] and s.server.stats.outcomes["deadline"] == 1
-    forward.disconnect(peer)
-    assert forward.peer is None
 
 
 async def test_one_engine_serves_many_named_queues():

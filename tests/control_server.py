@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from iopfd.engine import Engine
-from iopfd.engine import queue as engine_queue
 from iopfd.service.config import load_settings
 from iopfd.service.control import ControlServer, bind_socket
 from iopfd.service.server import Server, build_policies
@@ -19,9 +18,6 @@ from iopfd.service.systemd import Notifier
 
 # The forward policy answers through batch.answer, which the per-group engine predating issue 13's
 # columnar path does not give it.
-needs_columnar_engine = pytest.mark.skipif(not hasattr(engine_queue, "Read"),
-                                           reason="needs the columnar engine (batch.answer)")
-
 
 async def start_server(tmp_path: Path, *, allowed_uids=None, **settings) -> tuple[Server, str, asyncio.Task]:
     """Serving once this returns; ``allowed_uids`` defaults to the test's own uid."""

@@ -337,12 +337,8 @@ class FaultChannel(_Channel):
         found.answered[positions] = True
         found.left -= len(positions)
         self.stats.answered += len(positions)
-        bad = (codes != SUCCESS) & (codes != INVALID)
-        if bad.any():
-            self.stats.bad_codes += int(bad.sum())
-            self._log.error("peer answered with a code that is neither SUCCESS (0) nor INVALID (1); those groups "
-                            "answered INVALID", groups=int(bad.sum()), codes=sorted(set(codes[bad].tolist()))[:8])
-            codes = n.where(bad, INVALID, codes)
+        # A code other than SUCCESS or INVALID: the engine answers that group INVALID as an error, and logs it
+        self.stats.bad_codes += int(((codes != SUCCESS) & (codes != INVALID)).sum())
         batch.answer(positions, codes)
         return len(positions)
 

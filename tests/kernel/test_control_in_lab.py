@@ -17,7 +17,6 @@ import time
 
 import numpy
 import pytest
-from control_server import needs_columnar_engine
 from daemon_process import DaemonProcess
 from test_daemon import assert_kernel_has_nothing_pending, trigger
 
@@ -86,7 +85,6 @@ def test_broker_opens_the_queue_and_the_peer_builds_its_hwpt_in_the_iommufd_it_r
     assert iopfd.terminate() == 0
 
 
-@needs_columnar_engine
 def test_forward_round_trip_through_a_peer(sidecar, rig, queue):
     iopfd, path = sidecar("""
         [policies.vmm]
@@ -117,7 +115,6 @@ def test_forward_round_trip_through_a_peer(sidecar, rig, queue):
     assert iopfd.terminate() == 0
 
 
-@needs_columnar_engine
 def test_a_forward_peer_killed_mid_stream_leaves_no_group_unanswered(sidecar, rig, queue):
     """The peer answers 50 groups, then stops answering and is killed with SIGKILL while holding the
     rest: those get the policy's when_disconnected answer (invalid), and so do later groups."""
@@ -213,7 +210,7 @@ def test_a_pipe_or_a_plain_file_is_refused_as_a_fault_fd(sidecar, tmp_path):
 
 
 @pytest.mark.parametrize(("mode", "forward"), [("attach", False), ("broker", False),
-                                               pytest.param("attach", True, marks=needs_columnar_engine)])
+                                               ("attach", True)])
 def test_the_example_vmm_peer_runs(sidecar, mode, forward):
     iopfd, path = sidecar("""
         [policies.vmm]
@@ -230,7 +227,6 @@ def test_the_example_vmm_peer_runs(sidecar, mode, forward):
     assert iopfd.terminate() == 0
 
 
-@needs_columnar_engine
 def test_forward_fd_at_exec_makes_an_inherited_socketpair_the_peer_channel(tmp_path, rig, queue):
     """The VMM's way without a control socket: --fault-fd and --forward-fd at exec."""
     (tmp_path / "iopfd.toml").write_text(textwrap.dedent("""

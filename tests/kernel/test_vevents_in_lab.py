@@ -18,7 +18,6 @@ import time
 import urllib.request
 
 import pytest
-from control_server import needs_columnar_engine
 from daemon_process import DaemonProcess
 from test_daemon import assert_kernel_has_nothing_pending, trigger
 
@@ -158,7 +157,6 @@ async def until(predicate, timeout: float = 60) -> None:
             await asyncio.sleep(0.01)
 
 
-@needs_columnar_engine
 def test_the_daemon_serves_a_fault_fd_and_a_veventq_fd_and_forwards_both(tmp_path, queue, viommu_rig):
     rig = viommu_rig
     for _ in range(10):  # overflow before iopfd ever reads: the kernel drops 6

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy
 import pytest
 import pytest_asyncio
-from control_server import control_servers, needs_columnar_engine, start_server
+from control_server import control_servers, start_server
 from daemon_process import AS_SYSTEMD
 
 from iopfd import protocol
@@ -117,7 +117,6 @@ async def test_an_unauthorised_peer_is_refused_and_logged(daemon):
     assert refused.value.code == "unauthorized"
 
 
-@needs_columnar_engine
 @pytest.mark.asyncio
 async def test_forward_over_the_socket_with_the_emulated_queue(daemon):
     server, path = await daemon(policies={"vm": {"type": "forward"}})

@@ -10,7 +10,6 @@ import struct
 import numpy
 import pytest
 import pytest_asyncio
-from control_server import needs_columnar_engine
 
 from iopfd import protocol
 from iopfd.engine import QueueConfig, QueueServer
@@ -174,17 +173,6 @@ async def test_late_duplicate_and_unsent_ids_are_counted_and_ignored(pair):
     respond(theirs, new, [INVALID])  # answered already
     await until(lambda: policy.stats.late_answers == 5)
     assert engine.answers[3] == SUCCESS and policy.stats.answered == 1
-
-
-async def test_a_code_other_than_success_or_invalid_answers_that_group_invalid(pair):
-    ours, theirs = pair
-    engine = Engine()
-    _, policy = channel_on(ours)
-    policy.decide_batch(engine.batch([1, 1, 1]))
-    ids = group_ids(receive(theirs))
-    respond(theirs, ids, [SUCCESS, 7, SUCCESS])
-    await until(lambda: len(engine.answers) == 3)
-    assert engine.answers == {1: SUCCESS, 2: INVALID, 3: SUCCESS} and policy.stats.bad_codes == 1
 
 
 async def test_a_packet_that_is_not_whole_responses_counts_what_is_whole(pair):
@@ -426,7 +414,6 @@ async def served(pair):
         emulated.close()
 
 
-@needs_columnar_engine
 async def test_the_engine_forwards_through_the_channel_and_its_deadline_holds(pair, served):
     _, theirs = pair
     emulated, server, policy = served(0.3)
@@ -446,7 +433,6 @@ async def test_the_engine_forwards_through_the_channel_and_its_deadline_holds(pa
     assert len(emulated.answers) == 6
 
 
-@needs_columnar_engine
 async def test_the_engine_answers_when_disconnected_once_the_peer_goes(pair, served):
     _, theirs = pair
     emulated, server, policy = served(30)
@@ -465,7 +451,6 @@ async def test_the_engine_answers_when_disconnected_once_the_peer_goes(pair, ser
     assert emulated.answers[-1][1] == INVALID
 
 
-@needs_columnar_engine
 async def test_the_engine_takes_an_answer_made_while_the_batch_is_handed_over(pair, served):
     _, theirs = pair
     emulated, server, policy = served(30, read_records=2)
@@ -479,3 +464,18 @@ async def test_the_engine_takes_an_answer_made_while_the_batch_is_handed_over(pa
     await until(lambda: len(emulated.answers) == 2)
     assert sorted((len(group), code) for group, code in emulated.answers) == [(1, SUCCESS), (3, INVALID)]
     assert policy.stats.oversized == 1 and server.pending == 0
+
+
+async def test_a_code_other_than_success_or_invalid_answers_that_group_invalid_as_an_error(pair, served):
+    _, theirs = pair
+    emulated, server, policy = served(30)
+    for i in range(3):
+        emulated.report(PageRequest(dev_id=3, addr=0x1000 * (i + 1)))
+    ids = []
+    while len(ids) < 3:
+        ids += group_ids(await asyncio.to_thread(receive, theirs))
+    respond(theirs, ids, [SUCCESS, 7, SUCCESS])
+    await until(lambda: len(emulated.answers) == 3)
+    assert sorted((group[0].addr, code) for group, code in emulated.answers) == [
+        (0x1000, SUCCESS), (0x2000, INVALID), (0x3000, SUCCESS)]
+    assert server.stats.outcomes["error"] == 1 and policy.stats.bad_codes == 1

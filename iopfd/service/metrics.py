@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import platform
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from importlib.metadata import PackageNotFoundError, version
 
 from prometheus_client import CollectorRegistry, GCCollector, Info, PlatformCollector, ProcessCollector, start_http_server
@@ -13,6 +13,7 @@ from prometheus_client.registry import Collector
 
 from iopfd.engine import Engine
 from iopfd.engine.stats import READ_BATCH_BUCKETS, Histogram
+from iopfd.policies import ForwardPolicy
 
 
 def iopfd_version() -> str:
@@ -27,9 +28,11 @@ class EngineCollector(Collector):
     vEVENTQ type (one per vEVENTQ, of the few iopfd knows) and a control request's op and result
     (the ops and error codes of docs/protocol.md)."""
 
-    def __init__(self, engine: Engine, control_requests: Counter[tuple[str, str]] | None = None) -> None:
+    def __init__(self, engine: Engine, control_requests: Counter[tuple[str, str]] | None = None,
+                 forward_policies: Callable[[], Mapping[str, ForwardPolicy]] | None = None) -> None:
         self.engine = engine
         self.control_requests = control_requests
+        self.forward_policies = forward_policies
 
     def collect(self) -> Iterator[Metric]:
         groups = CounterMetricFamily("iopfd_fault_groups", "Fault groups answered, by outcome "
@@ -79,16 +82,38 @@ class EngineCollector(Collector):
                                        "and result (ok, or the error code of the refusal)", labels=["op", "result"])
         for (op, result), count in list((self.control_requests or {}).items()):
             requests.add_metric([op, result], count)
+        yield from self._peers()
         yield from (groups, faults, latency, unread, pending, write_errors, reading, read_batch, vevents, vevents_lost,
                     served, requests)
 
 
-def registry_for(engine: Engine, control_requests: Counter[tuple[str, str]] | None = None) -> CollectorRegistry:
+    def _peers(self) -> Iterator[Metric]:
+        """Per forward policy (one per [policies.NAME] table of type forward): its peer channel."""
+        queued = GaugeMetricFamily("iopfd_peer_queued_groups", "Groups waiting to be sent to the forward "
+                                   "policy's peer (its socket is full); they wait inside their deadline",
+                                   labels=["policy"])
+        sent = CounterMetricFamily("iopfd_peer_sent_groups", "Groups sent to the forward policy's peer",
+                                   labels=["policy"])
+        late = CounterMetricFamily("iopfd_peer_late_answers", "Answers from the peer for groups no longer open "
+                                   "(answered at the deadline), answered twice or never sent; ignored",
+                                   labels=["policy"])
+        connected = GaugeMetricFamily("iopfd_peer_connected", "1 while the forward policy has a peer",
+                                      labels=["policy"])
+        for name, policy in (self.forward_policies() if self.forward_policies else {}).items():
+            queued.add_metric([name], policy.queued)
+            sent.add_metric([name], policy.stats.sent)
+            late.add_metric([name], policy.stats.late_answers)
+            connected.add_metric([name], 1 if policy.channel is not None else 0)
+        yield from (queued, sent, late, connected)
+
+
+def registry_for(engine: Engine, control_requests: Counter[tuple[str, str]] | None = None,
+                 forward_policies: Callable[[], Mapping[str, ForwardPolicy]] | None = None) -> CollectorRegistry:
     """The engine's metrics, the control socket's request counts (ControlServer.requests) and the
     process_* (open and max fds, CPU, memory), python_gc_* and python_info metrics of
     prometheus_client's default registry."""
     registry = CollectorRegistry()
-    registry.register(EngineCollector(engine, control_requests))
+    registry.register(EngineCollector(engine, control_requests, forward_policies))
     for default in (ProcessCollector, PlatformCollector, GCCollector):
         default(registry=registry)
     Info("iopfd_build", "iopfd version and the Python running it", registry=registry).info(

@@ -539,7 +539,7 @@ class Server:
         host, port = endpoint
         try:
             requests = self.control.requests if self.control is not None else None
-            self.metrics = MetricsServer(registry_for(self.engine, requests), host, port)
+            self.metrics = MetricsServer(registry_for(self.engine, requests, self.forward_policies), host, port)
         except OSError as exc:
             raise ConfigError([("metrics_address", _listen_problem(host, port, exc))]) from None
         log.info("metrics", address=f"http://{self.metrics.host}:{self.metrics.port}/metrics")

@@ -479,3 +479,27 @@ async def test_a_code_other_than_success_or_invalid_answers_that_group_invalid_a
     assert sorted((group[0].addr, code) for group, code in emulated.answers) == [
         (0x1000, SUCCESS), (0x2000, INVALID), (0x3000, SUCCESS)]
     assert server.stats.outcomes["error"] == 1 and policy.stats.bad_codes == 1
+
+
+async def test_the_metrics_show_the_peer_and_the_groups_queued_for_it(pair):
+    from iopfd.engine import Engine as RealEngine
+    from iopfd.service.metrics import EngineCollector
+
+    ours, theirs = pair
+    policy = ForwardPolicy("vmm", ForwardOptions())
+
+    def figures() -> dict[str, float]:
+        collector = EngineCollector(RealEngine(), None, lambda: {"vmm": policy})
+        return {sample.name: sample.value for family in collector.collect() for sample in family.samples
+                if sample.name.startswith("iopfd_peer_")}
+
+    assert figures() == {"iopfd_peer_queued_groups": 0, "iopfd_peer_sent_groups_total": 0,
+                         "iopfd_peer_late_answers_total": 0, "iopfd_peer_connected": 0}
+    engine = Engine()
+    channel = FaultChannel(ours, policy, read_records=16)
+    channel.start()
+    for i in range(1000):  # far more than the socket holds: the peer reads nothing yet
+        policy.decide_batch(engine.batch([1] * 4, first_cookie=1 + 4 * i, addr=i << 20))
+    shown = figures()
+    assert shown["iopfd_peer_connected"] == 1 and shown["iopfd_peer_queued_groups"] == channel.queued > 0
+    assert shown["iopfd_peer_sent_groups_total"] == 4000 - channel.queued

@@ -104,6 +104,7 @@ class QueueServer:
         # (read, group, code, policy name) of per-group calls that awaited, answered once per loop turn
         self._decided_groups: list[tuple[Read, int, int, str]] = []
         self._decided_handle: asyncio.Handle | None = None
+        self._warned: dict[str, tuple[int, float]] = {}  # event -> (groups not yet logged, when last logged)
         # Answers not yet written: (responses, started_at, ((outcome, count), ...))
         self._outgoing: list[tuple[Any, float, tuple[tuple[str, int], ...]]] = []
         self._outgoing_count = 0
@@ -241,8 +242,8 @@ class QueueServer:
         room = self.config.max_pending - (self._open - count)
         if room < count:
             self._answer(read, n.arange(max(room, 0), count), INVALID, "shed")
-            self._log.warning("queue full: groups shed with INVALID", shed=count - max(room, 0),
-                              max_pending=self.config.max_pending)
+            self._warn_at_most_each_second("queue full: groups shed with INVALID", count - max(room, 0),
+                                           max_pending=self.config.max_pending)
             if room <= 0:
                 return
         self._arm_deadline()
@@ -489,8 +490,19 @@ class QueueServer:
         for read in reads:
             groups += read.left
             self._answer(read, np().flatnonzero(read.open), self.config.deadline_code, "deadline")
-        self._log.warning(f"{why}; groups answered with the deadline code", policy=self.policy.name,
-                          groups=groups, code=self.config.deadline_code)
+        self._warn_at_most_each_second(f"{why}; groups answered with the deadline code", groups,
+                                       policy=self.policy.name, code=self.config.deadline_code)
+
+    def _warn_at_most_each_second(self, event: str, groups: int, **fields: Any) -> None:
+        """A warning that a storm would repeat for every read: logged at most once a second, with the
+        groups since the last line (the metrics count every one)."""
+        since = self._warned.get(event)
+        now = self._loop.time()
+        if since is None or now - since[1] >= 1.0:
+            self._log.warning(event, groups=groups + (since[0] if since else 0), **fields)
+            self._warned[event] = (0, now)
+        else:
+            self._warned[event] = (since[0] + groups, since[1])
 
     # -- answer --------------------------------------------------------------------------------
     def _answer(self, read: Read, index: Any, codes: Any, outcome: str | None = None) -> None:

@@ -203,3 +203,27 @@ def test_a_policy_type_can_be_a_class_by_its_import_path():
             Policies({"p": (path, {})}).get("p")
         ((where, text),) = info.value.lines
         assert where == "policies.p.type" and message in text
+
+
+@pytest.mark.asyncio
+async def test_a_storm_of_shed_groups_logs_a_line_a_second_not_a_line_a_read():
+    from structlog.testing import capture_logs
+
+    class Never(Policy):
+        async def decide(self, group):
+            await asyncio.sleep(3600)
+
+    emulated = EmulatedFaultQueue()
+    server = QueueServer(emulated.open(batch_records=8), Never(), QueueConfig("q", max_pending=8, response_deadline=30))
+    with capture_logs() as logs:
+        server.start()
+        for i in range(800):
+            emulated.report(PageRequest(dev_id=1, addr=0x1000 * i, grpid=i % 512))
+        async with asyncio.timeout(10):
+            while emulated.undelivered:
+                await asyncio.sleep(0.001)
+    shed_lines = [entry for entry in logs if entry["event"].startswith("queue full")]
+    assert server.stats.outcomes["shed"] == 792 and 1 <= len(shed_lines) <= 2
+    assert shed_lines[0]["groups"] >= 8
+    await server.stop(0)
+    emulated.close()

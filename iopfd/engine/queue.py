@@ -50,6 +50,10 @@ log = structlog.get_logger("iopfd.engine")
 # queued). A wakeup also ends once max_pending groups are open, so a policy that answers a turn later
 # (a peer) has its turn before anything is shed; the next wakeup reads again regardless.
 MAX_READS_PER_WAKEUP = 4
+# ... unless groups have waited unread for this fraction of their deadline: then up to this many reads,
+# shedding what exceeds max_pending, until the kernel's queue is empty.
+BEHIND_FRACTION = 0.5
+MAX_DRAIN_READS = 256
 # Per-group decide() calls that really await, in flight per queue; further groups wait their turn
 # inside their deadline.
 MAX_AWAITING = 256
@@ -163,19 +167,26 @@ class QueueServer:
         loop = self._loop
         if self._unread_since is None:
             self._unread_since = loop.time()
-        for attempt in range(MAX_READS_PER_WAKEUP):
+        reads = 0
+        while True:
             # Write answers already made first: once a group is auto-answered by a detach, its cookie
             # can come back with a new group in the very next read, and a stale answer must never
             # reach that one. (So answers go out in one write() per read, like the C floor's.)
             self._flush()
-            if attempt and self._open >= self.config.max_pending:
+            # Groups have waited unread for half their deadline: the policies cannot keep up, and the
+            # kernel's queue must not become the buffer. Read on, and shed what exceeds max_pending.
+            behind = loop.time() - self._unread_since >= self.config.response_deadline * BEHIND_FRACTION
+            if reads >= (MAX_DRAIN_READS if behind else MAX_READS_PER_WAKEUP):
+                return
+            if reads and self._open >= self.config.max_pending and not behind:
                 return  # let the policies catch up first; shed only if they still have not next time
             try:
                 # Only the first read of a wakeup can meet an old 6.12 kernel's "0 bytes but POLLIN".
-                data = self.source.read_raw(confirm_empty=attempt == 0)
+                data = self.source.read_raw(confirm_empty=reads == 0)
             except IommufdError as exc:
                 self._fail(f"cannot read the fault fd: {exc}")
                 return
+            reads += 1
             if not data:
                 self._unread_since = None
                 return

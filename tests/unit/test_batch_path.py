@@ -227,3 +227,35 @@ async def test_a_storm_of_shed_groups_logs_a_line_a_second_not_a_line_a_read():
     assert shed_lines[0]["groups"] >= 8
     await server.stop(0)
     emulated.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("block", [0.0, 0.6])
+async def test_once_groups_wait_unread_for_half_their_deadline_a_wakeup_drains_the_kernel_queue(block):
+    """A wakeup stops once max_pending groups are open, so that the policy has its turn. But when the
+    first decision blocks the loop for 0.6 s of a 1 s deadline, the same wakeup reads on until the
+    kernel's queue is empty, shedding what exceeds max_pending: no group waits unread past its
+    deadline."""
+
+    class Hangs(Policy):
+        blocked = False
+
+        async def decide(self, group):
+            if not self.blocked:
+                self.blocked = True
+                time.sleep(block)
+            await asyncio.sleep(3600)
+
+    emulated = EmulatedFaultQueue()
+    server = QueueServer(emulated.open(batch_records=8), Hangs(),
+                         QueueConfig("q", response_deadline=1.0, max_pending=16))
+    server._loop = asyncio.get_running_loop()
+    for i in range(400):
+        emulated.report(PageRequest(dev_id=1, addr=0x1000 * i, grpid=i % 512))
+    server._on_readable()
+    if block:
+        assert emulated.undelivered == 0 and server.stats.outcomes["shed"] == 400 - 16
+    else:
+        assert emulated.undelivered == 400 - 16 and server.stats.outcomes["shed"] == 0
+    await server.stop(0)
+    emulated.close()

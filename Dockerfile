@@ -15,6 +15,10 @@ FROM python:3.11-slim AS build
 WORKDIR /src
 COPY pyproject.toml uv.lock README.md ./
 COPY iopfd ./iopfd
+# The wheel carries the units, example configs and man page (pyproject.toml force-include).
+COPY systemd ./systemd
+COPY config ./config
+COPY man/iopfd.8 ./man/iopfd.8
 # Wheels for iopfd and every dependency, so the final stage installs offline and without a compiler.
 RUN pip wheel --no-cache-dir --wheel-dir /dist .
 

@@ -4,11 +4,11 @@ policy of the daemon's config), decide the faults itself over the peer channel, 
 at a time. The "device" is the kernel's mock IOMMU, so this runs inside the kernel lab next to
 ``iopfd run``:
 
-    uv run iopfd lab run -- sh -c 'iopfd run --metrics-address off & sleep 15; \
+    uv run iopfd-dev lab run -- sh -c 'iopfd run --metrics-address off & sleep 15; \
         python examples/vmm_peer.py --mode broker --faults 100'
 
     printf '[policies.vmm]\ntype = "forward"\n' > /tmp/fwd.toml
-    uv run iopfd lab run -- sh -c 'iopfd run --config /tmp/fwd.toml --metrics-address off & sleep 15; \
+    uv run iopfd-dev lab run -- sh -c 'iopfd run --config /tmp/fwd.toml --metrics-address off & sleep 15; \
         python examples/vmm_peer.py --forward vmm --faults 1000'
 """
 
@@ -20,7 +20,8 @@ import time
 import numpy
 
 from iopfd.client import DEFAULT_PATH, INVALID, LAST_PAGE, SUCCESS, Client, ForwardChannel
-from iopfd.iommufd import FaultingMockSetup, FaultQueue, Iommufd
+from iopfd.iommufd import FaultQueue, Iommufd
+from iopfd.iommufd.selftest import FaultingMockSetup
 
 
 def main() -> int:

@@ -30,7 +30,7 @@ Prometheus metrics are served on 127.0.0.1:9769 by default."""
 
 EXIT_STATUS = [
     ("0", "success; for run, a clean stop: every group read was answered"),
-    ("1", "install-units could not write a file; a lab command failed"),
+    ("1", "install-units could not write a file; status or detach could not reach the daemon"),
     ("2", "bad arguments, or for run: no queue to serve, an fd that is not a fault fd, "
           "a control socket another iopfd listens on"),
     ("78", "configuration error (EX_CONFIG), printed as path.to.field: message lines; "

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from iopfd.lab.guest import GUEST_ENV
+from iopfd_dev.lab.guest import GUEST_ENV
 
 IN_GUEST = bool(os.environ.get(GUEST_ENV))
 GUEST_TIMEOUT = 3600  # seconds for one lab boot running the whole guest suite (build excluded)
@@ -28,7 +28,7 @@ _RESULTS = pytest.StashKey[dict]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    from iopfd.lab.kernel import KERNELS
+    from iopfd_dev.lab.kernel import KERNELS
 
     group = parser.getgroup("iopfd kernel lab")
     group.addoption("--lab-kernel", action="append", choices=list(KERNELS),
@@ -37,7 +37,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def lab_kernels(config: pytest.Config) -> list[str]:
-    from iopfd.lab.kernel import KERNELS
+    from iopfd_dev.lab.kernel import KERNELS
 
     return config.getoption("--lab-kernel") or list(KERNELS)
 
@@ -56,7 +56,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 @pytest.fixture(scope="session")
 def built(request, lab_kernel):
     """The lab kernel's build artefacts, built first if needed (with its progress shown)."""
-    from iopfd.lab.kernel import ensure_built
+    from iopfd_dev.lab.kernel import ensure_built
 
     capture = request.config.pluginmanager.getplugin("capturemanager")
     with capture.global_and_fixture_disabled():
@@ -137,9 +137,9 @@ class LabItem(pytest.Item):
 
 
 def _run_guest_suite(session: pytest.Session, kernel: str) -> dict | Exception:
-    from iopfd.lab import vm
-    from iopfd.lab.errors import LabError
-    from iopfd.lab.kernel import cache_root
+    from iopfd_dev.lab import vm
+    from iopfd_dev.lab.errors import LabError
+    from iopfd_dev.lab.kernel import cache_root
 
     nodeids = [item.guest_nodeid for item in session.items if isinstance(item, LabItem) and item.kernel == kernel]
     shared = cache_root() / "runs" / f"pytest-{os.getpid()}-{kernel}"

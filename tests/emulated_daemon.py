@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from iopfd.iommufd import PERM_READ
-from iopfd.iommufd.emulated import EmulatedFaultQueue, PageRequest
+from iopfd_dev.emulated import EmulatedFaultQueue, PageRequest
 from iopfd.service.config import load_settings
 from iopfd.service.logging import configure_logging
 from iopfd.service.server import prepare
@@ -42,7 +42,7 @@ response_deadline = 0.2
 max_pending = 64
 
 [policies.slow]
-type = "bench-delay"
+type = "iopfd_dev.policies:DelayPolicy"
 seconds = 1.0
 
 [policies.mixed]

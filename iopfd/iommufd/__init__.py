@@ -1,4 +1,7 @@
-"""Typed objects over the iommufd and VFIO cdev ioctls; see docs/architecture.md."""
+"""Typed objects over the iommufd ioctls; see docs/architecture.md.
+
+The selftest mock device (``iopfd.iommufd.selftest``) and VFIO device listing (``iopfd.iommufd.vfio``)
+are imported from their modules by those who need them (the probe, the tooling), never by the daemon."""
 
 from iopfd.iommufd.context import Iommufd
 from iopfd.iommufd.errors import (
@@ -10,9 +13,7 @@ from iopfd.iommufd.fault import (
 )
 from iopfd.iommufd.hwpt import Hwpt
 from iopfd.iommufd.ioas import Ioas
-from iopfd.iommufd.selftest import FaultingMockSetup, MockDevice, ViommuMockSetup
 from iopfd.iommufd.uapi import lib
-from iopfd.iommufd.vfio import VfioDevice, list_devices
 from iopfd.iommufd.viommu import SequenceTracker, Vdevice, VeventQueue, VeventRecord, Viommu, is_veventq_fd
 
 PERM_READ = lib.IOMMU_PGFAULT_PERM_READ
@@ -21,10 +22,10 @@ PERM_EXEC = lib.IOMMU_PGFAULT_PERM_EXEC
 PERM_PRIV = lib.IOMMU_PGFAULT_PERM_PRIV
 
 __all__ = [
-    "Busy", "Fault", "FaultGroup", "FaultQueue", "FaultingMockSetup", "Hwpt", "INVALID", "InvalidArgument",
-    "Ioas", "Iommufd", "IommufdError", "IommufdUnavailable", "LAST_PAGE", "MalformedFaultData", "MockDevice",
+    "Busy", "Fault", "FaultGroup", "FaultQueue", "Hwpt", "INVALID", "InvalidArgument",
+    "Ioas", "Iommufd", "IommufdError", "IommufdUnavailable", "LAST_PAGE", "MalformedFaultData",
     "NotFound", "NotSupported", "PASID_VALID", "PERM_EXEC", "PERM_PRIV", "PERM_READ", "PERM_WRITE",
-    "PermissionDenied", "SUCCESS", "VfioDevice", "is_fault_fd", "lib", "list_devices", "parse_groups",
+    "PermissionDenied", "SUCCESS", "is_fault_fd", "lib", "parse_groups",
     "respond_all",
-    "SequenceTracker", "Vdevice", "VeventQueue", "VeventRecord", "Viommu", "ViommuMockSetup", "is_veventq_fd",
+    "SequenceTracker", "Vdevice", "VeventQueue", "VeventRecord", "Viommu", "is_veventq_fd",
 ]

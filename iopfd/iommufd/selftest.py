@@ -18,7 +18,7 @@ from iopfd._uapi import ffi
 from iopfd.iommufd.uapi import lib, new
 
 NO_SELFTEST = ("the kernel lacks CONFIG_IOMMUFD_TEST (the selftest mock IOMMU); "
-               "run inside the kernel lab (iopfd lab run ...)")
+               "run inside the kernel lab (iopfd-dev lab run ...)")
 NO_IOPF = ("the kernel lacks IOMMU_IOPF, so no device can attach to a fault-capable HWPT; "
            "enable INTEL_IOMMU_SVM or AMD_IOMMU in its config")
 NO_PASID_OPS = ("this kernel's selftest has no PASID ops (Linux 7.x adds them); check iopfd probe's "

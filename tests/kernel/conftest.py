@@ -6,7 +6,9 @@ import textwrap
 
 import pytest
 
-from iopfd.iommufd import FaultingMockSetup, FaultQueue, Iommufd
+from iopfd.iommufd import FaultQueue, Iommufd
+
+from iopfd.iommufd.selftest import FaultingMockSetup
 from iopfd.iommufd.probe import YES, probe
 
 

@@ -1,4 +1,4 @@
-"""``iopfd bench`` in the lab: the C floor and iopfd both answer every group in every scenario, and
+"""``iopfd-dev bench`` in the lab: the C floor and iopfd both answer every group in every scenario, and
 the CI guard (a short burst and storm) holds: iopfd at >= 0.4 of the C floor's throughput, no storm
 group late."""
 
@@ -10,14 +10,14 @@ import sys
 
 import pytest
 
-from iopfd.bench.cli import build_tools
+from iopfd_dev.bench.cli import build_tools
 
 pytestmark = [pytest.mark.kernel, pytest.mark.guest, pytest.mark.timeout(900)]  # several daemon starts each
 
 
 def _bench(tmp_path, *args: str) -> subprocess.CompletedProcess:
     tools = build_tools(tmp_path)
-    return subprocess.run([sys.executable, "-m", "iopfd", "bench", "--here", "--no-emulated",
+    return subprocess.run([sys.executable, "-m", "iopfd_dev", "bench", "--here", "--no-emulated",
                            "--tools", f"{tools.responder}:{tools.trigger}", *args],
                           capture_output=True, text=True, timeout=900)
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from iopfd.iommufd.probe import YES, probe
-from iopfd.lab.kernel import KERNELS
+from iopfd_dev.lab.kernel import KERNELS
 
 pytestmark = [pytest.mark.kernel, pytest.mark.guest, pytest.mark.timeout(600)]  # the demo starts a daemon
 
@@ -30,7 +30,7 @@ def test_iopfd_probe_prints_the_table():
 
 
 def test_demo_runs_the_daemon_and_every_fault_is_answered():
-    result = subprocess.run([sys.executable, "-m", "iopfd", "demo", "--here", "--duration", "3"],
+    result = subprocess.run([sys.executable, "-m", "iopfd_dev", "demo", "--here", "--duration", "3"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "daemon exited with 0" in result.stdout

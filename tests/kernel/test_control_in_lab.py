@@ -22,7 +22,8 @@ from test_daemon import assert_kernel_has_nothing_pending, trigger
 
 from iopfd import protocol
 from iopfd.client import INVALID, LAST_PAGE, SUCCESS, Client, ForwardChannel
-from iopfd.iommufd import FaultingMockSetup, Iommufd
+from iopfd.iommufd import Iommufd
+from iopfd.iommufd.selftest import FaultingMockSetup
 from iopfd.protocol import ProtocolError
 
 # A daemon start takes 5-15 s in the TCG guest and several times that on a busy host (its wait is 180 s).

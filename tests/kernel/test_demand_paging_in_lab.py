@@ -14,7 +14,10 @@ import pytest
 from test_control_in_lab import sidecar, wait_answered  # noqa: F401  (sidecar is a fixture)
 
 from iopfd.client import Client
-from iopfd.iommufd import INVALID, PERM_READ, PERM_WRITE, SUCCESS, FaultQueue, Hwpt, Ioas, Iommufd, IommufdError, MockDevice
+from iopfd.iommufd import (
+    INVALID, PERM_READ, PERM_WRITE, SUCCESS, FaultQueue, Hwpt, Ioas, Iommufd, IommufdError,
+)
+from iopfd.iommufd.selftest import MockDevice
 from iopfd.iommufd.selftest import MockAccess
 from iopfd.policies import IoasMapPolicy
 from iopfd.policies.ioas_map import IoasMapOptions

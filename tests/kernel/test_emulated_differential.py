@@ -14,7 +14,7 @@ import select
 import pytest
 
 from iopfd.iommufd import SUCCESS, parse_groups
-from iopfd.iommufd.emulated import EmulatedFaultQueue, PageRequest
+from iopfd_dev.emulated import EmulatedFaultQueue, PageRequest
 from iopfd.iommufd.fault import RECORD, RESPONSE
 
 pytestmark = [pytest.mark.kernel, pytest.mark.guest]

@@ -16,8 +16,8 @@ import pytest
 from daemon_process import AS_SYSTEMD, DaemonProcess
 from test_daemon import assert_kernel_has_nothing_pending, assert_kernel_has_nothing_pending_read, trigger
 
-from iopfd.bench.cli import build_tools
-from iopfd.bench.run import finish_trigger, start_trigger
+from iopfd_dev.bench.cli import build_tools
+from iopfd_dev.bench.run import finish_trigger, start_trigger
 
 pytestmark = [pytest.mark.kernel, pytest.mark.guest, pytest.mark.timeout(600)]  # up to two daemon starts each
 

@@ -15,8 +15,8 @@ import pytest
 from daemon_process import DaemonProcess
 from test_daemon import assert_kernel_has_nothing_pending
 
-from iopfd.bench.cli import build_tools
-from iopfd.bench.run import finish_trigger, start_trigger
+from iopfd_dev.bench.cli import build_tools
+from iopfd_dev.bench.run import finish_trigger, start_trigger
 from iopfd.client import Client
 from iopfd.iommufd import FaultQueue
 

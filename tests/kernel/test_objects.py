@@ -9,7 +9,8 @@ import mmap
 import pytest
 
 from iopfd._uapi import ffi
-from iopfd.iommufd import PERM_WRITE, SUCCESS, Busy, Hwpt, Ioas, MockDevice, NotFound, NotSupported, lib
+from iopfd.iommufd import PERM_WRITE, SUCCESS, Busy, Hwpt, Ioas, NotFound, NotSupported, lib
+from iopfd.iommufd.selftest import MockDevice
 from iopfd.iommufd.fault import ANON_INODE_NAME, describe_fd
 from iopfd.iommufd.selftest import SELFTEST_NESTED_DATA
 

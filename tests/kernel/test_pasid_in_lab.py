@@ -13,7 +13,9 @@ import pytest
 from daemon_process import DaemonProcess
 from test_daemon import assert_kernel_has_nothing_pending
 
-from iopfd.iommufd import PASID_VALID, SUCCESS, FaultQueue, Hwpt, Ioas, Iommufd, MockDevice, lib
+from iopfd.iommufd import PASID_VALID, SUCCESS, FaultQueue, Hwpt, Ioas, Iommufd, lib
+
+from iopfd.iommufd.selftest import MockDevice
 from iopfd.iommufd.context import Object
 from iopfd.iommufd.selftest import SELFTEST_NESTED_DATA
 

@@ -24,9 +24,9 @@ from test_daemon import assert_kernel_has_nothing_pending, trigger
 from iopfd.client import Client
 from iopfd.engine import Engine, EventQueueServer, FixedPolicy, QueueConfig, QueueServer
 from iopfd.iommufd import (
-    Hwpt, InvalidArgument, Ioas, MockDevice, NotFound, NotSupported, SequenceTracker, VeventQueue, Viommu,
-    SUCCESS, ViommuMockSetup, lib,
+    Hwpt, InvalidArgument, Ioas, NotFound, NotSupported, SequenceTracker, VeventQueue, Viommu, SUCCESS, lib,
 )
+from iopfd.iommufd.selftest import MockDevice, ViommuMockSetup
 from iopfd.iommufd.errors import IommufdError
 from iopfd.iommufd.viommu import LOST_EVENTS, MAX_DEPTH, SELFTEST
 

@@ -16,7 +16,7 @@ from iopfd.engine import Policy, QueueConfig, QueueServer
 from iopfd.engine.batch import batch_of, record_dtype
 from iopfd.engine.queue import MAX_AWAITING
 from iopfd.iommufd import INVALID, SUCCESS
-from iopfd.iommufd.emulated import EmulatedFaultQueue, PageRequest
+from iopfd_dev.emulated import EmulatedFaultQueue, PageRequest
 from iopfd.iommufd.fault import LAST_PAGE, PASID_VALID, RECORD, FaultGroup
 from iopfd.policies import AcceptPolicy, RejectPolicy, Rule, RulesPolicy
 

@@ -1,14 +1,14 @@
-"""``iopfd bench`` off the lab: the scenarios on the emulated queue (each in a process of its own, the
+"""``iopfd-dev bench`` off the lab: the scenarios on the emulated queue (each in a process of its own, the
 daemon's Server inside), the chart, and the CI guard's verdict."""
 
 from __future__ import annotations
 
 import pytest
 
-from iopfd.bench import emulated
-from iopfd.bench.cli import check_guard, table
-from iopfd.bench.plot import draw
-from iopfd.bench.run import MULTI_QUEUES, Result, shares
+from iopfd_dev.bench import emulated
+from iopfd_dev.bench.cli import check_guard, table
+from iopfd_dev.bench.plot import draw
+from iopfd_dev.bench.run import MULTI_QUEUES, Result, shares
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +51,6 @@ def test_groups_are_shared_evenly_over_queues():
 
 
 def test_start_up_is_timed_to_ready_1():
-    from iopfd.bench.run import startup_seconds
+    from iopfd_dev.bench.run import startup_seconds
 
     assert startup_seconds(runs=1) > 0  # the figure itself is the bench's; a unit test must not time it

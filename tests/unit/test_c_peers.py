@@ -36,7 +36,7 @@ def docs_c_peer() -> str:
 
 
 async def test_the_bench_peer_answers_every_group_over_a_channel(tmp_path):
-    peer = compile_c(ROOT / "bench" / "peer.c", tmp_path / "peer")
+    peer = compile_c(ROOT / "tooling" / "iopfd_dev" / "bench" / "c" / "peer.c", tmp_path / "peer")
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     policy = ForwardPolicy("vmm")
     channel = FaultChannel(ours, policy, read_records=100)  # as QEMU's PRQ reader reads: 100 records

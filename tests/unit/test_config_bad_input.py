@@ -50,7 +50,7 @@ DEFAULTS = {key: QUEUE[key] for key in ("response_deadline", "deadline_code", "m
 RULE = {"dev_id": st.lists(st.integers(-1, 2**32)), "pasid": st.lists(st.integers(-1, 3) | st.just("none")),
         "address": st.lists(st.integers(-1, 2**65), max_size=3), "perm": st.lists(st.sampled_from(["read", "fly"])),
         "queue": st.lists(names, max_size=2), "policy": policy_names}
-POLICY = {"type": st.sampled_from(["accept", "reject", "rules", "forward", "bench-delay", "nope", ""]),
+POLICY = {"type": st.sampled_from(["accept", "reject", "rules", "forward", "iopfd_dev.policies:DelayPolicy", "nope", ""]),
           "default": policy_names, "rules": st.lists(table(RULE), max_size=2), "seconds": numbers,
           "when_disconnected": st.sampled_from(["success", "invalid", "never"])}
 CONTROL = {"path": st.sampled_from(["off", "/run/x.sock"]), "mode": st.integers(-1, 0o1000),

@@ -18,7 +18,7 @@ from daemon_process import AS_SYSTEMD
 from iopfd import protocol
 from iopfd.client import Client
 from iopfd.iommufd import INVALID, SUCCESS
-from iopfd.iommufd.emulated import EmulatedFaultQueue, PageRequest
+from iopfd_dev.emulated import EmulatedFaultQueue, PageRequest
 from iopfd.protocol import ProtocolError
 from iopfd.service.control import bind_socket
 

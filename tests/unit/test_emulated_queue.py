@@ -8,7 +8,7 @@ import select
 import pytest
 
 from iopfd.iommufd import INVALID, SUCCESS, parse_groups
-from iopfd.iommufd.emulated import EmulatedFaultQueue, PageRequest
+from iopfd_dev.emulated import EmulatedFaultQueue, PageRequest
 from iopfd.iommufd.fault import RECORD, RESPONSE
 
 

@@ -12,7 +12,7 @@ from structlog.testing import capture_logs
 
 from iopfd.engine import BatchPolicy, Engine, Policy, QueueConfig, QueueServer
 from iopfd.iommufd import INVALID, SUCCESS
-from iopfd.iommufd.emulated import EmulatedFaultFd, EmulatedFaultQueue, PageRequest
+from iopfd_dev.emulated import EmulatedFaultFd, EmulatedFaultQueue, PageRequest
 from iopfd.iommufd.fault import LAST_PAGE, RECORD, RESPONSE, FaultGroup, FaultQueue
 from iopfd.policies import AcceptPolicy, Policies, RejectPolicy
 

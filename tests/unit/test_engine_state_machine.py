@@ -11,7 +11,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from iopfd.engine import Batch, BatchPolicy, Policy, QueueConfig, QueueServer
 from iopfd.iommufd import INVALID, SUCCESS
-from iopfd.iommufd.emulated import EmulatedFaultQueue, PageRequest
+from iopfd_dev.emulated import EmulatedFaultQueue, PageRequest
 
 MAX_PENDING = 6
 DEADLINE = 0.03

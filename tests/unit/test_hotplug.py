@@ -9,7 +9,7 @@ from pyroute2.netlink.uevent import MarshalUevent
 
 from iopfd.engine import Engine
 from iopfd.iommufd import INVALID
-from iopfd.iommufd.emulated import EmulatedFaultQueue, PageRequest
+from iopfd_dev.emulated import EmulatedFaultQueue, PageRequest
 from iopfd.policies import Policies
 from iopfd.service.config import load_settings
 from iopfd.service.hotplug import DeviceWatcher, removed_device

@@ -13,7 +13,7 @@ from structlog.testing import capture_logs
 
 from iopfd.engine.batch import batch_of
 from iopfd.iommufd import INVALID, LAST_PAGE, PASID_VALID, SUCCESS, Iommufd, IommufdError
-from iopfd.iommufd.emulated import EmulatedFaultQueue
+from iopfd_dev.emulated import EmulatedFaultQueue
 from iopfd.iommufd.fault import RECORD, FaultGroup
 from iopfd.iommufd.probe import NO, UNKNOWN, Feature
 from iopfd.iommufd.uapi import lib

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from iopfd.lab import vm
-from iopfd.lab.errors import LabError
+from iopfd_dev.lab import vm
+from iopfd_dev.lab.errors import LabError
 
 pytest_plugins = ["pytester"]
 CONFTEST = (Path(__file__).resolve().parents[1] / "conftest.py").read_text()

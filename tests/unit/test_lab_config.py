@@ -10,9 +10,9 @@ import textwrap
 
 import pytest
 
-from iopfd.lab import kernel as lab_kernel
-from iopfd.lab import system
-from iopfd.lab.errors import LabError
+from iopfd_dev.lab import kernel as lab_kernel
+from iopfd_dev.lab import system
+from iopfd_dev.lab.errors import LabError
 
 
 def test_cache_key_changes_with_the_source_version_and_the_fragment(tmp_path, monkeypatch):

@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from iopfd import protocol
 from iopfd.client import Client
-from iopfd.iommufd.emulated import EmulatedFaultFd, EmulatedFaultQueue, PageRequest
+from iopfd_dev.emulated import EmulatedFaultFd, EmulatedFaultQueue, PageRequest
 from iopfd.protocol import ProtocolError
 
 
@@ -61,7 +61,8 @@ async def test_process_metrics_count_the_fds_the_daemon_holds(tmp_path):
             for pair in pipes:
                 for fd in pair:
                     os.close(fd)
-    assert after[("process_open_fds", ())] == before + 40
+    # The previous scrape's connection may or may not be closed yet when the next one counts: +-1.
+    assert abs(after[("process_open_fds", ())] - (before + 40)) <= 1
     assert after[("process_max_fds", ())] == resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     assert after[("process_resident_memory_bytes", ())] > 0
     assert after[("process_cpu_seconds_total", ())] > 0

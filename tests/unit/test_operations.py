@@ -25,7 +25,8 @@ from iopfd.cli import build_parser
 from iopfd.engine import Engine, Policy
 from iopfd.engine.stats import OUTCOMES
 from iopfd.iommufd import INVALID, SUCCESS
-from iopfd.iommufd.emulated import EmulatedFaultQueue, PageRequest
+from iopfd_dev.emulated import EmulatedFaultQueue, PageRequest
+from iopfd_dev.cli import build_parser as build_dev_parser
 from iopfd.iommufd.probe import probe
 from iopfd.policies import Policies
 from iopfd.service.config import ConfigError, load_settings
@@ -111,7 +112,7 @@ async def test_the_status_op_totals_name_every_outcome(tmp_path):
 BROKEN_STDERR_DAEMON = textwrap.dedent("""
     import asyncio, json, sys
     from iopfd.engine import Engine, Policy, QueueConfig, QueueServer
-    from iopfd.iommufd.emulated import EmulatedFaultQueue, PageRequest
+    from iopfd_dev.emulated import EmulatedFaultQueue, PageRequest
     from iopfd.policies import Policies
     from iopfd.service.config import load_settings
     from iopfd.service.logging import configure_logging
@@ -336,17 +337,26 @@ def test_the_service_reloads_with_sighup():
     (["run", "--fault-fd", "3:" + "a" * 65], "the queue name must be 1 to 64"),
     (["run", "--fault-fd", "99999999999999999999"], "expected N or N:NAME"),
     (["run", "--fault-fd", "-1"], "expected N or N:NAME"),
-    (["demo", "--duration", "-1"], "a number above 0"),
-    (["demo", "--duration", "nan"], "a number above 0"),
-    (["bench", "--groups", "-5"], "a whole number of at least 1"),
-    (["bench", "--rate", "0"], "a number above 0"),
-    (["lab", "run", "--timeout", "inf", "true"], "a number above 0"),
     (["detach", "no/such"], "a queue name is 1 to 64"),
     (["status", "--timeout", "-3"], "a number above 0"),
 ])
 def test_bad_values_exit_2_with_a_message(capsys, argv, message):
     with pytest.raises(SystemExit) as exited:
         build_parser().parse_args(argv)
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["demo", "--duration", "-1"], "a number above 0"),
+    (["demo", "--duration", "nan"], "a number above 0"),
+    (["bench", "--groups", "-5"], "a whole number of at least 1"),
+    (["bench", "--rate", "0"], "a number above 0"),
+    (["lab", "run", "--timeout", "inf", "true"], "a number above 0"),
+])
+def test_bad_tooling_values_exit_2_with_a_message(capsys, argv, message):
+    with pytest.raises(SystemExit) as exited:
+        build_dev_parser().parse_args(argv)
     assert exited.value.code == 2
     assert message in capsys.readouterr().err
 

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import tomllib
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -39,7 +40,7 @@ def test_man_page_matches_the_parser_and_formats_cleanly():
     page = ROOT / "man" / "iopfd.8"
     assert page.read_text() == builder["render"](build_parser()), \
         f"stale: run {sys.executable} man/build_manpage.py"
-    for command in ("probe", "run [", "check-config FILE", "install-units [", "lab run ["):
+    for command in ("probe", "run [", "check-config FILE", "install-units [", "status [", "detach QUEUE"):
         assert f"\n.B iopfd {command}".replace("-", "\\-") in page.read_text(), command
     result = run(["groff", "-man", "-ww", "-z", page])  # groff-base, with man-db (./dev test installs it)
     assert result.returncode == 0 and result.stderr == "", result.stderr
@@ -110,6 +111,12 @@ def test_the_wheel_installed_outside_the_checkout_runs_and_installs_its_units(tm
     result = run([uv, "build", "--wheel", "--offline", "--out-dir", tmp_path / "dist"], env=env, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     (wheel,) = (tmp_path / "dist").glob("iopfd-*.whl")
+    shipped = zipfile.ZipFile(wheel).namelist()
+    tooling = [n for n in shipped if n.startswith(("iopfd_dev/", "iopfd/lab/", "iopfd/bench/"))
+               or n.endswith(("/demo.py", "/emulated.py", ".c"))]
+    assert not tooling, f"the wheel ships development tooling: {tooling}"
+    carried = {"systemd/iopfd.service", "systemd/iopfd.socket", "man/iopfd.8", *(f"config/{n}" for n in EXAMPLES)}
+    assert {f"iopfd/data/{path}" for path in carried} <= set(shipped)
     pylock = tmp_path / "pylock.toml"
     result = run([uv, "export", "--frozen", "--no-dev", "--no-emit-project", "--format", "pylock.toml",
                   "-o", pylock], env=env, cwd=ROOT)
@@ -174,7 +181,7 @@ def exported_metric_names() -> set[str]:
     from collections import Counter
 
     from iopfd.engine import Engine, QueueConfig, QueueServer
-    from iopfd.iommufd.emulated import EmulatedFaultQueue
+    from iopfd_dev.emulated import EmulatedFaultQueue
     from iopfd.policies import AcceptPolicy
     from iopfd.service.metrics import registry_for
 

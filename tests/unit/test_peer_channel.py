@@ -15,7 +15,7 @@ from iopfd import protocol
 from iopfd.engine import QueueConfig, QueueServer
 from iopfd.engine.batch import Batch, Read, record_dtype, split_groups
 from iopfd.engine.events import Vevent
-from iopfd.iommufd.emulated import EmulatedFaultQueue, PageRequest
+from iopfd_dev.emulated import EmulatedFaultQueue, PageRequest
 from iopfd.iommufd.fault import INVALID, LAST_PAGE, SUCCESS
 from iopfd.policies import ForwardPolicy
 from iopfd.policies.forward import ForwardOptions

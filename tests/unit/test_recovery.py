@@ -8,7 +8,7 @@ import os
 import socket
 
 from iopfd.iommufd import INVALID, SUCCESS
-from iopfd.iommufd.emulated import EmulatedFaultQueue, PageRequest
+from iopfd_dev.emulated import EmulatedFaultQueue, PageRequest
 from iopfd.iommufd.fault import RECORD, RESPONSE
 from iopfd.service.recovery import StateFile, sweep
 from iopfd.service.systemd import Notifier

@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from iopfd.engine import Engine, Policy, QueueConfig, QueueServer
 from iopfd.iommufd import INVALID, SUCCESS
-from iopfd.iommufd.emulated import EmulatedFaultQueue, PageRequest
+from iopfd_dev.emulated import EmulatedFaultQueue, PageRequest
 from iopfd.policies import Policies
 from iopfd.service.config import ConfigError, load_settings
 from iopfd.service.metrics import MetricsServer, registry_for

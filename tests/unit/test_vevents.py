@@ -16,7 +16,7 @@ from control_server import control_servers
 from iopfd.client import Client
 from iopfd.engine import Engine, EventQueueServer, Policy, QueueConfig, QueueServer
 from iopfd.iommufd import IommufdError, SequenceTracker, VeventQueue, VeventRecord
-from iopfd.iommufd.emulated import EmulatedFaultQueue
+from iopfd_dev.emulated import EmulatedFaultQueue
 from iopfd.iommufd.viommu import (
     ARM_SMMUV3, LOST_EVENTS, SELFTEST, SEQUENCE_MASK, TYPES, MalformedVevents, parse_vevents,
 )

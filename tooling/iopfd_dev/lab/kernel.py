@@ -19,8 +19,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from iopfd.lab import system
-from iopfd.lab.errors import LabError
+from iopfd_dev.lab import system
+from iopfd_dev.lab.errors import LabError
 
 CONFIG_DIR = Path(__file__).with_name("configs")
 # Bump when the build steps change in a way that changes the artefacts.

@@ -1,4 +1,4 @@
-"""``iopfd demo``: the daemon answering a stream of mock page faults, with live figures.
+"""``iopfd-dev demo``: the daemon answering a stream of mock page faults, with live figures.
 
 Boots the kernel lab (unless this kernel has the selftest mock IOMMU, or ``--here``), creates a mock
 device on a nested HWPT with a fault queue, starts ``iopfd run`` on that fault fd the way a VMM would
@@ -21,7 +21,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from iopfd.lab.guest import GUEST_ENV
+from iopfd_dev.lab.guest import GUEST_ENV
 
 # Addresses below 0x8000_0000 are "guest memory" (accept); one fault in eight lands above (reject).
 DEMO_CONFIG = """\
@@ -38,14 +38,14 @@ STARTUP_TIMEOUT = 180  # importing the daemon takes ~12 s in the TCG lab guest
 
 def main(*, here: bool, kernel: str, duration: float) -> int:
     if not here and not os.environ.get(GUEST_ENV) and not _has_mock_iommu():
-        from iopfd.lab import vm
-        from iopfd.lab.errors import LabError
+        from iopfd_dev.lab import vm
+        from iopfd_dev.lab.errors import LabError
 
         try:
-            return vm.run([sys.executable, "-m", "iopfd", "demo", "--here", "--duration", str(duration)],
+            return vm.run([sys.executable, "-m", "iopfd_dev", "demo", "--here", "--duration", str(duration)],
                           kernel=kernel)
         except LabError as exc:
-            print(f"iopfd demo: {exc}", file=sys.stderr)
+            print(f"iopfd-dev demo: {exc}", file=sys.stderr)
             return 1
     return run_here(duration)
 
@@ -58,7 +58,8 @@ def _has_mock_iommu() -> bool:
 
 
 def run_here(duration: float) -> int:
-    from iopfd.iommufd import FaultingMockSetup, FaultQueue, Iommufd, IommufdError
+    from iopfd.iommufd import FaultQueue, Iommufd, IommufdError
+    from iopfd.iommufd.selftest import FaultingMockSetup
 
     print(f"kernel {os.uname().release}")
     try:
@@ -68,7 +69,7 @@ def run_here(duration: float) -> int:
                   f"fault queue {queue.id} (fd {queue.fd})")
             return _demo(queue, rig, Path(tmp), duration)
     except IommufdError as exc:
-        print(f"iopfd demo: {exc}", file=sys.stderr)
+        print(f"iopfd-dev demo: {exc}", file=sys.stderr)
         return 1
 
 
@@ -88,7 +89,7 @@ def _demo(queue, rig, tmp: Path, duration: float) -> int:
                               env={**os.environ, "NOTIFY_SOCKET": str(tmp / "notify")})
     try:
         if not _wait_ready(notify, daemon):
-            print(f"iopfd demo: the daemon did not become ready:\n{(tmp / 'iopfd.log').read_text()}",
+            print(f"iopfd-dev demo: the daemon did not become ready:\n{(tmp / 'iopfd.log').read_text()}",
                   file=sys.stderr)
             return 1
         print(f"daemon ready (pid {daemon.pid}); metrics on http://127.0.0.1:{port}/metrics\n")

@@ -1,5 +1,5 @@
 """The scenarios on the emulated fault queue, each in a process of its own (``python -m
-iopfd.bench.emulated``): the daemon's own ``Server`` (config, policies, metrics endpoint, deadlines)
+iopfd_dev.bench.emulated``): the daemon's own ``Server`` (config, policies, metrics endpoint, deadlines)
 serves ``EmulatedFaultQueue``s instead of kernel fds, so the figures need no lab and no kernel.
 
 The emulation runs in the daemon's process, so its work (packing every record in Python) counts in
@@ -17,10 +17,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from iopfd.bench.run import MULTI_QUEUES, STORM_CONFIG, Result, shares
+from iopfd_dev.bench.run import MULTI_QUEUES, STORM_CONFIG, Result, shares
 from iopfd.engine import Engine
 from iopfd.iommufd import PERM_READ
-from iopfd.iommufd.emulated import EmulatedFaultQueue, PageRequest
+from iopfd_dev.emulated import EmulatedFaultQueue, PageRequest
 
 STEADY_TICK = 0.001  # the steady stream is raised in slices of a millisecond's worth
 
@@ -79,7 +79,7 @@ def run_scenario(scenario: str, groups: int, *, rate: float = 0) -> Result:
 
     with tempfile.TemporaryDirectory(prefix="iopfd-bench-") as tmp:
         report = Path(tmp) / "report.json"
-        subprocess.run([sys.executable, "-m", "iopfd.bench.emulated", scenario, str(groups), repr(rate), str(report)],
+        subprocess.run([sys.executable, "-m", "iopfd_dev.bench.emulated", scenario, str(groups), repr(rate), str(report)],
                        check=True, stdout=subprocess.DEVNULL, timeout=3600,
                        env={**os.environ, "IOPFD_CONTROL__PATH": "off", "IOPFD_WATCH_DEVICES": "false",
                             "IOPFD_LOG_LEVEL": "warning", "NOTIFY_SOCKET": ""})
@@ -89,7 +89,7 @@ def run_scenario(scenario: str, groups: int, *, rate: float = 0) -> Result:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m iopfd.bench.emulated")
+    parser = argparse.ArgumentParser(prog="python -m iopfd_dev.bench.emulated")
     parser.add_argument("scenario")
     parser.add_argument("groups", type=int)
     parser.add_argument("rate", type=float)

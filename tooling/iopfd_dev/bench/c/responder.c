@@ -1,5 +1,5 @@
 /*
- * The floor for `iopfd bench`: the least a fault-queue responder can do. It waits with poll(),
+ * The floor for `iopfd-dev bench`: the least a fault-queue responder can do. It waits with poll(),
  * reads whole groups in batches, answers every group SUCCESS in one write() per read, and on
  * SIGTERM prints what it did as one JSON line. Layouts are this project's own (checked against the
  * lab kernel's uapi by tests/kernel/test_layout.py through the cffi binding), not copied headers.

@@ -1,4 +1,4 @@
-"""Policies the benchmarks need, published through the ``iopfd.policies`` entry points like any plug-in."""
+"""Policies the benchmarks and tests need, loaded by import path (`type = "iopfd_dev.policies:DelayPolicy"`)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 /*
- * The fault source for `iopfd bench`: issues one ioctl over and over, as fast as possible or at a
+ * The fault source for `iopfd-dev bench`: issues one ioctl over and over, as fast as possible or at a
  * fixed rate, and prints what it did as one JSON line. The bench passes the ioctl's request number
  * and argument bytes (an IOMMU_TEST_CMD with IOMMU_TEST_OP_TRIGGER_IOPF, built with iopfd's
  * layout-checked cffi binding), so this program knows no kernel struct at all. Python cannot

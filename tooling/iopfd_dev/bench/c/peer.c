@@ -1,5 +1,5 @@
 /*
- * A forward peer at the floor, for `iopfd bench` and the tests: it waits with poll(), receives
+ * A forward peer at the floor, for `iopfd-dev bench` and the tests: it waits with poll(), receives
  * packets of fault records on a peer channel (docs/protocol.md), and answers every group SUCCESS
  * in one send() per packet. When iopfd closes the channel, or on SIGTERM, it prints what it did as
  * one JSON line. Layouts are this project's own (checked against the lab kernel's uapi by

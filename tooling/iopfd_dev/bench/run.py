@@ -20,7 +20,9 @@ from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from iopfd.iommufd import PERM_READ, SUCCESS, FaultingMockSetup, FaultQueue, Iommufd
+from iopfd.iommufd import PERM_READ, SUCCESS, FaultQueue, Iommufd
+
+from iopfd.iommufd.selftest import FaultingMockSetup
 
 SCENARIOS = ("burst", "steady", "storm", "multi")
 MULTI_QUEUES = 8
@@ -31,7 +33,7 @@ policy = "slow"
 response_deadline = 1.0
 max_pending = 4096
 [policies.slow]
-type = "bench-delay"
+type = "iopfd_dev.policies:DelayPolicy"
 seconds = 0.005
 """
 

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from iopfd.bench.run import Result
+from iopfd_dev.bench.run import Result
 
 MISSING = ("drawing the chart needs matplotlib, which is not installed: run `uv sync` in a checkout "
-           "(it is a dev dependency) or `pip install 'iopfd[bench]'`")
+           "(a dependency of iopfd-dev)")
 
 
 def draw(results: list[Result], path: Path) -> None:
     try:
         import matplotlib
     except ImportError:
-        raise SystemExit(f"iopfd bench: {MISSING}") from None
+        raise SystemExit(f"iopfd-dev bench: {MISSING}") from None
     matplotlib.use("Agg")  # files only, no display
     from matplotlib import pyplot
 

@@ -1,4 +1,4 @@
-"""``iopfd bench``: build the C programs, boot the lab (unless --here), run the scenarios against the
+"""``iopfd-dev bench``: build the C programs, boot the lab (unless --here), run the scenarios against the
 C floor and iopfd, run them on the emulated queue too, then print a table, write JSON and draw a PNG.
 
 ``--guard`` is the short run CI makes: a burst and a storm, failing when iopfd falls below
@@ -14,10 +14,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from iopfd.bench.run import Result, Tools
-from iopfd.lab.guest import GUEST_ENV
+from iopfd_dev.bench.run import Result, Tools
+from iopfd_dev.lab.guest import GUEST_ENV
 
-SOURCES = Path(__file__).parents[2] / "bench"
+SOURCES = Path(__file__).with_name("c")  # package files: iopfd-dev installed without a checkout has them
 GUARD_RATIO = 0.4
 GUARD_GROUPS = 50_000
 # A burst drains in well under a second, so one stall of the shared host moves its figure a lot:
@@ -50,19 +50,19 @@ def main(*, here: bool, kernel: str, scenarios: list[str], groups: int, rate: fl
     if not here and not os.environ.get(GUEST_ENV):
         import tempfile
 
-        from iopfd.lab import vm
-        from iopfd.lab.errors import LabError
+        from iopfd_dev.lab import vm
+        from iopfd_dev.lab.errors import LabError
 
         with tempfile.TemporaryDirectory(prefix="iopfd-bench-") as shared:  # writable in the guest
             guest_out = Path(shared) / "results.json"
-            argv = [sys.executable, "-m", "iopfd", "bench", "--here", "--tools", f"{tools.responder}:{tools.trigger}",
+            argv = [sys.executable, "-m", "iopfd_dev", "bench", "--here", "--tools", f"{tools.responder}:{tools.trigger}",
                     "--groups", str(groups), "--rate", str(rate), "--repeat", str(repeat), "--out", str(guest_out),
                     "--no-emulated",
                     *(["--guard"] if guard else []), *scenarios]
             try:
                 status = vm.run(argv, kernel=kernel, shared_dir=Path(shared))
             except LabError as exc:
-                print(f"iopfd bench: {exc}", file=sys.stderr)
+                print(f"iopfd-dev bench: {exc}", file=sys.stderr)
                 return 1
             if status != 0:
                 return status
@@ -74,7 +74,7 @@ def main(*, here: bool, kernel: str, scenarios: list[str], groups: int, rate: fl
         results = run_here(scenarios, groups, rate, tools, repeat, storm_floor=not guard)
     if emulated and not guard:
         results += run_emulated(scenarios, groups, rate)
-        from iopfd.bench.run import startup_seconds
+        from iopfd_dev.bench.run import startup_seconds
 
         machine["startup_seconds"] = startup_seconds()
         print(f"[bench] start-up to READY=1 on this machine: {machine['startup_seconds']:.2f} s (median of 5)",
@@ -83,7 +83,7 @@ def main(*, here: bool, kernel: str, scenarios: list[str], groups: int, rate: fl
     out_path.write_text(json.dumps(machine | {"results": [r.as_dict() for r in results]}, indent=2))
     print(f"[bench] results: {out_path}", file=sys.stderr)
     if png or (not here and not guard):
-        from iopfd.bench.plot import draw
+        from iopfd_dev.bench.plot import draw
 
         path = Path(png) if png else out_path.with_suffix(".png")
         draw(results, path)
@@ -93,7 +93,7 @@ def main(*, here: bool, kernel: str, scenarios: list[str], groups: int, rate: fl
 
 def run_here(scenarios: list[str], groups: int, rate: float, tools: Tools, repeat: int = REPEATS, *,
              storm_floor: bool = True) -> list[Result]:
-    from iopfd.bench.run import run_scenario
+    from iopfd_dev.bench.run import run_scenario
 
     results = []
     for scenario in scenarios:
@@ -113,7 +113,7 @@ def run_here(scenarios: list[str], groups: int, rate: float, tools: Tools, repea
 
 
 def run_emulated(scenarios: list[str], groups: int, rate: float) -> list[Result]:
-    from iopfd.bench import emulated
+    from iopfd_dev.bench import emulated
 
     results = []
     for scenario in scenarios:

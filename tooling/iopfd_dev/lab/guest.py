@@ -1,6 +1,6 @@
 """Runs inside the lab guest: executes a command, tags its output for the host, records its status.
 
-Usage (by iopfd.lab.vm, never by hand): python -m iopfd.lab.guest STATUS_FILE -- ARGV...
+Usage (by iopfd_dev.lab.vm, never by hand): python -m iopfd_dev.lab.guest STATUS_FILE -- ARGV...
 The host separates the command's lines (prefixed ``@@|``) from kernel console messages.
 """
 
@@ -16,7 +16,7 @@ GUEST_ENV = "IOPFD_LAB_GUEST"
 
 def main(argv: list[str]) -> int:
     status_file, separator, *command = argv
-    assert separator == "--", "usage: python -m iopfd.lab.guest STATUS_FILE -- ARGV..."
+    assert separator == "--", "usage: python -m iopfd_dev.lab.guest STATUS_FILE -- ARGV..."
     # The host's virtualenv first on PATH, so ``python`` and ``iopfd`` are this checkout's.
     path = f"{os.path.dirname(sys.executable)}:{os.environ.get('PATH', '/usr/bin:/bin')}"
     env = {**os.environ, "PATH": path, GUEST_ENV: "1", "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1"}

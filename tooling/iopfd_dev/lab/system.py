@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from iopfd.lab.errors import LabError
+from iopfd_dev.lab.errors import LabError
 
 
 def installed_version(package: str) -> str | None:
@@ -37,7 +37,7 @@ def ensure_packages(specs: list[str]) -> None:
     print(f"[lab] installing {' '.join(missing)} with apt-get", file=sys.stderr, flush=True)
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     for argv in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", *missing]):
-        # apt's output goes to stderr: stdout is the result of commands like `iopfd lab build`.
+        # apt's output goes to stderr: stdout is the result of commands like `iopfd-dev lab build`.
         if subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, stdout=sys.stderr, check=False).returncode != 0:
             raise LabError(f"'{' '.join(argv)}' failed; see its output above")
 

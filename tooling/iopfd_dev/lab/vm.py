@@ -17,13 +17,12 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from iopfd.lab import kernel as lab_kernel
-from iopfd.lab import system
-from iopfd.lab.errors import LabError
-from iopfd.lab.guest import LINE_PREFIX
+from iopfd_dev.lab import kernel as lab_kernel
+from iopfd_dev.lab import system
+from iopfd_dev.lab.errors import LabError
+from iopfd_dev.lab.guest import LINE_PREFIX
 
 QEMU_PACKAGES = ("qemu-system-x86",)
-REPO = Path(__file__).resolve().parents[2]
 
 
 def _emit(line: str) -> None:
@@ -34,7 +33,8 @@ def _emit(line: str) -> None:
 def run(argv: Sequence[str], *, kernel: str = lab_kernel.DEFAULT_KERNEL, timeout: float = 1800,
         shared_dir: Path | None = None, on_line: Callable[[str], None] = _emit,
         memory: str = "2G", cpus: int = 2) -> int:
-    """Boot lab kernel ``kernel``, run ``argv`` in it (cwd: this checkout) and return its exit status.
+    """Boot lab kernel ``kernel``, run ``argv`` in it (in the current directory, which the guest sees
+    too) and return its exit status.
 
     The command's output goes to ``on_line`` as it comes. ``shared_dir`` (default: a fresh temporary
     directory) is writable in the guest at the same path. Raises LabError if the guest never reports
@@ -43,6 +43,7 @@ def run(argv: Sequence[str], *, kernel: str = lab_kernel.DEFAULT_KERNEL, timeout
     built = lab_kernel.ensure_built(kernel)
     system.ensure_packages(list(QEMU_PACKAGES))
     vng = Path(sys.executable).with_name("vng")
+    cwd = Path.cwd()
     with tempfile.TemporaryDirectory(prefix="iopfd-lab-") as scratch:
         shared = Path(shared_dir or scratch)
         shared.mkdir(parents=True, exist_ok=True)
@@ -52,10 +53,10 @@ def run(argv: Sequence[str], *, kernel: str = lab_kernel.DEFAULT_KERNEL, timeout
         # The command travels in a file: virtme-ng passes --exec on the kernel command line,
         # which is limited to 2048 bytes (a long command silently loses root= and the boot panics).
         script = shared / "guest-command.sh"
-        script.write_text(shlex.join([sys.executable, "-m", "iopfd.lab.guest", str(status_file), "--", *argv]) + "\n")
+        script.write_text(shlex.join([sys.executable, "-m", "iopfd_dev.lab.guest", str(status_file), "--", *argv]) + "\n")
         command = [
             str(vng), "--run", str(built.bzimage), "--disable-kvm", "--force-9p", "--verbose",
-            "--cpus", str(cpus), "--memory", memory, "--cwd", str(REPO), "--rwdir", str(shared),
+            "--cpus", str(cpus), "--memory", memory, "--cwd", str(cwd), "--rwdir", str(shared),
             "--append", "loglevel=4",
             "--exec", f"sh {shlex.quote(str(script))}",
         ]
@@ -65,7 +66,7 @@ def run(argv: Sequence[str], *, kernel: str = lab_kernel.DEFAULT_KERNEL, timeout
         print(f"[lab] booting lab kernel {kernel} under QEMU (TCG): {shown}", file=sys.stderr, flush=True)
         with open(console_log, "w") as log:
             proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True, cwd=REPO)
+                                    stdin=subprocess.DEVNULL, start_new_session=True, cwd=cwd)
             assert proc.stdout is not None
             # A hung guest prints nothing, so the time limit cannot be checked between lines.
             watchdog = threading.Timer(timeout, os.killpg, (proc.pid, signal.SIGKILL))

@@ -1,1 +1,0 @@
-"""``iopfd bench``: iopfd against the floor (a C responder) on the lab kernel's real fault path."""

@@ -1,0 +1,5 @@
+import sys
+
+from iopfd_dev.cli import main
+
+sys.exit(main())

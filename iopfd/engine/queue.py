@@ -611,7 +611,7 @@ class QueueServer:
             for _, started_at, outcomes in outgoing:
                 stats.latency_samples.extend(array("d", (now - started_at,)) * sum(c for _, c in outcomes))
         if self._log_groups:
-            self._log.debug("groups answered", cookies=_cookies(payload), codes=_codes(payload))
+            self._log_answers(outgoing, now)
         for index in refused:
             stats.write_errors += 1
             self._log.warning("kernel refused a response: the group was already answered "
@@ -623,6 +623,15 @@ class QueueServer:
             self.failure = reason
             self._log.error("fault queue no longer served", reason=reason)
         self.stop_reading()
+
+    def _log_answers(self, outgoing: list[tuple[Any, float, tuple[tuple[str, int], ...]]], now: float) -> None:
+        for responses, started_at, outcomes in outgoing:
+            words = memoryview(responses).cast("B").cast("I")
+            for cookie, code in zip(words[0::2].tolist(), words[1::2].tolist()):
+                # A run has one outcome, or (a policy's codes) success and invalid by code.
+                outcome = outcomes[0][0] if len(outcomes) == 1 else "success" if code == SUCCESS else "invalid"
+                self._log.debug("group answered", cookie=cookie, code=code, outcome=outcome,
+                                latency=round(now - started_at, 6))
 
     def _log_read(self, read: Read) -> None:
         batch = Batch(read, np().arange(len(read)), self._answer_codes)
@@ -694,10 +703,6 @@ def _response_dtype() -> Any:
 
 def _cookies(payload: Any) -> list[int]:
     return memoryview(payload).cast("B").cast("I")[0::2].tolist()
-
-
-def _codes(payload: Any) -> list[int]:
-    return memoryview(payload).cast("B").cast("I")[1::2].tolist()
 
 
 def _debug_enabled() -> bool:

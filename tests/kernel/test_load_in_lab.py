@@ -110,7 +110,9 @@ def test_64_queues_attached_and_detached_in_a_loop_leak_no_fds_and_no_metrics_se
         # The first round may open what the daemon keeps for good; after it, nothing may grow.
         assert all(r == rounds[0] for r in rounds)
         assert rounds[0][0] - rounds[0][1] == 64  # one fd per attached queue, all closed on detach
-        assert rounds[0][2] == base_series  # no series of a detached queue is left behind
+        # No series of a detached queue is left behind (the control socket's request counters, by op,
+        # are the daemon's own and appear with the first request of each op).
+        assert [s for s in rounds[0][2] if 'queue="' in s] == [s for s in base_series if 'queue="' in s]
         assert iopfd.stored_fds == {}  # every detached queue also left systemd's fd store
         assert iopfd.terminate() == 0
     finally:

@@ -36,7 +36,8 @@ def ensure_packages(specs: list[str]) -> None:
                        f"install them as root: apt-get install {' '.join(missing)}")
     print(f"[lab] installing {' '.join(missing)} with apt-get", file=sys.stderr, flush=True)
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for argv in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", *missing]):
+    wait = ["-o", "DPkg::Lock::Timeout=600"]  # another apt (a second lab build, unattended upgrades) finishes first
+    for argv in (["apt-get", *wait, "update", "-q"], ["apt-get", *wait, "install", "-y", "-q", *missing]):
         # apt's output goes to stderr: stdout is the result of commands like `iopfd-dev lab build`.
         if subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, stdout=sys.stderr, check=False).returncode != 0:
             raise LabError(f"'{' '.join(argv)}' failed; see its output above")

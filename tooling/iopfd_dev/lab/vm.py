@@ -23,6 +23,8 @@ from iopfd_dev.lab.errors import LabError
 from iopfd_dev.lab.guest import LINE_PREFIX
 
 QEMU_PACKAGES = ("qemu-system-x86",)
+# virtme-ng's own rootflags for the 9p root (the kernel takes the last rootflags= given), plus the cache.
+ROOT_FLAGS = "rootflags=version=9p2000.L,trans=virtio,access=any,msize=524288,cache=loose"
 
 
 def _emit(line: str) -> None:
@@ -57,7 +59,10 @@ def run(argv: Sequence[str], *, kernel: str = lab_kernel.DEFAULT_KERNEL, timeout
         command = [
             str(vng), "--run", str(built.bzimage), "--disable-kvm", "--force-9p", "--verbose",
             "--cpus", str(cpus), "--memory", memory, "--cwd", str(cwd), "--rwdir", str(shared),
-            "--append", "loglevel=4",
+            # The host's root is read-only to the guest and unchanged while it runs, so the guest may
+            # cache it (cache=loose; virtme-ng mounts it uncached): Python's imports then cost a few
+            # 9p round trips instead of one per stat and read, which halved a daemon's start-up.
+            "--append", f"loglevel=4 {ROOT_FLAGS}",
             "--exec", f"sh {shlex.quote(str(script))}",
         ]
         started = time.monotonic()

@@ -4,7 +4,7 @@ print the tables, write JSON and draw a PNG.
 
 ``--guard`` is the short run CI makes: a burst of the C floor and of iopfd with accept, rules and
 forward, and the storm; it fails when a policy falls below its share of the C floor's throughput or
-answers any group late.
+sheds, or when a storm group is answered late.
 """
 
 from __future__ import annotations
@@ -129,9 +129,9 @@ def check_guard(results: list[Result]) -> int:
         for policy, share in GUARD.items():
             r = burst[f"iopfd {policy}"]
             ratio = r.groups_per_second / floor
-            ok = ratio >= share and not r.late and not r.shed
+            ok = ratio >= share and not r.shed
             print(f"[bench] guard {kernel}: burst {policy} {ratio:.2f} of the C floor (must be >= {share}), "
-                  f"late {r.late}, shed {r.shed} (must be 0): {'ok' if ok else 'FAILED'}", file=sys.stderr)
+                  f"shed {r.shed} (must be 0): {'ok' if ok else 'FAILED'}", file=sys.stderr)
             failed |= not ok
         storm = next(r for r in results if r.scenario == "storm" and r.kernel == kernel)
         print(f"[bench] guard {kernel}: storm groups past deadline + 50 ms: {storm.late} (must be 0)", file=sys.stderr)

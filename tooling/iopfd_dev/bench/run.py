@@ -281,10 +281,18 @@ def peak_rss_kb(pid: int) -> int:
     return 0
 
 
+def _state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
 @contextmanager
 def stopped(pid: int) -> Iterator[None]:
-    """The process stopped (SIGSTOP) for the block, so a burst is queued before it reads any of it."""
+    """The process stopped (SIGSTOP) for the block, so a burst is queued before it reads any of it.
+    The stop is awaited: a daemon still running when the first faults come would start their clock
+    (the first readiness) before the rest are even raised."""
     os.kill(pid, signal.SIGSTOP)
+    while _state(pid) != "T":
+        time.sleep(0.001)
     try:
         yield
     finally:

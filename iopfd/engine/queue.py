@@ -233,8 +233,11 @@ class QueueServer:
             self._admit(data, started, now)
 
     def _read_fits(self) -> bool:
-        """A whole read (the buffer's worth of groups) fits under max_pending, or nothing is open."""
-        return not self._open or self._open + self.source.buffer_records <= self.config.max_pending
+        """A whole read (the buffer's worth of groups) fits under max_pending. With a max_pending
+        below the read buffer, half of max_pending must be free: else one slow group open would keep
+        every other group waiting in the kernel."""
+        read = min(self.source.buffer_records, self.config.max_pending // 2)
+        return self._open + read <= self.config.max_pending
 
     def _pause(self) -> None:
         """Stop reading until decisions make room for a whole read (``_close``) or until the groups

@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lab kernel, repeatable (default: every lab kernel, one boot each)")
     p.add_argument("--policies", type=_policies, default=None, metavar="P,...",
                    help="iopfd's policies to run (default: all of accept, reject, rules, plugin, forward, forward-py)")
-    p.add_argument("--groups", type=_positive, default=100_000, help="fault groups per burst, storm and multi run, "
+    p.add_argument("--groups", type=_positive, default=50_000, help="fault groups per burst, storm and multi run, "
                    "and at most per steady run (default: %(default)s)")
     p.add_argument("--repeat", type=_positive, default=3, help="runs of burst and multi; the median run is reported "
                    "(default: %(default)s)")

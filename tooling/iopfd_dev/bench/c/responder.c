@@ -1,8 +1,9 @@
 /*
  * The floor for `iopfd-dev bench`: the least a fault-queue responder can do. It waits with poll(), reads
  * whole groups and answers every group SUCCESS, and on SIGTERM prints what it did as one JSON line:
- * its CPU time and peak RSS, and per fd the groups, the first read and the last write. Layouts are this project's own (checked against the lab kernel's uapi by
- * tests/kernel/test_layout.py through the cffi binding), not copied headers.
+ * its CPU time and peak RSS, and per fd the groups, the first read and the last write. Layouts are
+ * this project's own (checked against the lab kernel's uapi by tests/kernel/test_layout.py through
+ * the cffi binding), not copied headers.
  *
  *   responder [-r RECORDS] [-q] [-l LOG] FD...
  *

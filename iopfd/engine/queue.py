@@ -4,16 +4,20 @@ A fault's path, top to bottom of this file:
 
 1. ``_on_readable``: the event loop says the fd is readable. Each read() becomes one batch. The
    groups' clock starts at the first readiness seen since the queue was last found empty, so time a
-   group waits unread in the kernel counts against its deadline.
-2. A fixed answer (accept, reject) with nothing in flight is written straight from the read's cookie
-   column (``_answer_fixed``). Otherwise ``_admit`` makes a ``Read`` of numpy columns, answers the
-   malformed groups, voids decisions for cookies the kernel reissued, sheds what exceeds
-   ``max_pending`` and answers at once what is already past its deadline.
+   group waits unread in the kernel counts against its deadline. Reading pauses while a whole read
+   would not fit under ``max_pending`` (``_pause``), until decisions make room or the groups left in
+   the kernel have waited half their deadline; then it drains the kernel's queue in short turns.
+2. A read whose every group gets one code without a decision (a fixed policy's; the deadline code
+   when already past its deadline; INVALID when shed) is answered straight from its cookie column
+   (``_answer_read``). Otherwise ``_admit`` makes a ``Read`` of numpy columns, answers the malformed
+   groups, voids decisions for cookies the kernel reissued, sheds what exceeds ``max_pending`` and
+   answers at once what is already past its deadline.
 3. ``_dispatch`` hands the batch to the policy by its kind: a fixed code, ``route`` (each target
    gets its sub-batch), ``decide_batch`` (codes now, later, or through ``batch.answer``), or
-   ``decide`` per group (``_decide_each``: driven once, a task only if it really awaits).
-4. ``_answer`` closes groups exactly once: a decision, ``_on_deadline`` (no decision in time) or
-   ``stop`` (the daemon exits). ``_flush`` writes every answer of the loop turn in one write() and
+   ``decide`` per group (``_take_turns``/``_decide_each``: driven once, a task only if it really
+   awaits, started in slices of DECIDE_SLICE seconds per loop turn).
+4. ``_answer`` closes groups exactly once: a decision, ``_on_deadline`` (no decision in time; written
+   at once) or ``stop`` (the daemon exits). ``_flush`` writes every answer of the loop turn in one write() and
    skips exactly the entries the kernel refuses.
 
 Invariant: every group read is open in a ``Read`` of ``_reads`` until answered, then in
@@ -47,17 +51,26 @@ log = structlog.get_logger("iopfd.engine")
 
 # Reads per readiness callback before yielding to the loop, so one flooding queue cannot starve the
 # others or its own policies (readiness is level-triggered: the loop calls back at once if more is
-# queued). A wakeup also ends once max_pending groups are open, so a policy that answers a turn later
-# (a peer) has its turn before anything is shed; the next wakeup reads again regardless.
+# queued).
 MAX_READS_PER_WAKEUP = 4
-# ... unless groups have waited unread for this fraction of their deadline: then up to this many reads,
-# shedding what exceeds max_pending, until the kernel's queue is empty.
+# Back-pressure: a queue reads only while a whole read fits under max_pending (or nothing is open);
+# otherwise it stops reading, and groups wait in the kernel until decisions make room, but only
+# until the oldest has waited unread for this fraction of its deadline. Then the queue reads until
+# the kernel's queue is empty, shedding what exceeds max_pending, in turns of at most
+# MAX_WAKEUP_SECONDS so that deadline timers and answers are not held up behind the drain (a read
+# answered wholesale took 10-20 ms in the loaded TCG lab: a smaller turn drained one read per turn,
+# and the loop's other work between turns made the drain of a 50 000-group storm last seconds).
 BEHIND_FRACTION = 0.5
-MAX_DRAIN_READS = 256
+MAX_WAKEUP_SECONDS = 0.02
 # Per-group decide() calls that really await, in flight per queue; further groups wait their turn
-# inside their deadline.
-MAX_AWAITING = 256
+# inside their deadline. One loop turn resumes every call whose await has finished: 256 of them made
+# turns of 444 ms in the TCG lab on a loaded host (about a tenth of that idle), longer than the 50 ms
+# a deadline answer may take, since a deadline timer waits for the turn it falls in.
+MAX_AWAITING = 64
 DECIDE_CHUNK = 64  # groups whose columns _decide_each turns into lists at once
+# Per-group calls are started for at most this long per loop turn: a read of 1 024 groups would
+# otherwise start them all in one callback, holding deadline timers and answers up behind it.
+DECIDE_SLICE = 0.005
 # Deleting every byte with the LAST_PAGE bit from a read's flag bytes leaves nothing exactly when
 # every record is a whole one-record group (what a PRI device sends for single-page faults).
 _WITH_LAST_PAGE = bytes(b for b in range(256) if b & LAST_PAGE)
@@ -104,10 +117,11 @@ class QueueServer:
         self._cookie_group: Any = None
         self._big_cookies: dict[int, tuple[int, int]] = {}  # the same for cookies beyond the table
         self._awaiting = 0  # per-group decide() tasks in flight
-        self._waiting_turn: deque[tuple[Policy, Batch]] = deque()  # per-group work beyond MAX_AWAITING
+        self._waiting_turn: deque[tuple[Policy, Batch]] = deque()  # per-group work not yet started
         # (read, group, code, policy name) of per-group calls that awaited, answered once per loop turn
         self._decided_groups: list[tuple[Read, int, int, str]] = []
         self._decided_handle: asyncio.Handle | None = None
+        self._turns_handle: asyncio.Handle | None = None  # _take_turns, when no ending call will run it
         self._warned: dict[str, tuple[int, float]] = {}  # event -> (groups not yet logged, when last logged)
         # Answers not yet written: (responses, started_at, ((outcome, count), ...))
         self._outgoing: list[tuple[Any, float, tuple[tuple[str, int], ...]]] = []
@@ -117,6 +131,7 @@ class QueueServer:
             np()  # import numpy now, before READY=1, not on the first fault
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reading = False
+        self._resume_timer: asyncio.TimerHandle | None = None  # set while reading is paused (back-pressure)
         self._unread_since: float | None = None  # first readiness since the queue was last seen empty
         self._deadline_timer: asyncio.TimerHandle | None = None
         self._flush_handle: asyncio.Handle | None = None
@@ -161,25 +176,31 @@ class QueueServer:
         if self._reading:
             self._loop.remove_reader(self.source.fileno())
             self._reading = False
+        if self._resume_timer is not None:
+            self._resume_timer.cancel()
+            self._resume_timer = None
 
     # -- read ----------------------------------------------------------------------------------
     def _on_readable(self) -> None:
         loop = self._loop
+        woke = loop.time()
         if self._unread_since is None:
-            self._unread_since = loop.time()
+            self._unread_since = woke
         reads = 0
         while True:
             # Write answers already made first: once a group is auto-answered by a detach, its cookie
             # can come back with a new group in the very next read, and a stale answer must never
             # reach that one. (So answers go out in one write() per read, like the C floor's.)
             self._flush()
-            # Groups have waited unread for half their deadline: the policies cannot keep up, and the
-            # kernel's queue must not become the buffer. Read on, and shed what exceeds max_pending.
-            behind = loop.time() - self._unread_since >= self.config.response_deadline * BEHIND_FRACTION
-            if reads >= (MAX_DRAIN_READS if behind else MAX_READS_PER_WAKEUP):
-                return
-            if reads and self._open >= self.config.max_pending and not behind:
-                return  # let the policies catch up first; shed only if they still have not next time
+            now = loop.time()
+            if now - self._unread_since < self.config.response_deadline * BEHIND_FRACTION:
+                if reads >= MAX_READS_PER_WAKEUP:
+                    return
+                if not self._read_fits():
+                    self._pause()
+                    return
+            elif reads and now - woke >= MAX_WAKEUP_SECONDS:
+                return  # behind: the drain goes on next turn, after the timers and answers due
             try:
                 # Only the first read of a wakeup can meet an old 6.12 kernel's "0 bytes but POLLIN".
                 data = self.source.read_raw(confirm_empty=reads == 0)
@@ -194,35 +215,82 @@ class QueueServer:
             if self.stats.first_read is None:
                 self.stats.first_read = now
             started = self._unread_since
-            if self._fixed_code is not None and not self._reads and self._answer_fixed(data, started, now):
-                continue
+            # Reads whose every group gets one code without a decision are answered from their
+            # cookie column: a fixed policy's, and in a storm, the deadline code or shedding, at a
+            # fraction of a decision's cost, so the drain keeps ahead of the groups' deadlines.
+            if self._fixed_code is not None:
+                if self._answer_read(data, started, now, self._fixed_code,
+                                     "success" if self._fixed_code == SUCCESS else "invalid"):
+                    continue
+            elif now - started >= self.config.response_deadline - DEADLINE_SLACK:
+                if self._answer_read(data, started, now, self.config.deadline_code, "deadline"):
+                    self._warn_overdue(len(data) // RECORD.size)
+                    continue
+            elif self._open >= self.config.max_pending:
+                if self._answer_read(data, started, now, INVALID, "shed"):
+                    self._warn_shed(len(data) // RECORD.size)
+                    continue
             self._admit(data, started, now)
 
-    def _answer_fixed(self, data: memoryview, started: float, now: float) -> bool:
-        """Answer a whole read with the policy's fixed code from its cookie column: no numpy, no
+    def _read_fits(self) -> bool:
+        """A whole read (the buffer's worth of groups) fits under max_pending. With a max_pending
+        below the read buffer, half of max_pending must be free: else one slow group open would keep
+        every other group waiting in the kernel."""
+        read = min(self.source.buffer_records, self.config.max_pending // 2)
+        return self._open + read <= self.config.max_pending
+
+    def _pause(self) -> None:
+        """Stop reading until decisions make room for a whole read (``_close``) or until the groups
+        left in the kernel have waited unread for BEHIND_FRACTION of their deadline."""
+        if self._resume_timer is not None:
+            return
+        self._loop.remove_reader(self.source.fileno())
+        self._resume_timer = self._loop.call_at(
+            self._unread_since + self.config.response_deadline * BEHIND_FRACTION, self._resume)
+
+    def _resume(self) -> None:
+        self._resume_timer.cancel()
+        self._resume_timer = None
+        if self._reading:
+            self._loop.add_reader(self.source.fileno(), self._on_readable)
+
+    def _answer_read(self, data: memoryview, started: float, now: float, code: int, outcome: str) -> bool:
+        """Answer a whole read with ``code`` from its cookie column: no copy, no numpy column, no
         object per group. Only for reads of one-record groups (else False: the read takes the batch
-        path) and only while nothing is in flight, so no open group can have a cookie this read
-        reissues. Cookie 0 or a cookie twice in one read (kernel bugs) are left to the kernel, which
-        refuses the write."""
+        path, which also answers malformed ones) and only if no open group holds a cookie of this
+        read (else False: ``_admit`` voids that group, which the kernel answered itself on a detach
+        before reissuing its cookie). Cookie 0 or a cookie twice in one read (kernel bugs) are left
+        to the kernel, which refuses the write."""
         if data[0::RECORD.size].tobytes().translate(None, _WITH_LAST_PAGE):
+            return False
+        if self._reads and self._holds_any_cookie(data):
             return False
         cookies = data.cast("I")[_COOKIE_WORD::_RECORD_WORDS]
         count = len(cookies)
         responses = bytearray(count * RESPONSE.size)
         columns = memoryview(responses).cast("I")
         columns[0::2] = cookies
-        if self._fixed_code:
-            columns[1::2] = array("I", (self._fixed_code,)) * count
+        if code:
+            columns[1::2] = array("I", (code,)) * count
         if self.cookie_mark_hook is not None:  # only with crash recovery on: no scan otherwise
             self._raise_cookie_mark(max(cookies))
         stats = self.stats
         stats.faults += count
         stats.read_batches.observe(count)
         stats.unread_wait.observe(now - started, count)
-        self._queue_run(responses, started, (("success" if self._fixed_code == SUCCESS else "invalid", count),))
+        self._queue_run(responses, started, ((outcome, count),))
         if stats.answer_log is not None:
             stats.answer_log.append((data.cast("Q")[_ADDR_QWORD::_RECORD_QWORDS].tolist(), now))
         return True
+
+    def _holds_any_cookie(self, data: memoryview) -> bool:
+        """Whether an open group holds a cookie of this read (conservatively True while any absurd
+        cookie is tracked outside the table)."""
+        if self._big_cookies:
+            return True
+        cookies = np().frombuffer(data, "<u4")[_COOKIE_WORD::_RECORD_WORDS]
+        table = self._cookie_read
+        return bool(table[cookies[cookies < len(table)]].any())
 
     def _admit(self, data: memoryview, started: float, now: float) -> None:
         n = np()
@@ -248,13 +316,13 @@ class QueueServer:
         if self._log_groups:
             self._log_read(read)
         if now - started >= self.config.response_deadline - DEADLINE_SLACK:
-            self._abandon([read], "groups waited unread in the kernel past the response deadline")
+            self._answer(read, n.arange(count), self.config.deadline_code, "deadline")
+            self._warn_overdue(count)
             return
         room = self.config.max_pending - (self._open - count)
         if room < count:
             self._answer(read, n.arange(max(room, 0), count), INVALID, "shed")
-            self._warn_at_most_each_second("queue full: groups shed with INVALID", count - max(room, 0),
-                                           max_pending=self.config.max_pending)
+            self._warn_shed(count - max(room, 0))
             if room <= 0:
                 return
         self._arm_deadline()
@@ -334,7 +402,9 @@ class QueueServer:
             else:
                 self._decided(policy, batch, result)
         else:
-            self._decide_each(policy, batch)
+            self._waiting_turn.append((policy, batch))  # per-group calls start in turns of their own
+            if self._turns_handle is None:
+                self._turns_handle = self._loop.call_soon(self._take_turns)
 
     def _route(self, policy: RoutingPolicy, batch: Batch, depth: int) -> None:
         n = np()
@@ -403,8 +473,21 @@ class QueueServer:
         self._log.exception("policy raised; groups answered INVALID", policy=policy.name, groups=len(batch))
         self._answer(batch.read, batch.index, INVALID, "error")
 
-    def _decide_each(self, policy: Policy, batch: Batch) -> None:
-        """Per-group decide(): drive each call once; a call that finishes at once costs no task."""
+    def _take_turns(self) -> None:
+        """Per-group work waiting for its turn, oldest first: started while fewer than MAX_AWAITING calls
+        await, for at most DECIDE_SLICE seconds; then the rest waits for a call to end or the next turn."""
+        self._turns_handle = None
+        ends = self._loop.time() + DECIDE_SLICE
+        while self._waiting_turn and self._awaiting < MAX_AWAITING and self._reading:
+            if self._loop.time() >= ends:
+                self._turns_handle = self._loop.call_soon(self._take_turns)
+                return
+            self._decide_each(*self._waiting_turn.popleft(), ends)
+
+    def _decide_each(self, policy: Policy, batch: Batch, ends: float) -> None:
+        """Per-group decide(): drive each call once; a call that finishes at once costs no task. What is
+        left at MAX_AWAITING or at ``ends`` goes back to the head of the waiting work."""
+        loop = self._loop
         read = batch.read
         raw, size, queue = read.raw, RECORD.size, read.queue
         positions, codes = [], []
@@ -415,8 +498,8 @@ class QueueServer:
                     read.last[index].tolist(), read.column("cookie")[index].tolist()), chunk):
                 if not is_open:
                     continue
-                if self._awaiting >= MAX_AWAITING:
-                    self._waiting_turn.append((policy, batch.take(slice(position, None))))
+                if self._awaiting >= MAX_AWAITING or loop.time() >= ends:
+                    self._waiting_turn.appendleft((policy, batch.take(slice(position, None))))
                     break
                 try:
                     call = policy.decide(FaultGroup(cookie, raw[first * size:(last + 1) * size], queue))
@@ -431,7 +514,7 @@ class QueueServer:
                     self._answer(read, index[position - chunk:position - chunk + 1], INVALID, "error")
                     continue
                 self._awaiting += 1
-                task = self._loop.create_task(_finish(call, waiting_on))
+                task = loop.create_task(_finish(call, waiting_on))
                 read.tasks.add(task)
                 task.add_done_callback(partial(self._group_decided, policy, read, group_index))
             else:
@@ -473,8 +556,8 @@ class QueueServer:
         n = np()
         for (_, policy), (read, index, codes) in by_read.items():
             self._answer_codes(read, n.array(index), n.array(codes), policy)
-        while self._waiting_turn and self._awaiting < MAX_AWAITING and self._reading:
-            self._decide_each(*self._waiting_turn.popleft())
+        if self._turns_handle is None:
+            self._take_turns()
 
     # -- deadlines -----------------------------------------------------------------------------
     def _arm_deadline(self) -> None:
@@ -493,6 +576,7 @@ class QueueServer:
             expired.append(read)
         if expired:
             self._abandon(expired, "policy missed the response deadline")
+            self._flush()  # now, not a loop turn later: the turn may be long (thousands of policy calls)
         self._arm_deadline()
 
     def _abandon(self, reads: list[Read], why: str) -> None:
@@ -503,6 +587,15 @@ class QueueServer:
             self._answer(read, np().flatnonzero(read.open), self.config.deadline_code, "deadline")
         self._warn_at_most_each_second(f"{why}; groups answered with the deadline code", groups,
                                        policy=self.policy.name, code=self.config.deadline_code)
+
+    def _warn_overdue(self, groups: int) -> None:
+        self._warn_at_most_each_second("groups waited unread in the kernel past the response deadline; groups "
+                                       "answered with the deadline code", groups, policy=self.policy.name,
+                                       code=self.config.deadline_code)
+
+    def _warn_shed(self, groups: int) -> None:
+        self._warn_at_most_each_second("queue full: groups shed with INVALID", groups,
+                                       max_pending=self.config.max_pending)
 
     def _warn_at_most_each_second(self, event: str, groups: int, **fields: Any) -> None:
         """A warning that a storm would repeat for every read: logged at most once a second, with the
@@ -548,6 +641,8 @@ class QueueServer:
         read.open[index] = False
         read.left -= len(index)
         self._open -= len(index)
+        if self._resume_timer is not None and self._read_fits():
+            self._resume()
         if read.left:
             return
         del self._reads[read.serial]

@@ -1,14 +1,14 @@
 """``iopfd-dev bench`` off the lab: the scenarios on the emulated queue (each in a process of its own, the
-daemon's Server inside), the chart, and the CI guard's verdict."""
+daemon's Server inside), the plan of kernel runs, the tables, the chart, and the CI guard's verdict."""
 
 from __future__ import annotations
 
 import pytest
 
 from iopfd_dev.bench import emulated
-from iopfd_dev.bench.cli import check_guard, table
+from iopfd_dev.bench.cli import GUARD, check_guard, issue_table, tables
 from iopfd_dev.bench.plot import draw
-from iopfd_dev.bench.run import MULTI_QUEUES, Result, shares
+from iopfd_dev.bench.run import MULTI_QUEUES, SEED_THREADS, Result, _worst, plan, shares
 
 
 @pytest.fixture(scope="module")
@@ -19,31 +19,77 @@ def results() -> dict[str, Result]:
 
 def test_every_scenario_answers_every_group_on_the_emulated_queue(results):
     for scenario, r in results.items():
-        assert (r.source, r.responder, r.answered, r.late) == ("emulated", "iopfd", 3000, 0), scenario
-        assert r.latency["count"] == 3000 and len(r.latency_cdf) == 101
-        assert r.latency_cdf == sorted(r.latency_cdf) and r.latency_cdf[-1] == r.latency["p100"]
+        assert (r.source, r.responder, r.answered, r.late, r.shed) == ("emulated", "iopfd", 3000, 0, 0), scenario
+        assert r.latency["count"] == 3000 and r.latency["p50"] <= r.latency["p99"] <= r.latency["p100"]
         assert r.groups_per_second > 0 and r.cpu_seconds > 0 and r.maxrss_kb > 0
+        assert r.outcomes["success"] == 3000
     assert results["multi"].queues == MULTI_QUEUES and results["burst"].queues == 1
+    assert results["storm"].policy == "slow" and results["burst"].policy == "accept"
     # The storm's policy takes 5 ms per group: no group can be answered sooner (a lower bound, not a timing).
-    assert results["storm"].latency_cdf[0] >= 0.005
-    assert "storm" in table(list(results.values()))
+    assert results["storm"].latency["p50"] >= 0.005
+    assert "storm" in tables(list(results.values()))
+
+
+def _result(scenario: str, label: str, seconds: float, *, late: int = 0, shed: int = 0, cpu: float = 0.1,
+            **extra) -> Result:
+    responder, _, policy = label.partition(" ")
+    return Result(scenario, responder, 1000, 1000, seconds, cpu, 1000, policy=policy or None, kernel="7.3",
+                  late=late, shed=shed, **extra)
 
 
 def test_the_chart_is_a_png(results, tmp_path):
     path = tmp_path / "bench.png"
-    draw(list(results.values()), path)
+    rows = [*results.values(), _result("burst", "c", 1.0), _result("seed", "c-qemu", 1.0, threads=8, worst=0.01),
+            _result("seed", "iopfd rules", 1.0, threads=16, worst=0.02)]
+    draw(rows, path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
 
 
-def _result(scenario: str, responder: str, seconds: float, late: int | None = None) -> Result:
-    return Result(scenario, responder, 1000, 1000, seconds, 0.1, 1000, late=late)
+def _guard_results(**overrides) -> list[Result]:
+    rows = {"c": _result("burst", "c", 1.0), **{p: _result("burst", f"iopfd {p}", 1.0) for p in GUARD}}
+    rows |= overrides
+    return [*rows.values(), _result("storm", "iopfd slow", 5.0)]
 
 
-@pytest.mark.parametrize(("iopfd_seconds", "late", "verdict"), [(2.0, 0, 0), (2.6, 0, 1), (2.0, 1, 1)])
-def test_the_guard_fails_below_0_4_of_the_c_floor_or_on_a_late_storm_group(iopfd_seconds, late, verdict):
-    results = [_result("burst", "c", 1.0), _result("burst", "iopfd", iopfd_seconds),
-               _result("storm", "iopfd", 5.0, late=late)]
-    assert check_guard(results) == verdict
+@pytest.mark.parametrize(("policy", "seconds", "late", "shed", "verdict"), [
+    ("accept", 2.0, 0, 0, 0), ("accept", 2.6, 0, 0, 1), ("rules", 3.3, 0, 0, 0), ("rules", 3.4, 0, 0, 1),
+    ("rules", 3.3, 1, 0, 0), ("forward", 3.9, 0, 0, 0), ("forward", 4.1, 0, 0, 1), ("forward", 1.0, 0, 1, 1)])
+def test_the_guard_holds_each_policy_to_its_share_of_the_c_floor(policy, seconds, late, shed, verdict):
+    row = _result("burst", f"iopfd {policy}", seconds, late=late, shed=shed)
+    assert check_guard(_guard_results(**{policy: row})) == verdict
+
+
+def test_the_guard_fails_on_a_late_storm_group():
+    rows = _guard_results()
+    rows[-1].late = 1
+    assert check_guard(rows) == 1
+
+
+def test_the_issue_table_gives_rate_and_cpu_against_the_c_loop():
+    rows = [_result("burst", "c", 1.0, cpu=0.002), _result("burst", "iopfd rules", 2.0, cpu=0.003),
+            _result("burst", "iopfd forward", 2.0, cpu=0.004, peer_cpu_seconds=0.001)]
+    table = issue_table(rows).splitlines()
+    assert table[2] == "| C loop (poll, read 256 records, one write per read) | 1,000 | 2.00 | 1.00× | 1.00 |"
+    assert table[3].startswith("| iopfd rules (accept below 0x8000_0000 and read/write, else reject) | 500 | 3.00 | 1.50× | 0.50 |")
+    assert "(+ peer 1.0)" in table[4]
+
+
+def test_the_plan_alternates_responders_and_gives_seed_rows_their_threads():
+    runs = plan(["burst", "steady", "seed"], ["accept", "rules", "forward"], 1000, repeat=2)
+    burst = [(r.responder, r.policy) for r in runs if r.scenario == "burst"]
+    assert burst == [("c", None), ("c-qemu", None), ("iopfd", "accept"), ("iopfd", "rules"), ("iopfd", "forward")] * 2
+    assert sorted({r.rate for r in runs if r.scenario == "steady"}) == [5000, 20000, 50000]
+    seed = [r for r in runs if r.scenario == "seed"]
+    assert [r.threads for r in seed if r.policy == "rules"] == list(SEED_THREADS)
+    assert {(r.responder, r.policy) for r in seed} == {("c-qemu", None), ("iopfd", "rules"), ("iopfd", "forward")}
+    assert next(r.groups for r in seed if r.threads == 512) == 102_400
+
+
+def test_seed_response_time_runs_from_the_raise_and_every_fault_needs_an_answer():
+    raised = [(0x1000, 10.0), (0x2000, 10.5)]
+    assert _worst(raised, [(0x2000, 10.6), (0x1000, 11.2)]) == pytest.approx(1.2)
+    with pytest.raises(RuntimeError, match="1 raised faults have no answer, e.g. address 0x2000"):
+        _worst(raised, [(0x1000, 11.0)])
 
 
 def test_groups_are_shared_evenly_over_queues():

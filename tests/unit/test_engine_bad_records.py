@@ -173,8 +173,9 @@ async def serve(data: list[bytes], policy: Policy, pauses: list[int], max_pendin
             server._on_readable()  # what the loop calls while the fd is readable; raises nothing
             for _ in range(pause):  # policies decide between wakeups, or not yet
                 await asyncio.sleep(0)
-        while kernel.reads:
+        while kernel.reads:  # a queue full under max_pending reads again as decisions make room
             server._on_readable()
+            await asyncio.sleep(0)
         async with asyncio.timeout(2):  # every group answered and written back
             while server.pending:
                 await asyncio.sleep(0.001)

@@ -351,7 +351,7 @@ def test_bad_values_exit_2_with_a_message(capsys, argv, message):
     (["demo", "--duration", "-1"], "a number above 0"),
     (["demo", "--duration", "nan"], "a number above 0"),
     (["bench", "--groups", "-5"], "a whole number of at least 1"),
-    (["bench", "--rate", "0"], "a number above 0"),
+    (["bench", "--policies", "accept,fast"], "policies are accept, reject"),
     (["lab", "run", "--timeout", "inf", "true"], "a number above 0"),
 ])
 def test_bad_tooling_values_exit_2_with_a_message(capsys, argv, message):

@@ -17,12 +17,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from iopfd_dev.bench import cli as bench
-    from iopfd_dev.bench.run import SCENARIOS, Tools
+    from iopfd_dev.bench.run import POLICIES, SCENARIOS, Tools
+    from iopfd_dev.lab.kernel import KERNELS
 
     tools = Tools(*args.tools.split(":")) if args.tools else None
-    return bench.main(here=args.here, kernel=args.kernel, scenarios=args.scenarios or list(SCENARIOS),
-                      groups=args.groups, rate=args.rate, out=args.out, png=args.png, emulated=args.emulated,
-                      guard=args.guard, tools=tools, repeat=args.repeat)
+    return bench.main(here=args.here, kernels=args.kernels or list(KERNELS), scenarios=args.scenarios or list(SCENARIOS),
+                      policies=args.policies or list(POLICIES), groups=args.groups, out=args.out, png=args.png,
+                      emulated=args.emulated, guard=args.guard, tools=tools, repeat=args.repeat,
+                      seed_faults=args.seed_faults)
 
 
 def _cmd_lab(args: argparse.Namespace) -> int:
@@ -54,6 +56,16 @@ def _scenario(text: str) -> str:
     return text
 
 
+def _policies(text: str) -> list[str]:
+    from iopfd_dev.bench.run import POLICIES
+
+    names = text.split(",")
+    unknown = [name for name in names if name not in POLICIES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"{', '.join(map(repr, unknown))}: policies are {', '.join(POLICIES)}")
+    return names
+
+
 def build_parser() -> argparse.ArgumentParser:
     from iopfd_dev.lab.kernel import DEFAULT_KERNEL, KERNELS
 
@@ -72,24 +84,29 @@ def build_parser() -> argparse.ArgumentParser:
                    "Ctrl-C stops early)")
     p.set_defaults(func=_cmd_demo)
 
-    p = sub.add_parser("bench", help="iopfd against a C responder on the lab kernel's fault path, and on the "
-                       "emulated queue")
+    p = sub.add_parser("bench", help="iopfd with each policy against C loops on the lab kernels' fault path, "
+                       "and on the emulated queue")
     p.add_argument("scenarios", nargs="*", type=_scenario, metavar="SCENARIO",
-                   help="burst, steady, storm, multi (default: all)")
+                   help="burst, steady, storm, multi, seed (default: all)")
     p.add_argument("--here", action="store_true", help="run on this kernel instead of booting the lab")
-    add_kernel(p)
-    p.add_argument("--groups", type=_positive, default=200_000, help="fault groups per run (default: %(default)s)")
-    p.add_argument("--rate", type=positive_number, default=20_000,
-                   help="steady: groups/s offered (default: %(default)s)")
+    p.add_argument("--kernel", dest="kernels", action="append", choices=sorted(KERNELS),
+                   help="lab kernel, repeatable (default: every lab kernel, one boot each)")
+    p.add_argument("--policies", type=_policies, default=None, metavar="P,...",
+                   help="iopfd's policies to run (default: all of accept, reject, rules, plugin, forward, forward-py)")
+    p.add_argument("--groups", type=_positive, default=50_000, help="fault groups per burst, storm and multi run, "
+                   "and at most per steady run (default: %(default)s)")
     p.add_argument("--repeat", type=_positive, default=3, help="runs of burst and multi; the median run is reported "
+                   "(default: %(default)s)")
+    p.add_argument("--seed-faults", type=_positive, default=200, help="seed: faults each thread raises "
                    "(default: %(default)s)")
     p.add_argument("--out", metavar="FILE", help="write the results as JSON (default: bench-results.json)")
     p.add_argument("--png", metavar="FILE", help="draw the chart here (default with the lab: the JSON's name, .png)")
     p.add_argument("--no-emulated", dest="emulated", action="store_false",
                    help="skip the runs on the emulated queue")
-    p.add_argument("--guard", action="store_true", help="the short CI run: burst and storm only; exit 1 if iopfd's "
-                   "burst throughput is below 0.4 of the C floor's or a storm group is late")
-    p.add_argument("--tools", help=argparse.SUPPRESS)  # RESPONDER:TRIGGER, compiled on the host for the guest
+    p.add_argument("--guard", action="store_true", help="the short CI run: burst of the C floor and of accept, rules "
+                   "and forward, and the storm; exit 1 if a policy falls below its share of the C floor's throughput "
+                   "or answers any group late")
+    p.add_argument("--tools", help=argparse.SUPPRESS)  # RESPONDER:TRIGGER:PEER, compiled on the host for the guest
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("lab", help="the kernel lab: build the mock-IOMMU kernel, run commands inside it")

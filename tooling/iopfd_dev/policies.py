@@ -28,3 +28,15 @@ class DelayPolicy(Policy):
     async def decide(self, group: FaultGroup) -> int:
         await asyncio.sleep(self.seconds)
         return SUCCESS
+
+
+class ImmediatePolicy(Policy):
+    """SUCCESS at once, per group: what the engine's per-group path costs a plug-in that decides at once."""
+
+    async def decide(self, group: FaultGroup) -> int:
+        return SUCCESS
+
+
+def import_path(policy: type[Policy]) -> str:
+    """The config's ``type`` for a policy class: ``package.module:Class``."""
+    return f"{policy.__module__}:{policy.__qualname__}"

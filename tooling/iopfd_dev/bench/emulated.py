@@ -17,12 +17,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-from iopfd_dev.bench.run import MULTI_QUEUES, STORM_CONFIG, Result, shares
+from iopfd_dev.bench.run import MULTI_QUEUES, POLICY_TABLES, STORM, Result, shares
 from iopfd.engine import Engine
 from iopfd.iommufd import PERM_READ
 from iopfd_dev.emulated import EmulatedFaultQueue, PageRequest
 
 STEADY_TICK = 0.001  # the steady stream is raised in slices of a millisecond's worth
+STORM_CONFIG = (f'policy = "{STORM["policy"]}"\n[defaults]\n'
+                + "".join(f"{key} = {value}\n" for key, value in STORM.items() if key != "policy") + POLICY_TABLES)
 
 
 def _fault(i: int) -> PageRequest:
@@ -35,7 +37,7 @@ async def _serve(scenario: str, groups: int, rate: float, report: Path) -> None:
 
     with tempfile.TemporaryDirectory(prefix="iopfd-bench-") as tmp:
         config = Path(tmp) / "iopfd.toml"
-        config.write_text(STORM_CONFIG if scenario == "storm" else "")
+        config.write_text(STORM_CONFIG if scenario == "storm" else "")  # else: accept
         settings = load_settings(config, metrics_address="127.0.0.1:0")
     server = Server(settings, Engine(), build_policies(settings), report_path=str(report))
     counts = shares(groups, MULTI_QUEUES if scenario == "multi" else 1)
@@ -84,8 +86,14 @@ def run_scenario(scenario: str, groups: int, *, rate: float = 0) -> Result:
                        env={**os.environ, "IOPFD_CONTROL__PATH": "off", "IOPFD_WATCH_DEVICES": "false",
                             "IOPFD_LOG_LEVEL": "warning", "NOTIFY_SOCKET": ""})
         figures = json.loads(report.read_text())
-    extra = {"offered_rate": rate} if scenario == "steady" else {}
-    return Result.from_report(scenario, groups, figures, source="emulated", **extra)
+    queues = figures["queues"].values()
+    outcomes = {k: sum(q["outcomes"][k] for q in queues) for k in next(iter(queues))["outcomes"]}
+    return Result(scenario, "iopfd", groups, sum(outcomes.values()),
+                  max(q["last_write"] for q in queues) - min(q["first_read"] for q in queues),
+                  figures["cpu_seconds"], figures["maxrss_kb"], policy=STORM["policy"] if scenario == "storm" else "accept",
+                  source="emulated", kernel="emulated", queues=len(queues), offered_rate=rate if scenario == "steady" else None,
+                  latency=figures["overall"]["latency"], late=figures["overall"]["late"], shed=outcomes["shed"],
+                  outcomes=outcomes)
 
 
 def main() -> None:

@@ -1,4 +1,6 @@
-"""The bench's chart: iopfd's latency CDF per scenario, and throughput by scenario against the C floor."""
+"""The bench's chart, per lab kernel: burst throughput and CPU per group of each responder against the
+C floor, steady latency (p99) of each policy by offered rate, and the seed's worst response time by
+threads."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ from pathlib import Path
 from iopfd_dev.bench.run import Result
 
 MISSING = ("drawing the chart needs matplotlib, which is not installed: run `uv sync` in a checkout "
-           "(a dependency of iopfd-dev)")
+           "(it is a dev dependency) or `pip install 'iopfd[bench]'`")
 
 
 def draw(results: list[Result], path: Path) -> None:
@@ -18,33 +20,58 @@ def draw(results: list[Result], path: Path) -> None:
     matplotlib.use("Agg")  # files only, no display
     from matplotlib import pyplot
 
-    figure, (cdf, bars) = pyplot.subplots(1, 2, figsize=(13, 5))
-    for r in results:
-        if r.latency_cdf:
-            label = f"{r.scenario} ({r.source})" + (f" {r.offered_rate / 1000:.0f}k/s" if r.scenario == "steady" else "")
-            cdf.plot([max(x, 1e-6) * 1e3 for x in r.latency_cdf], [i / 100 for i in range(len(r.latency_cdf))],
-                     label=label, linestyle="--" if r.source == "emulated" else "-")
-    cdf.set_xscale("log")
-    cdf.set_xlabel("latency, read() to write() (ms, log scale)")
-    cdf.set_ylabel("fraction of groups")
-    cdf.set_title("iopfd response latency (CDF)")
-    cdf.grid(True, which="both", alpha=0.3)
-    cdf.legend(fontsize="small", loc="lower right")
-
-    labels = list(dict.fromkeys(f"{r.scenario}\n{r.source}" for r in results))
-    width = 0.4
-    for offset, responder in ((-width / 2, "c"), (width / 2, "iopfd")):
-        values = {f"{r.scenario}\n{r.source}": r.groups_per_second for r in results if r.responder == responder}
-        positions = [i + offset for i, label in enumerate(labels) if label in values]
-        bars.bar(positions, [values[label] for label in labels if label in values], width,
-                 label="C floor" if responder == "c" else "iopfd")
-    bars.set_xticks(range(len(labels)), labels, fontsize="small")
-    bars.set_yscale("log")
-    bars.set_ylabel("groups answered per second (log scale)")
-    bars.set_title("throughput by scenario")
-    bars.grid(True, axis="y", which="both", alpha=0.3)
-    bars.legend(fontsize="small")
+    kernels = list(dict.fromkeys(r.kernel for r in results if r.source == "kernel")) or ["emulated"]
+    figure, axes = pyplot.subplots(len(kernels), 3, figsize=(18, 5 * len(kernels)), squeeze=False)
+    for (burst, steady, seed), kernel in zip(axes, kernels):
+        mine = [r for r in results if r.kernel == kernel]
+        _burst(burst, [r for r in mine if r.scenario == "burst"], kernel)
+        _steady(steady, [r for r in mine if r.scenario == "steady" and r.latency], kernel)
+        _seed(seed, [r for r in mine if r.scenario == "seed"], kernel)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
+    figure.savefig(path, dpi=90)
     pyplot.close(figure)
+
+
+def _burst(axis, rows: list[Result], kernel: str) -> None:
+    labels = [r.label for r in rows]
+    axis.bar(range(len(rows)), [r.groups_per_second for r in rows],
+             color=["tab:gray" if r.policy is None else "tab:blue" for r in rows])
+    floor = next((r for r in rows if r.label == "c"), None)
+    for i, r in enumerate(rows):
+        if floor is not None and floor.cpu_us_per_group:
+            axis.annotate(f"CPU {r.cpu_us_per_group / floor.cpu_us_per_group:.1f}×", (i, r.groups_per_second),
+                          ha="center", va="bottom", fontsize="small")
+    axis.set_xticks(range(len(rows)), labels, rotation=30, ha="right", fontsize="small")
+    axis.set_ylabel("groups answered per second")
+    axis.set_title(f"burst, {kernel}: throughput (CPU per group vs the C floor above each bar)")
+    axis.grid(True, axis="y", alpha=0.3)
+
+
+def _steady(axis, rows: list[Result], kernel: str) -> None:
+    for label in dict.fromkeys(r.label for r in rows):
+        points = sorted((r.offered_rate, r.latency["p99"]) for r in rows if r.label == label)
+        axis.plot([p[0] / 1000 for p in points], [max(p[1], 1e-6) * 1e3 for p in points], marker="o", label=label)
+    axis.axhline(1.0, color="red", linestyle=":", label="target for rules at 20k/s: 1 ms")
+    axis.set_yscale("log")
+    axis.set_xlabel("offered groups/s (thousands)")
+    axis.set_ylabel("p99 latency, clock start to write (ms, log)")
+    axis.set_title(f"steady, {kernel}: p99 by offered rate")
+    axis.grid(True, which="both", alpha=0.3)
+    if rows:
+        axis.legend(fontsize="small")
+
+
+def _seed(axis, rows: list[Result], kernel: str) -> None:
+    for label in dict.fromkeys(r.label for r in rows):
+        points = sorted((r.threads, r.worst) for r in rows if r.label == label)
+        axis.plot([p[0] for p in points], [p[1] * 1e3 for p in points], marker="o", label=label)
+    axis.axhline(1000, color="red", linestyle=":", label="iopfd's deadline: 1 s")
+    axis.set_xscale("log", base=2)
+    axis.set_yscale("log")
+    axis.set_xlabel("threads raising faults at once (200 each)")
+    axis.set_ylabel("worst time from raising a fault to its answer (ms, log)")
+    axis.set_title(f"seed, {kernel}")
+    axis.grid(True, which="both", alpha=0.3)
+    if rows:
+        axis.legend(fontsize="small")

@@ -1,8 +1,12 @@
 """The scenarios, run where the fault path is real (the lab guest, or a kernel with the mock IOMMU).
 
-Each responder (the C floor, then iopfd as ``iopfd run`` with metrics and deadlines on) serves fresh
-fault queues, each with a mock device; the C trigger (``bench/trigger.c``) raises the faults. Every
-run ends with the kernel's word that nothing is left open: a response to each cookie is refused.
+Every run has fault queues of its own, each with a mock device, and the C trigger
+(``bench/trigger.c``) raises its faults. A C loop (``bench/responder.c``) is started per run; iopfd
+is one ``iopfd run`` for the whole bench: a daemon start takes 5-15 s in the TCG guest, so it is
+started once with every queue of every iopfd run in its config, each queue with the policy its run
+measures, and the forward peers on their channels; the runs then take turns. A run is observed from
+outside: iopfd's CPU time from /proc/PID/stat around the run, and at the end each queue's counts,
+clock and latency from ``iopfd run --report``. Every run must answer every group it raised.
 """
 
 from __future__ import annotations
@@ -16,53 +20,98 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from iopfd.iommufd import PERM_READ, SUCCESS, FaultQueue, Iommufd
-
+from iopfd._uapi import ffi
+from iopfd_dev.policies import DelayPolicy, ImmediatePolicy, import_path
+from iopfd.iommufd import PERM_READ, FaultQueue, Iommufd
 from iopfd.iommufd.selftest import FaultingMockSetup
 
-SCENARIOS = ("burst", "steady", "storm", "multi")
+SCENARIOS = ("burst", "steady", "storm", "multi", "seed")
+POLICIES = ("accept", "reject", "rules", "plugin", "forward", "forward-py")
+# The C loops: the floor (poll, read 256 records until empty, one write per read), and a loop that
+# reads as QEMU's VT-d PRQ series does (one read of 100 records per wakeup, one write per group).
+C_LOOPS = {"c": ("-r", "256"), "c-qemu": ("-q", "-r", "100")}
 MULTI_QUEUES = 8
+STEADY_RATES = (5000, 20000, 50000)
+STEADY_SECONDS = 1.0  # a steady run offers its rate for this long
+SEED_THREADS = (8, 16, 32, 64, 128, 256, 512)
+SEED_FAULTS_PER_THREAD = 200  # 512 threads: 102 400 faults, the shape of the original report
+SEED_RESPONDERS = (("c-qemu", None), ("iopfd", "rules"), ("iopfd", "forward"))
+PEER_RECORDS = 256
 STARTUP_TIMEOUT = 180  # importing iopfd takes ~12 s in the TCG guest
-STORM_CONFIG = """\
-policy = "slow"
-[defaults]
-response_deadline = 1.0
-max_pending = 4096
+STOP_TIMEOUT = 1200
+LATE_SLACK = 0.05  # a group answered later than its deadline + this is late
+STORM = {"policy": "slow", "response_deadline": 1.0, "max_pending": 4096}
+# The policies of the bench's daemon. `rules` is the demo's: accept what lies below 0x8000_0000 and
+# asks for read/write only, reject the rest.
+POLICY_TABLES = f"""\
+[policies.rules]
+type = "rules"
+default = "reject"
+[[policies.rules.rules]]
+address = [0x0, 0x8000_0000]
+perm = ["read", "write"]
+policy = "accept"
+[policies.plugin]
+type = "{import_path(ImmediatePolicy)}"
+[policies.forward]
+type = "forward"
+[policies.forward-py]
+type = "forward"
 [policies.slow]
-type = "iopfd_dev.policies:DelayPolicy"
+type = "{import_path(DelayPolicy)}"
 seconds = 0.005
 """
+FIRST_ADDR = 0x1000  # fault i of a run is at FIRST_ADDR + i pages
 
 
 @dataclass(frozen=True)
 class Tools:
-    """The compiled C programs: the floor responder and the fault trigger."""
+    """The compiled C programs: the C loop, the fault trigger and the forward peer."""
 
     responder: str
     trigger: str
+    peer: str
 
 
 @dataclass
 class Result:
     scenario: str
-    responder: str  # "c" or "iopfd"
+    responder: str  # "c", "c-qemu" or "iopfd"
     groups: int
     answered: int
     seconds: float  # first read to last write, by the responder's own clock
     cpu_seconds: float
     maxrss_kb: int
+    policy: str | None = None  # iopfd's policy
     source: str = "kernel"  # the lab kernel's fault queues, or "emulated"
+    kernel: str = ""  # the release of the kernel it ran on
     queues: int = 1
     offered_rate: float | None = None  # steady: groups/s the trigger achieved
-    latency: dict | None = None  # iopfd only: p50, p99, p99.9, max (seconds)
-    latency_cdf: list[float] = field(default_factory=list)  # iopfd only: the 0th..100th percentiles
+    latency: dict | None = None  # iopfd only: p50, p99, p99.9, max (seconds), from the group's clock start
     late: int | None = None  # groups answered later than deadline + 50 ms
     shed: int | None = None
+    outcomes: dict | None = None  # iopfd only: groups by outcome
+    peer_cpu_seconds: float | None = None  # forward: the peer's CPU time in this run
+    threads: int | None = None  # seed: threads raising faults at once
+    worst: float | None = None  # seed: the longest time from raising a fault to its answer
     runs: list[float] = field(default_factory=list)  # groups/s of every repeat; this is the median one
+
+    @property
+    def label(self) -> str:
+        return self.responder if self.policy is None else f"iopfd {self.policy}"
+
+    @property
+    def scenario_label(self) -> str:
+        return f"{self.scenario} {self.offered_rate / 1000:.0f}k/s" if self.scenario == "steady" else self.scenario
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Result:
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
 
     @property
     def groups_per_second(self) -> float:
@@ -75,62 +124,301 @@ class Result:
     def as_dict(self) -> dict:
         return asdict(self) | {"groups_per_second": self.groups_per_second, "cpu_us_per_group": self.cpu_us_per_group}
 
-    @classmethod
-    def from_report(cls, scenario: str, groups: int, report: dict, **extra) -> Result:
-        """From ``iopfd run --report``'s JSON: every queue's groups, from the first read of any to the last write."""
-        queues = report["queues"].values()
-        first = min(q["first_read"] for q in queues if q["first_read"] is not None)
-        last = max(q["last_write"] for q in queues if q["last_write"] is not None)
-        overall = report["overall"]
-        return cls(scenario, "iopfd", groups, sum(sum(q["outcomes"].values()) for q in queues), last - first,
-                   report["cpu_seconds"], report["maxrss_kb"], queues=len(queues), latency=overall["latency"],
-                   latency_cdf=overall["cdf"], late=overall["late"], shed=sum(q["outcomes"]["shed"] for q in queues),
-                   **extra)
+
+@dataclass
+class Run:
+    """One run of the plan: a responder (and iopfd's policy) on fault queues of its own."""
+
+    scenario: str
+    responder: str
+    policy: str | None
+    groups: int
+    rate: float = 0.0
+    threads: int = 1
+    queues: list[FaultQueue] = field(default_factory=list)
+    rigs: list[FaultingMockSetup] = field(default_factory=list)
+    name: str = ""  # iopfd: the queues are NAME-0, NAME-1, ...
+    result: Result | None = None
+    raised: list | None = None  # seed: (addr, when raised) of every fault
+
+    @property
+    def names(self) -> list[str]:
+        return [f"{self.name}-{i}" for i in range(len(self.queues))]
 
 
-class Responder:
-    """The C floor or ``iopfd run``, started on ``queues``' fds and ready to answer."""
+def plan(scenarios: list[str], policies: list[str], groups: int, repeat: int,
+         seed_faults: int = SEED_FAULTS_PER_THREAD) -> list[Run]:
+    """Every run, in the order they take turns: C loops and iopfd alternate within each repeat, so a
+    noisy stretch of the host hits both alike. A steady run offers its rate for STEADY_SECONDS (at
+    most ``groups``); each seed thread raises ``seed_faults``."""
+    runs: list[Run] = []
+    responders = [("c", None), ("c-qemu", None), *(("iopfd", p) for p in policies)]
+    for scenario in scenarios:
+        if scenario == "burst":
+            runs += [Run("burst", r, p, groups) for _ in range(repeat) for r, p in responders]
+        elif scenario == "steady":
+            runs += [Run("steady", r, p, min(groups, int(rate * STEADY_SECONDS)), rate)
+                     for rate in STEADY_RATES for r, p in responders if r != "c-qemu"]
+        elif scenario == "storm":
+            runs.append(Run("storm", "iopfd", STORM["policy"], groups))
+        elif scenario == "multi":
+            runs += [Run("multi", r, p, groups) for _ in range(repeat) for r, p in (("c", None), ("iopfd", "accept"))]
+        elif scenario == "seed":
+            runs += [Run("seed", r, p, threads * seed_faults, threads=threads)
+                     for r, p in SEED_RESPONDERS if p is None or p in policies for threads in SEED_THREADS]
+    return runs
 
-    def __init__(self, kind: str, queues: list[FaultQueue], tmp: Path, tools: Tools, config: str = "") -> None:
-        self.kind = kind
-        self.report = tmp / f"{kind}-report.json"
-        fds = [queue.fd for queue in queues]
-        if kind == "c":
-            self.proc = subprocess.Popen([tools.responder, *map(str, fds)], pass_fds=fds, stdout=subprocess.PIPE,
-                                         text=True)
-            return
-        (tmp / "iopfd.toml").write_text(config)
+
+def shares(groups: int, queues: int) -> list[int]:
+    """``groups`` split over ``queues`` as evenly as integers allow."""
+    return [groups // queues + (i < groups % queues) for i in range(queues)]
+
+
+def run_bench(scenarios: list[str], policies: list[str], groups: int, tools: Tools, repeat: int,
+              seed_faults: int = SEED_FAULTS_PER_THREAD) -> list[Result]:
+    runs = plan(scenarios, policies, groups, repeat, seed_faults)
+    with Iommufd.open() as ctx, ExitStack() as stack, tempfile.TemporaryDirectory(prefix="iopfd-bench-") as tmp:
+        for index, run in enumerate(runs):
+            for _ in range(MULTI_QUEUES if run.scenario == "multi" else 1):
+                queue = stack.enter_context(FaultQueue.alloc(ctx))
+                run.queues.append(queue)
+                run.rigs.append(stack.enter_context(FaultingMockSetup(ctx, queue.id)))
+            run.name = f"{run.scenario}-{index}"
+        served = [run for run in runs if run.responder == "iopfd"]
+        daemon = Daemon(served, Path(tmp), tools) if served else None
+        try:
+            for index, run in enumerate(runs, 1):
+                print(f"[bench] {index}/{len(runs)} {run.scenario}"
+                      f"{f' {run.rate / 1000:g}k/s' if run.rate else ''}{f' {run.threads} threads' if run.scenario == 'seed' else ''}:"
+                      f" {run.responder}{f' {run.policy}' if run.policy else ''} ...", file=sys.stderr, flush=True)
+                execute(run, ctx, tools, daemon, Path(tmp))
+        finally:
+            report = daemon.stop() if daemon else None
+        for run in served:
+            finish_iopfd(run, report)
+        for run in runs:
+            check_answered(run)
+    release = os.uname().release
+    results = median_of_repeats(runs)
+    for r in results:
+        r.kernel = release
+    return results
+
+
+class Daemon:
+    """``iopfd run`` serving the queues of every iopfd run, with the forward peers on their channels."""
+
+    def __init__(self, runs: list[Run], tmp: Path, tools: Tools) -> None:
+        self.report_path = tmp / "report.json"
+        self.peers: dict[str, subprocess.Popen] = {}
+        queues = []
+        fds = []
+        for run in runs:
+            for name, queue in zip(run.names, run.queues):
+                queue_settings = STORM if run.scenario == "storm" else {"policy": run.policy}
+                queues.append("[[queues]]\n" + f'name = "{name}"\nfd = {queue.fd}\n'
+                              + "".join(f"{key} = {json.dumps(value)}\n" for key, value in queue_settings.items()))
+                fds.append(queue.fd)
+        forward_args = []
+        for policy in sorted({run.policy for run in runs if run.policy in ("forward", "forward-py")}):
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            with ours, theirs:
+                command = ([tools.peer, str(theirs.fileno()), str(PEER_RECORDS)] if policy == "forward" else
+                           [sys.executable, "-m", "iopfd_dev.bench.peer", str(theirs.fileno()), str(PEER_RECORDS)])
+                self.peers[policy] = subprocess.Popen(command, pass_fds=[theirs.fileno()], stdout=subprocess.PIPE,
+                                                      text=True)
+                forward_args += ["--forward-fd", f"{os.dup(ours.fileno())}:{policy}:{PEER_RECORDS}"]
+                fds.append(int(forward_args[-1].split(":")[0]))
+        config = tmp / "iopfd.toml"
+        config.write_text(POLICY_TABLES + "\n".join(queues))
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-        notify.bind(str(tmp / f"notify-{time.monotonic_ns()}"))
+        notify.bind(str(tmp / "notify"))
+        print(f"[bench] starting iopfd run with {len(queues)} queues ...", file=sys.stderr, flush=True)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "iopfd", "run", "--config", str(tmp / "iopfd.toml"),
-             *(arg for i, fd in enumerate(fds) for arg in ("--fault-fd", f"{fd}:bench-{i}")),
-             "--metrics-address", "127.0.0.1:0", "--report", str(self.report)],
-            pass_fds=fds, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [sys.executable, "-m", "iopfd", "run", "--config", str(config), *forward_args,
+             "--metrics-address", "127.0.0.1:0", "--report", str(self.report_path)],
+            pass_fds=fds, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
             env={**os.environ, "NOTIFY_SOCKET": notify.getsockname(), "IOPFD_CONTROL__PATH": "off",
-                 "IOPFD_WATCH_DEVICES": "false", "IOPFD_RUNTIME_DIR": str(tmp)})
+                 "IOPFD_WATCH_DEVICES": "false", "IOPFD_RUNTIME_DIR": str(tmp), "IOPFD_LOG_LEVEL": "error"})
+        for fd in fds[len(queues):]:
+            os.close(fd)  # the daemon's copies of the channel ends are its own now
         notify.settimeout(STARTUP_TIMEOUT)
         try:
             while b"READY=1" not in notify.recv(4096).split(b"\n"):
                 pass
+        except TimeoutError:
+            self.proc.kill()
+            raise RuntimeError(f"iopfd did not send READY=1 within {STARTUP_TIMEOUT} s: "
+                               f"{self.proc.communicate()[1][-2000:]}") from None
         finally:
             notify.close()
 
-    def finish(self) -> dict:
+    def peer_pid(self, policy: str | None) -> int | None:
+        peer = self.peers.get(policy or "")
+        return peer.pid if peer else None
+
+    def stop(self) -> dict:
+        # The report lists when every group was answered: a few minutes of JSON for millions of
+        # groups in the TCG guest.
+        print("[bench] stopping iopfd (it writes its report) ...", file=sys.stderr, flush=True)
         self.proc.send_signal(signal.SIGTERM)
-        if self.kind == "c":
-            out, _ = self.proc.communicate(timeout=60)
-            return json.loads(out)
-        if self.proc.wait(timeout=120) != 0:
-            raise RuntimeError(f"iopfd exited with {self.proc.returncode}")
-        return json.loads(self.report.read_text())
+        _, err = self.proc.communicate(timeout=STOP_TIMEOUT)
+        if self.proc.returncode != 0:
+            raise RuntimeError(f"iopfd exited with {self.proc.returncode}: {err[-2000:]}")
+        for policy, peer in self.peers.items():  # iopfd closed their channels: they end on their own
+            out, _ = peer.communicate(timeout=60)
+            if peer.returncode != 0:
+                raise RuntimeError(f"the {policy} peer exited with {peer.returncode}")
+        return json.loads(self.report_path.read_text())
 
 
-def start_trigger(tools: Tools, ctx: Iommufd, rig: FaultingMockSetup, count: int, rate: float = 0) -> subprocess.Popen:
-    """Start raising ``count`` single-record faults on ``rig``'s device, at ``rate`` per second (0: at
-    once), with the C trigger; its stdout will be one JSON line of figures."""
-    request, arg = rig.device.trigger_iopf_ioctl(addr=0x1000, perm=PERM_READ)
-    return subprocess.Popen([tools.trigger, str(ctx.fd), hex(request), arg.hex(), str(count), repr(rate)],
+def cpu_seconds(pid: int) -> float:
+    """The process's CPU time so far, all threads, user and system (to the clock tick)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def peak_rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
+
+
+def _state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+@contextmanager
+def stopped(pid: int) -> Iterator[None]:
+    """The process stopped (SIGSTOP) for the block, so a burst is queued before it reads any of it.
+    The stop is awaited: a daemon still running when the first faults come would start their clock
+    (the first readiness) before the rest are even raised."""
+    os.kill(pid, signal.SIGSTOP)
+    while _state(pid) != "T":
+        time.sleep(0.001)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def execute(run: Run, ctx: Iommufd, tools: Tools, daemon: Daemon | None, tmp: Path) -> None:
+    counts = shares(run.groups, len(run.queues))
+    log = tmp / f"{run.name}.answers"
+    if run.responder == "iopfd":
+        pid = daemon.proc.pid
+    else:
+        loop = subprocess.Popen([tools.responder, *C_LOOPS[run.responder], *(["-l", str(log)] if run.scenario == "seed" else []),
+                                 *(str(q.fd) for q in run.queues)],
+                                pass_fds=[q.fd for q in run.queues], stdout=subprocess.PIPE, text=True)
+        pid = loop.pid
+    peer = daemon.peer_pid(run.policy) if daemon and run.responder == "iopfd" else None
+    offered = None
+    if run.scenario in ("burst", "storm", "multi"):
+        # Queue the whole burst first, then let the responder at it: its own clock measures how
+        # fast it drains, not how fast the trigger raises faults.
+        with stopped(pid):
+            for rig, count in zip(run.rigs, counts):
+                trigger(tools, ctx, rig, count)
+            cpu, peer_cpu = cpu_seconds(pid), peer and cpu_seconds(peer)
+    else:
+        cpu, peer_cpu = cpu_seconds(pid), peer and cpu_seconds(peer)
+        raised = tmp / f"{run.name}.raised"
+        offered = trigger(tools, ctx, run.rigs[0], run.groups, run.rate, threads=run.threads,
+                          log=raised if run.scenario == "seed" else None)
+        if run.scenario == "seed":
+            run.raised = _pairs(raised.read_bytes())
+    for queue in run.queues:
+        _wait_drained(queue, settle=1.5 if run.scenario == "storm" else 0.3)
+    cpu = cpu_seconds(pid) - cpu
+    run.result = Result(run.scenario, run.responder, run.groups, 0, 0.0, cpu, peak_rss_kb(pid), policy=run.policy,
+                        queues=len(run.queues), threads=run.threads if run.scenario == "seed" else None,
+                        offered_rate=run.groups / offered["seconds"] if run.scenario == "steady" else None,
+                        peer_cpu_seconds=cpu_seconds(peer) - peer_cpu if peer else None)
+    if run.responder != "iopfd":
+        loop.send_signal(signal.SIGTERM)
+        out, _ = loop.communicate(timeout=60)
+        figures = json.loads(out)
+        per_fd = figures["fds"]
+        run.result.answered = sum(f["groups"] for f in per_fd)
+        run.result.seconds = max(f["last_write"] for f in per_fd) - min(f["first_read"] for f in per_fd)
+        run.result.cpu_seconds = figures["cpu_seconds"]  # the loop's own accounting: exact, and only this run
+        run.result.maxrss_kb = figures["maxrss_kb"]
+        if run.scenario == "seed":
+            run.result.worst = _worst(run.raised, _pairs(log.read_bytes()))
+
+
+def finish_iopfd(run: Run, report: dict) -> None:
+    """The run's figures from the daemon's report: its queues' counts, clocks and latency."""
+    queues = [report["queues"][name] for name in run.names]
+    r = run.result
+    r.answered = sum(sum(q["outcomes"].values()) for q in queues)
+    r.seconds = max(q["last_write"] for q in queues) - min(q["first_read"] for q in queues)
+    r.outcomes = {k: sum(q["outcomes"][k] for q in queues) for k in queues[0]["outcomes"]}
+    r.shed = r.outcomes["shed"]
+    r.late = sum(q["late"] for q in queues)
+    if len(queues) == 1:
+        r.latency = queues[0]["latency"]
+    if run.scenario == "seed":
+        r.worst = _worst(run.raised, [(addr, at) for addr, at in queues[0]["answered_at"]])
+
+
+def check_answered(run: Run) -> None:
+    r = run.result
+    if r.answered != run.groups:
+        raise RuntimeError(f"{run.scenario} {r.label}: {r.answered} of {run.groups} groups answered")
+
+
+def median_of_repeats(runs: list[Run]) -> list[Result]:
+    """One result per (scenario, rate or threads, responder, policy): the repeat with the median groups/s."""
+    groups: dict[tuple, list[Result]] = {}
+    for run in runs:
+        groups.setdefault((run.scenario, run.rate, run.threads, run.responder, run.policy), []).append(run.result)
+    results = []
+    for repeats in groups.values():
+        median = sorted(repeats, key=lambda r: r.groups_per_second)[len(repeats) // 2]
+        median.runs = [round(r.groups_per_second) for r in repeats]
+        results.append(median)
+    return results
+
+
+def _pairs(data: bytes) -> list[tuple[int, float]]:
+    """The (u64 address, double time) pairs of a trigger's or C loop's log."""
+    import struct
+
+    return list(struct.iter_unpack("<Qd", data))
+
+
+def _worst(raised: list[tuple[int, float]], answered: list[tuple[int, float]]) -> float:
+    """The longest time from a fault's raising (the trigger's clock) to its group's answer."""
+    when = dict(answered)
+    missing = [addr for addr, _ in raised if addr not in when]
+    if missing:
+        raise RuntimeError(f"{len(missing)} raised faults have no answer, e.g. address {missing[0]:#x}")
+    return max(when[addr] - at for addr, at in raised)
+
+
+def trigger_argument(rig: FaultingMockSetup) -> tuple[int, bytes, int, int]:
+    """TRIGGER_IOPF's request and argument for the rig's device (read/write at FIRST_ADDR), and where
+    the address and the PASID lie in the argument."""
+    request, arg = rig.device.trigger_iopf_ioctl(addr=FIRST_ADDR, perm=PERM_READ)
+    return (request, arg, ffi.offsetof("struct iommu_test_cmd", "trigger_iopf", "addr"),
+            ffi.offsetof("struct iommu_test_cmd", "trigger_iopf", "pasid"))
+
+
+def start_trigger(tools: Tools, ctx: Iommufd, rig: FaultingMockSetup, count: int, rate: float = 0, *,
+                  threads: int = 1, log: Path | None = None) -> subprocess.Popen:
+    """Start raising ``count`` single-record faults on ``rig``'s device, each at its own page, at
+    ``rate`` per second (0: at once), from ``threads`` threads (each at its own PASID); with ``log``,
+    when each was raised goes there. Its stdout will be one JSON line of figures."""
+    request, arg, addr_offset, pasid_offset = trigger_argument(rig)
+    options = ["-a", str(addr_offset)]
+    if threads > 1:
+        options += ["-t", str(threads), "-p", str(pasid_offset)]
+    if log is not None:
+        options += ["-l", str(log)]
+    return subprocess.Popen([tools.trigger, *options, str(ctx.fd), hex(request), arg.hex(), str(count), repr(rate)],
                             pass_fds=[ctx.fd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -142,8 +430,8 @@ def finish_trigger(started: subprocess.Popen, timeout: float = 3600) -> dict:
     return json.loads(out)
 
 
-def trigger(tools: Tools, ctx: Iommufd, rig: FaultingMockSetup, count: int, rate: float = 0) -> dict:
-    return finish_trigger(start_trigger(tools, ctx, rig, count, rate))
+def trigger(tools: Tools, ctx: Iommufd, rig: FaultingMockSetup, count: int, rate: float = 0, **options) -> dict:
+    return finish_trigger(start_trigger(tools, ctx, rig, count, rate, **options))
 
 
 def _wait_drained(queue: FaultQueue, settle: float = 0.3, timeout: float = 600) -> None:
@@ -154,14 +442,6 @@ def _wait_drained(queue: FaultQueue, settle: float = 0.3, timeout: float = 600) 
             raise RuntimeError("the responder stopped reading")
         time.sleep(0.05)
     time.sleep(settle)
-
-
-def _assert_nothing_open(queue: FaultQueue, groups: int) -> None:
-    if select.select([queue.fd], [], [], 0)[0]:
-        raise RuntimeError("groups left undelivered")
-    open_cookies = [c for c in range(1, groups + 1) if queue.respond([(c, SUCCESS)])]
-    if open_cookies:
-        raise RuntimeError(f"{len(open_cookies)} groups left unanswered, e.g. cookie {open_cookies[0]}")
 
 
 def startup_seconds(runs: int = 5) -> float:
@@ -186,37 +466,3 @@ def startup_seconds(runs: int = 5) -> float:
                 proc.terminate()
                 proc.wait(60)
     return sorted(times)[len(times) // 2]
-
-
-def shares(groups: int, queues: int) -> list[int]:
-    """``groups`` split over ``queues`` as evenly as integers allow."""
-    return [groups // queues + (i < groups % queues) for i in range(queues)]
-
-
-def run_scenario(scenario: str, kind: str, groups: int, tools: Tools, *, rate: float = 0) -> Result:
-    counts = shares(groups, MULTI_QUEUES if scenario == "multi" else 1)
-    with Iommufd.open() as ctx, ExitStack() as stack, tempfile.TemporaryDirectory(prefix="iopfd-bench-") as tmp:
-        queues = [stack.enter_context(FaultQueue.alloc(ctx)) for _ in counts]
-        rigs = [stack.enter_context(FaultingMockSetup(ctx, queue.id)) for queue in queues]
-        responder = Responder(kind, queues, Path(tmp), tools, STORM_CONFIG if scenario == "storm" else "")
-        offered = None
-        if scenario == "steady":
-            offered = trigger(tools, ctx, rigs[0], groups, rate)
-        else:
-            # Queue the whole burst first, then let the responder at it: its own clock measures how
-            # fast it drains, not how fast the trigger raises faults. (The storm is throttled by its
-            # policy, not by the trigger, so it runs the same way.)
-            os.kill(responder.proc.pid, signal.SIGSTOP)
-            for rig, count in zip(rigs, counts):
-                trigger(tools, ctx, rig, count)
-            os.kill(responder.proc.pid, signal.SIGCONT)
-        for queue in queues:
-            _wait_drained(queue, settle=1.5 if scenario == "storm" else 0.3)
-        figures = responder.finish()
-        for queue, count in zip(queues, counts):
-            _assert_nothing_open(queue, count)
-    extra = {"offered_rate": groups / offered["seconds"]} if offered else {}
-    if kind == "c":
-        return Result(scenario, kind, groups, figures["groups"], figures["last_write"] - figures["first_read"],
-                      figures["cpu_seconds"], figures["maxrss_kb"], queues=len(counts), **extra)
-    return Result.from_report(scenario, groups, figures, **extra)

@@ -1,7 +1,7 @@
-"""Generate ``iopfd/_uapi.py`` from ``bindings/iommufd.cdef`` (cffi out-of-line ABI mode).
+"""Generate ``iopfd/uapi_ffi.py`` from ``bindings/iommufd.cdef`` (cffi out-of-line ABI mode).
 
 ABI mode needs no C compiler at install time: the generated module is plain Python holding the
-parsed types. It is committed; tests/unit/test_uapi_binding.py fails when it is stale.
+parsed types. It is committed; tests/unit/test_binding.py fails when it is stale.
 
     uv run python bindings/build_uapi.py
 """
@@ -15,13 +15,13 @@ import cffi
 
 BINDINGS = Path(__file__).resolve().parent
 CDEF = BINDINGS / "iommufd.cdef"
-TARGET = BINDINGS.parent / "iopfd" / "_uapi.py"
+TARGET = BINDINGS.parent / "iopfd" / "uapi_ffi.py"
 
 
 def make_ffibuilder() -> cffi.FFI:
     ffibuilder = cffi.FFI()
     ffibuilder.cdef(CDEF.read_text())
-    ffibuilder.set_source("iopfd._uapi", None)
+    ffibuilder.set_source("iopfd.uapi_ffi", None)
     return ffibuilder
 
 

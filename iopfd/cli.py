@@ -28,9 +28,11 @@ def _cmd_probe(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     import asyncio
 
+    from iopfd.policies import PolicyError
+    from iopfd.service.arguments import UsageError
     from iopfd.service.config import EX_CONFIG, ConfigError, load_settings
     from iopfd.service.logging import configure_logging
-    from iopfd.service.server import PolicyError, UsageError, prepare
+    from iopfd.service.prepare import prepare
 
     def load():
         return load_settings(args.config, policy=args.policy, metrics_address=args.metrics_address)
@@ -110,12 +112,12 @@ def _cmd_detach(args: argparse.Namespace) -> int:
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
+    from iopfd.policies import Policies, PolicyError
     from iopfd.service.config import EX_CONFIG, ConfigError, load_settings
-    from iopfd.service.server import PolicyError, build_policies
 
     try:
         settings = load_settings(args.file)
-        build_policies(settings)  # queues name only tables or built-ins: the config checked that
+        Policies.build_all(settings.policy_tables, settings.policy)  # queues name only tables or built-ins: the config checked that
     except (ConfigError, PolicyError) as exc:
         where = args.file if getattr(exc, "in_file", True) else f"the environment (not {args.file})"
         print(f"{where}: invalid configuration\n{exc}", file=sys.stderr)
@@ -165,7 +167,7 @@ def _queue_name(text: str) -> str:
 
 
 def _fault_fd(text: str):
-    from iopfd.service.server import FaultFdArg
+    from iopfd.service.arguments import FaultFdArg
 
     try:
         return FaultFdArg.parse(text)
@@ -174,7 +176,7 @@ def _fault_fd(text: str):
 
 
 def _forward_fd(text: str):
-    from iopfd.service.server import ForwardFdArg
+    from iopfd.service.arguments import ForwardFdArg
 
     try:
         return ForwardFdArg.parse(text)
@@ -183,7 +185,7 @@ def _forward_fd(text: str):
 
 
 def _forward_events_fd(text: str):
-    from iopfd.service.server import ForwardEventsFdArg
+    from iopfd.service.arguments import ForwardEventsFdArg
 
     try:
         return ForwardEventsFdArg.parse(text)

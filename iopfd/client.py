@@ -26,6 +26,7 @@ import numpy
 
 from iopfd import protocol
 from iopfd.engine.batch import record_dtype
+from iopfd.iommufd.context import Closing
 from iopfd.iommufd.fault import INVALID, LAST_PAGE, SUCCESS
 from iopfd.protocol import ProtocolError
 
@@ -38,7 +39,7 @@ EVENT_HEADER = struct.Struct("<II")  # struct iommufd_vevent_header: flags, sequ
 MAX_EVENT_PAYLOAD = 4096  # bytes: more than any vEVENT type's record (arm-smmuv3: 32)
 
 
-class Client:
+class Client(Closing):
     def __init__(self, path: str | os.PathLike[str] = DEFAULT_PATH, *, timeout: float | None = 30.0) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         self.sock.settimeout(timeout)
@@ -59,12 +60,6 @@ class Client:
                 if deadline is not None and time.monotonic() >= deadline:
                     raise TimeoutError(f"{path}: iopfd did not accept the connection within {timeout} s") from None
                 time.sleep(CONNECT_POLL)
-
-    def __enter__(self) -> Client:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def close(self) -> None:
         self.sock.close()
@@ -126,7 +121,7 @@ class Client:
         return ForwardChannel.from_fds(*fds, read_records=reply["read_records"])
 
 
-class ForwardChannel:
+class ForwardChannel(Closing):
     """The peer's end of a forward policy's channel (docs/protocol.md). ``recv()`` returns the records
     of one packet (whole groups, ``cookie`` being iopfd's id for each group); ``respond`` answers groups
     by those ids. ``events``, if opened, is the socket of vEVENTs (``recv_event``)."""
@@ -143,12 +138,6 @@ class ForwardChannel:
         """A channel over inherited or received fds (e.g. the VMM's end of the --forward-fd socketpair)."""
         return cls(socket.socket(fileno=fd), read_records=read_records,
                    events=None if events_fd is None else socket.socket(fileno=events_fd))
-
-    def __enter__(self) -> ForwardChannel:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def close(self) -> None:
         self.sock.close()

@@ -16,8 +16,6 @@ MAX_FDS = 4
 # Every reply echoes the request's id: it must leave room in the reply and encode without recursing deep.
 MAX_ID = 1 << 12  # bytes, as JSON
 MAX_ID_DEPTH = 32  # lists and objects nested
-CODES = {"success": 0, "invalid": 1}
-NAMES = {code: name for name, code in CODES.items()}
 
 # The peer channel (docs/protocol.md, "The peer channel"): iopfd sends struct iommu_hwpt_pgfault
 # records, whole groups per packet, at most the records the peer reads at once; the peer sends struct

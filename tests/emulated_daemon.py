@@ -24,7 +24,7 @@ from iopfd.iommufd import PERM_READ
 from iopfd_dev.emulated import EmulatedFaultQueue, PageRequest
 from iopfd.service.config import load_settings
 from iopfd.service.logging import configure_logging
-from iopfd.service.server import prepare
+from iopfd.service.prepare import prepare
 
 CONFIG = """\
 log_format = "json"
@@ -91,8 +91,8 @@ async def main(config: Path) -> int:
     configure_logging(settings.log_level, settings.log_format)
     server = prepare(settings, [])
     vm1, vm2 = EmulatedFaultQueue(), EmulatedFaultQueue()
-    server.add_queue("vm1", vm1.open())
-    server.add_queue("vm2", vm2.open(), policy="slow")
+    server.queues.add("vm1", vm1.open())
+    server.queues.add("vm2", vm2.open(), policy="slow")
     loading = asyncio.get_running_loop().create_task(load(vm1, vm2))
     try:
         status = await server.serve()

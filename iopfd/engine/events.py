@@ -42,7 +42,7 @@ class Vevent:
     data: bytes | None
 
 
-class EventQueueServer:
+class EventQueueReader:
     """Serves one vEVENTQ with the policy of the fault queue it was attached with."""
 
     def __init__(self, source: VeventQueue, policy: Policy, name: str,

@@ -30,15 +30,13 @@ from collections.abc import Awaitable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from iopfd.iommufd.context import Iommufd
-from iopfd.iommufd.fault import INVALID, SUCCESS, FaultGroup
+from iopfd.iommufd.fault import FaultGroup
 
 if TYPE_CHECKING:
     import numpy
 
     from iopfd.engine.batch import Batch
     from iopfd.engine.events import Vevent
-
-CODES = {"success": SUCCESS, "invalid": INVALID}
 
 
 class Policy:

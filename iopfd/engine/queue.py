@@ -99,7 +99,7 @@ class QueueConfig:
     device_names: Mapping[int, str] = field(default_factory=dict)  # dev_id -> name, in per-group lines
 
 
-class QueueServer:
+class QueueResponder:
     """Serves one fault queue (any number of HWPTs, devices and PASIDs) with one policy."""
 
     def __init__(self, source: FaultQueue, policy: Policy, config: QueueConfig) -> None:

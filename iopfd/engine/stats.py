@@ -59,10 +59,6 @@ class QueueStats:
         # moment the benchmark's trigger raised each fault (its address says which)
         self.answer_log: list[tuple[Any, float]] | None = None
 
-    @property
-    def answered(self) -> int:
-        return sum(self.outcomes.values())
-
 
 class EventStats:
     """What one vEVENTQ did: events read (LOST_EVENTS headers not counted) and events the kernel dropped."""

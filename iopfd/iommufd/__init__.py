@@ -9,12 +9,12 @@ from iopfd.iommufd.errors import (
 )
 from iopfd.iommufd.fault import (
     INVALID, LAST_PAGE, PASID_VALID, SUCCESS, Fault, FaultGroup, FaultQueue, MalformedFaultData,
-    is_fault_fd, parse_groups, respond_all,
+    parse_groups, respond_all,
 )
 from iopfd.iommufd.hwpt import Hwpt
 from iopfd.iommufd.ioas import Ioas
-from iopfd.iommufd.uapi import lib
-from iopfd.iommufd.viommu import SequenceTracker, Vdevice, VeventQueue, VeventRecord, Viommu, is_veventq_fd
+from iopfd.iommufd.ioctl import lib
+from iopfd.iommufd.viommu import SequenceTracker, Vdevice, VeventQueue, VeventRecord, Viommu
 
 PERM_READ = lib.IOMMU_PGFAULT_PERM_READ
 PERM_WRITE = lib.IOMMU_PGFAULT_PERM_WRITE
@@ -25,7 +25,7 @@ __all__ = [
     "Busy", "Fault", "FaultGroup", "FaultQueue", "Hwpt", "INVALID", "InvalidArgument",
     "Ioas", "Iommufd", "IommufdError", "IommufdUnavailable", "LAST_PAGE", "MalformedFaultData",
     "NotFound", "NotSupported", "PASID_VALID", "PERM_EXEC", "PERM_PRIV", "PERM_READ", "PERM_WRITE",
-    "PermissionDenied", "SUCCESS", "is_fault_fd", "lib", "parse_groups",
+    "PermissionDenied", "SUCCESS", "lib", "parse_groups",
     "respond_all",
-    "SequenceTracker", "Vdevice", "VeventQueue", "VeventRecord", "Viommu", "is_veventq_fd",
+    "SequenceTracker", "Vdevice", "VeventQueue", "VeventRecord", "Viommu",
 ]

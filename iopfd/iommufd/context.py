@@ -5,11 +5,12 @@ from __future__ import annotations
 import errno
 import os
 from dataclasses import dataclass
+from typing import Any, ClassVar, Self
 
-from iopfd._uapi import ffi
+from iopfd.uapi_ffi import ffi
 
-from iopfd.iommufd.errors import IommufdUnavailable, error_for
-from iopfd.iommufd.uapi import ioctl, new
+from iopfd.iommufd.errors import IommufdError, IommufdUnavailable, error_for
+from iopfd.iommufd.ioctl import ioctl, new
 
 DEVICE = "/dev/iommu"
 
@@ -24,7 +25,20 @@ class HwInfo:
     capabilities: int    # IOMMU_HW_CAP_*
 
 
-class Iommufd:
+class Closing:
+    """Something held open (an fd, a socket) that its ``with`` block closes."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class Iommufd(Closing):
     """An open ``/dev/iommu``. Closing it destroys every object not kept alive by an open fault fd."""
 
     def __init__(self, fd: int, *, owned: bool = True) -> None:
@@ -65,12 +79,6 @@ class Iommufd:
             os.close(self.fd)
         self.fd = -1
 
-    def __enter__(self) -> Iommufd:
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
-
 
 class Object:
     """An iommufd object with an ID; leaving its ``with`` block destroys it."""
@@ -94,11 +102,30 @@ class Object:
         return f"<{type(self).__name__} id={self.id}>"
 
 
+def describe_fd(fd: int) -> str:
+    """What ``/proc/self/fd/N`` says the fd is, e.g. ``anon_inode:[iommufd-pgfault]``."""
+    return os.readlink(f"/proc/self/fd/{fd}")
+
+
 class FdObject(Object):
     """An object that comes with an fd of its own (a fault queue, a vEVENTQ). ``ctx`` is None for an fd
     adopted from elsewhere: closing it is then all there is to do."""
 
     fd = -1
+    ANON_INODE: ClassVar[str]  # what describe_fd() says an fd of this kind is
+    DESCRIBED_AS: ClassVar[str]  # in errors: what the fd should have been, and where such an fd comes from
+
+    @classmethod
+    def adopt(cls, fd: int, *args: Any, **kwargs: Any) -> Self:
+        """An fd of this kind opened elsewhere (inherited from a VMM, or received over a socket), with
+        the rest of the constructor's arguments; IommufdError saying what the fd is otherwise."""
+        try:
+            what = describe_fd(fd)
+        except OSError:
+            what = "not an open file descriptor"
+        if what != cls.ANON_INODE:
+            raise IommufdError(f"adopt fd {fd}", errno.EBADF, f"it is {what}, not {cls.DESCRIBED_AS}")
+        return cls(None, 0, fd, *args, **kwargs)
 
     def fileno(self) -> int:
         return self.fd

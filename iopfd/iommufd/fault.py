@@ -14,11 +14,12 @@ import select
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
-from iopfd._uapi import ffi
+from iopfd.uapi_ffi import ffi
 from iopfd.iommufd.context import FdObject, Iommufd
 from iopfd.iommufd.errors import IommufdError, error_for
-from iopfd.iommufd.uapi import lib, new
+from iopfd.iommufd.ioctl import lib, new
 
 RECORD = struct.Struct("<IIIIIIQII")  # struct iommu_hwpt_pgfault, checked against ffi below
 RESPONSE = struct.Struct("<II")       # struct iommu_hwpt_page_response
@@ -31,8 +32,10 @@ LAST_PAGE = lib.IOMMU_PGFAULT_FLAGS_LAST_PAGE
 KNOWN_FLAGS = PASID_VALID | LAST_PAGE
 SUCCESS = lib.IOMMUFD_PAGE_RESP_SUCCESS
 INVALID = lib.IOMMUFD_PAGE_RESP_INVALID
+# The response codes by the names the config, the policies' options and the metrics give them.
+CodeName = Literal["success", "invalid"]
+CODES: dict[CodeName, int] = {"success": SUCCESS, "invalid": INVALID}
 
-ANON_INODE_NAME = "anon_inode:[iommufd-pgfault]"
 DEFAULT_BATCH_RECORDS = 1024  # 40 KiB: about a fourth of the syscalls per group of 256
 # A PRI page-request group is bounded by the device's outstanding-request credits; this is far above.
 MAX_BUFFER_RECORDS = 1 << 16
@@ -191,20 +194,11 @@ def parse_groups(data: memoryview | bytes, queue: str = "") -> list[FaultGroup]:
     return groups
 
 
-def describe_fd(fd: int) -> str:
-    """What ``/proc/self/fd/N`` says the fd is, e.g. ``anon_inode:[iommufd-pgfault]``."""
-    return os.readlink(f"/proc/self/fd/{fd}")
-
-
-def is_fault_fd(fd: int) -> bool:
-    try:
-        return describe_fd(fd) == ANON_INODE_NAME
-    except OSError:
-        return False
-
-
 class FaultQueue(FdObject):
     """A fault queue and its fd. Leaving the ``with`` block closes the fd, then destroys the object."""
+
+    ANON_INODE = "anon_inode:[iommufd-pgfault]"
+    DESCRIBED_AS = f"an iommufd fault fd ({ANON_INODE}); pass the out_fault_fd of IOMMU_FAULT_QUEUE_ALLOC"
 
     def __init__(self, ctx: Iommufd | None, object_id: int, fd: int, *,
                  batch_records: int = DEFAULT_BATCH_RECORDS) -> None:
@@ -217,19 +211,6 @@ class FaultQueue(FdObject):
         cmd = new("struct iommu_fault_alloc")
         ctx.ioctl("IOMMU_FAULT_QUEUE_ALLOC", cmd)
         return cls(ctx, cmd.out_fault_id, cmd.out_fault_fd, **kwargs)
-
-    @classmethod
-    def from_fd(cls, fd: int, **kwargs) -> FaultQueue:
-        """Adopt a fault fd opened elsewhere (inherited from a VMM, or received over a socket)."""
-        if not is_fault_fd(fd):
-            try:
-                what = describe_fd(fd)
-            except OSError:
-                what = "not an open file descriptor"
-            raise IommufdError(f"adopt fd {fd}", errno.EBADF,
-                               f"it is {what}, not an iommufd fault fd ({ANON_INODE_NAME}); pass the "
-                               "out_fault_fd of IOMMU_FAULT_QUEUE_ALLOC")
-        return cls(None, 0, fd, **kwargs)
 
     @property
     def buffer_records(self) -> int:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import errno
 
-from iopfd._uapi import ffi
+from iopfd.uapi_ffi import ffi
 from iopfd.iommufd.context import Iommufd, Object
-from iopfd.iommufd.uapi import lib, new
+from iopfd.iommufd.ioctl import lib, new
 
 U64_MAX = 2**64 - 1
 

@@ -11,11 +11,21 @@ from iopfd.iommufd.fault import FaultQueue
 from iopfd.iommufd.hwpt import Hwpt
 from iopfd.iommufd.ioas import Ioas
 from iopfd.iommufd.selftest import SELFTEST_NESTED_DATA, FaultingMockSetup, MockDevice
-from iopfd.iommufd.uapi import ioctl, lib, new
+from iopfd.iommufd.ioctl import ioctl, lib, new
 from iopfd.iommufd.vfio import list_devices
 
 YES, NO, UNKNOWN = "yes", "no", "unknown"
 PROBE_PASID = 100
+# The features, by the names `iopfd probe` prints (and the lab kernels, ioas-map and the tests look up).
+IOMMUFD = "iommufd"
+FAULT_QUEUES = "fault queues"
+MOCK_IOMMU = "selftest mock IOMMU"
+FAULTS_END_TO_END = "I/O page faults end to end"
+PAGING_HWPT_FAULTS = "faults on paging HWPTs"
+PASID_ATTACH = "PASID attach"
+VIOMMU = "vIOMMU"
+VEVENTQ = "vEVENTQ"
+VFIO_DEVICES = "VFIO cdev devices"
 
 
 @dataclass(frozen=True)
@@ -38,46 +48,44 @@ def _known_ioctl(ctx: Iommufd, name: str, ctype: str) -> tuple[str, str]:
 def probe(device: str = "/dev/iommu") -> list[Feature]:
     features: list[Feature] = []
     vfio = list_devices()
-    vfio_feature = Feature("VFIO cdev devices", YES if vfio else NO, ", ".join(vfio) or "none in /dev/vfio/devices")
+    vfio_feature = Feature(VFIO_DEVICES, YES if vfio else NO, ", ".join(vfio) or "none in /dev/vfio/devices")
     try:
         ctx = Iommufd.open(device)
     except IommufdError as exc:
-        features.append(Feature("iommufd", NO, str(exc)))
-        for name in ("fault queues", "selftest mock IOMMU", "I/O page faults end to end",
-                     "faults on paging HWPTs", "PASID attach", "vIOMMU", "vEVENTQ"):
+        features.append(Feature(IOMMUFD, NO, str(exc)))
+        for name in (FAULT_QUEUES, MOCK_IOMMU, FAULTS_END_TO_END, PAGING_HWPT_FAULTS, PASID_ATTACH, VIOMMU, VEVENTQ):
             features.append(Feature(name, UNKNOWN, f"needs {device}"))
         return [*features, vfio_feature]
 
     with ctx:
-        features.append(Feature("iommufd", YES, f"{device} opened"))
+        features.append(Feature(IOMMUFD, YES, f"{device} opened"))
         try:
             with FaultQueue.alloc(ctx) as queue:
-                features.append(Feature("fault queues", YES, f"IOMMU_FAULT_QUEUE_ALLOC gave fault object {queue.id}"))
+                features.append(Feature(FAULT_QUEUES, YES, f"IOMMU_FAULT_QUEUE_ALLOC gave fault object {queue.id}"))
         except IommufdError as exc:
-            features.append(Feature("fault queues", NO, str(exc)))
+            features.append(Feature(FAULT_QUEUES, NO, str(exc)))
         features.extend(_probe_selftest(ctx))
-        for name, ioctl_name, ctype in (("vIOMMU", "IOMMU_VIOMMU_ALLOC", "struct iommu_viommu_alloc"),
-                                        ("vEVENTQ", "IOMMU_VEVENTQ_ALLOC", "struct iommu_veventq_alloc")):
+        for name, ioctl_name, ctype in ((VIOMMU, "IOMMU_VIOMMU_ALLOC", "struct iommu_viommu_alloc"),
+                                        (VEVENTQ, "IOMMU_VEVENTQ_ALLOC", "struct iommu_veventq_alloc")):
             features.append(Feature(name, *_known_ioctl(ctx, ioctl_name, ctype)))
     return [*features, vfio_feature]
 
 
 def _probe_selftest(ctx: Iommufd) -> list[Feature]:
-    names = ("selftest mock IOMMU", "I/O page faults end to end", "faults on paging HWPTs")
     try:
         with Ioas.alloc(ctx) as ioas, MockDevice.create(ctx, ioas.id) as device:
-            found = [Feature(names[0], YES, "IOMMU_TEST_CMD created a mock device")]
+            found = [Feature(MOCK_IOMMU, YES, "IOMMU_TEST_CMD created a mock device")]
             with FaultQueue.alloc(ctx) as queue:
                 try:
                     with Hwpt.alloc(ctx, dev_id=device.dev_id, pt_id=ioas.id, fault_id=queue.id):
-                        found.append(Feature(names[2], YES, "a paging HWPT took a fault_id"))
+                        found.append(Feature(PAGING_HWPT_FAULTS, YES, "a paging HWPT took a fault_id"))
                 except IommufdError as exc:
-                    found.append(Feature(names[2], NO, str(exc)))
+                    found.append(Feature(PAGING_HWPT_FAULTS, NO, str(exc)))
     except IommufdError as exc:
-        return [Feature(names[0], NO, str(exc)),
-                Feature(names[1], UNKNOWN, "needs the mock IOMMU or a PRI-capable device"),
-                Feature(names[2], UNKNOWN, "needs the mock IOMMU or a PRI-capable device"),
-                Feature("PASID attach", UNKNOWN, "needs the mock IOMMU or a PASID-capable device")]
+        return [Feature(MOCK_IOMMU, NO, str(exc)),
+                Feature(FAULTS_END_TO_END, UNKNOWN, "needs the mock IOMMU or a PRI-capable device"),
+                Feature(PAGING_HWPT_FAULTS, UNKNOWN, "needs the mock IOMMU or a PRI-capable device"),
+                Feature(PASID_ATTACH, UNKNOWN, "needs the mock IOMMU or a PASID-capable device")]
     found.insert(1, _probe_fault_round_trip(ctx))
     found.append(_probe_pasid_attach(ctx))
     return found
@@ -86,7 +94,7 @@ def _probe_selftest(ctx: Iommufd) -> list[Feature]:
 def _probe_pasid_attach(ctx: Iommufd) -> Feature:
     """A fault-capable HWPT attached at a PASID of a PASID-capable mock device (the RID on a
     PASID-compatible HWPT first, as the kernel requires)."""
-    name = "PASID attach"
+    name = PASID_ATTACH
     try:
         with Ioas.alloc(ctx) as ioas, FaultQueue.alloc(ctx) as queue:
             try:
@@ -112,7 +120,7 @@ def _probe_pasid_attach(ctx: Iommufd) -> Feature:
 
 
 def _probe_fault_round_trip(ctx: Iommufd) -> Feature:
-    name = "I/O page faults end to end"
+    name = FAULTS_END_TO_END
     try:
         with FaultQueue.alloc(ctx) as queue, FaultingMockSetup(ctx, queue.id) as rig:
             rig.device.trigger_iopf(addr=0x100000, grpid=1)

@@ -9,13 +9,13 @@ import errno
 import os
 import struct
 
-from iopfd.iommufd.context import Iommufd, Object
+from iopfd.iommufd.context import Closing, Iommufd, Object
 from iopfd.iommufd.errors import InvalidArgument
 from iopfd.iommufd.hwpt import Hwpt
 from iopfd.iommufd.ioas import Ioas
 from iopfd.iommufd.viommu import Vdevice, VeventQueue, Viommu
-from iopfd._uapi import ffi
-from iopfd.iommufd.uapi import lib, new
+from iopfd.uapi_ffi import ffi
+from iopfd.iommufd.ioctl import lib, new
 
 NO_SELFTEST = ("the kernel lacks CONFIG_IOMMUFD_TEST (the selftest mock IOMMU); "
                "run inside the kernel lab (iopfd-dev lab run ...)")
@@ -144,7 +144,7 @@ def _pasid_hints(pasid: int, pt_id: int) -> dict[int, str]:
     }
 
 
-class MockAccess:
+class MockAccess(Closing):
     """A selftest access object on an IOAS (IOMMU_TEST_OP_CREATE_ACCESS): reads and writes IOVAs the way an
     emulated device (mdev-style) does, through the IOAS's mappings rather than any HWPT. An fd; close it."""
 
@@ -179,14 +179,8 @@ class MockAccess:
             os.close(self.fd)
         self.fd = -1
 
-    def __enter__(self) -> MockAccess:
-        return self
 
-    def __exit__(self, *exc_info) -> None:
-        self.close()
-
-
-class FaultingMockSetup:
+class FaultingMockSetup(Closing):
     """A mock device attached to a nested HWPT whose faults go to ``fault_id``: the lab's standard rig.
 
     IOAS -> mock device (auto domain) -> NEST_PARENT HWPT -> nested selftest HWPT with the fault
@@ -224,12 +218,6 @@ class FaultingMockSetup:
             self._ioas_domain = device.replace(self.ioas.id)
         while self._stack:
             self._stack.pop().destroy()
-
-    def __enter__(self) -> FaultingMockSetup:
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
 
 
 class ViommuMockSetup(FaultingMockSetup):

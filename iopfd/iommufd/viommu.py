@@ -17,11 +17,10 @@ import os
 import struct
 from dataclasses import dataclass
 
-from iopfd._uapi import ffi
+from iopfd.uapi_ffi import ffi
 from iopfd.iommufd.context import FdObject, Iommufd, Object
 from iopfd.iommufd.errors import IommufdError, error_for
-from iopfd.iommufd.fault import describe_fd
-from iopfd.iommufd.uapi import lib, new
+from iopfd.iommufd.ioctl import lib, new
 
 HEADER = struct.Struct("<II")  # struct iommufd_vevent_header
 assert HEADER.size == ffi.sizeof("struct iommufd_vevent_header")
@@ -37,7 +36,6 @@ PAYLOAD_SIZES = {SELFTEST: ffi.sizeof("struct iommu_viommu_event_selftest"), ARM
 TYPE_NAMES = {SELFTEST: "selftest", ARM_SMMUV3: "arm-smmuv3"}
 TYPES = {name: value for value, name in TYPE_NAMES.items()}
 
-ANON_INODE_NAME = "anon_inode:[iommufd-viommu-event]"
 DEFAULT_BATCH_EVENTS = 256
 MAX_DEPTH = 1 << 19  # the kernel's VEVENTQ_MAX_DEPTH
 
@@ -130,15 +128,12 @@ class SequenceTracker:
         return gap if record.lost_events else (gap - 1) & SEQUENCE_MASK
 
 
-def is_veventq_fd(fd: int) -> bool:
-    try:
-        return describe_fd(fd) == ANON_INODE_NAME
-    except OSError:
-        return False
-
-
 class VeventQueue(FdObject):
-    """A vEVENTQ and its fd. Leaving the ``with`` block closes the fd, then destroys the object."""
+    """A vEVENTQ and its fd. Leaving the ``with`` block closes the fd, then destroys the object. An
+    adopted fd does not say its type: ``adopt(fd, event_type)``."""
+
+    ANON_INODE = "anon_inode:[iommufd-viommu-event]"
+    DESCRIBED_AS = f"a vEVENTQ fd ({ANON_INODE}); pass the out_veventq_fd of IOMMU_VEVENTQ_ALLOC"
 
     def __init__(self, ctx: Iommufd | None, object_id: int, fd: int, event_type: int, *,
                  batch_events: int = DEFAULT_BATCH_EVENTS) -> None:
@@ -168,19 +163,6 @@ class VeventQueue(FdObject):
             errno.ENOENT: f"viommu_id {viommu_id} is not a vIOMMU of this iommufd",
         })
         return cls(ctx, cmd.out_veventq_id, cmd.out_veventq_fd, event_type, **kwargs)
-
-    @classmethod
-    def from_fd(cls, fd: int, event_type: int, **kwargs) -> VeventQueue:
-        """Adopt a vEVENTQ fd opened elsewhere. The fd does not say its type: the caller must."""
-        if not is_veventq_fd(fd):
-            try:
-                what = describe_fd(fd)
-            except OSError:
-                what = "not an open file descriptor"
-            raise IommufdError(f"adopt fd {fd}", errno.EBADF,
-                               f"it is {what}, not a vEVENTQ fd ({ANON_INODE_NAME}); pass the out_veventq_fd "
-                               "of IOMMU_VEVENTQ_ALLOC")
-        return cls(None, 0, fd, event_type, **kwargs)
 
     def read_raw(self) -> memoryview:
         """Read as many whole events as fit in the buffer; a view of the bytes, valid until the next

@@ -13,13 +13,14 @@ connected, and counters that outlive any one peer (``stats``, read by the metric
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
 from iopfd.engine.batch import np
 from iopfd.engine.events import Vevent
-from iopfd.engine.policy import CODES, BatchPolicy
+from iopfd.engine.policy import BatchPolicy
+from iopfd.iommufd.fault import CODES, CodeName
 
 if TYPE_CHECKING:
     import numpy
@@ -62,7 +63,7 @@ class ChannelStats:
 class ForwardOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    when_disconnected: Literal["success", "invalid"] = "invalid"  # the answer while no peer is connected
+    when_disconnected: CodeName = "invalid"  # the answer while no peer is connected
 
 
 class ForwardPolicy(BatchPolicy):

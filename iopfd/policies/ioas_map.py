@@ -21,7 +21,7 @@ from typing import Annotated, Any
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from iopfd._uapi import ffi
+from iopfd.uapi_ffi import ffi
 from iopfd.engine.batch import Batch, np
 from iopfd.engine.policy import BatchPolicy, Policy
 from iopfd.iommufd.context import Iommufd
@@ -32,7 +32,6 @@ from iopfd.iommufd.ioas import Ioas
 log = structlog.get_logger("iopfd.policies.ioas_map")
 
 U64 = Annotated[int, Field(ge=0, lt=1 << 64)]
-FEATURE = "faults on paging HWPTs"  # the iopfd probe line this policy depends on
 
 
 class IoasMapOptions(BaseModel):
@@ -185,9 +184,9 @@ def _map_backing(options: IoasMapOptions) -> tuple[mmap.mmap, int]:
 
 
 def _check_kernel(name: str) -> None:
-    from iopfd.iommufd.probe import NO, YES, probe  # only here: probing imports the selftest helpers
+    from iopfd.iommufd.probe import NO, PAGING_HWPT_FAULTS, YES, probe  # only here: probing imports the selftest helpers
 
-    (feature,) = [f for f in probe() if f.name == FEATURE]
+    (feature,) = [f for f in probe() if f.name == PAGING_HWPT_FAULTS]
     if feature.status == NO:
         raise ValueError(f"this kernel does not deliver faults from paging HWPTs (iopfd probe: {feature.detail}); "
                          "ioas-map needs Linux 6.13+ with an IOMMU driver that supports them")

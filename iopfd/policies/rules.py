@@ -11,7 +11,7 @@ from iopfd.engine.batch import Batch, np
 from iopfd.engine.policy import Policy, RoutingPolicy
 from iopfd.iommufd.context import Iommufd
 from iopfd.iommufd.fault import FaultGroup
-from iopfd.iommufd.uapi import lib
+from iopfd.iommufd.ioctl import lib
 
 PERMS = {"read": lib.IOMMU_PGFAULT_PERM_READ, "write": lib.IOMMU_PGFAULT_PERM_WRITE,
          "exec": lib.IOMMU_PGFAULT_PERM_EXEC, "priv": lib.IOMMU_PGFAULT_PERM_PRIV}

@@ -29,14 +29,13 @@ from pydantic_settings import (
     BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError, TomlConfigSettingsSource,
 )
 
-from iopfd.iommufd.fault import INVALID, SUCCESS
+from iopfd.iommufd.fault import CODES, CodeName
+from iopfd.policies.registry import FIXED
 
 EX_CONFIG = 78  # sysexits.h: configuration error
-BUILTIN_POLICIES = frozenset({"accept", "reject"})  # usable by name without a [policies.NAME] table
 EXAMPLE = "config/iopfd.toml"
 _ERROR_TYPE = "iopfd_config"  # our own messages already show the value and the fix
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-_CODES = {"success": SUCCESS, "invalid": INVALID}
 
 
 class ConfigError(Exception):
@@ -93,14 +92,13 @@ def _parse_address(text: str) -> tuple[str, int] | None:
 Name = Annotated[str, AfterValidator(_check_name)]
 Deadline = Annotated[float, Field(gt=0, le=60)]
 MaxPending = Annotated[int, Field(ge=1, le=1_048_576)]
-DeadlineCode = Literal["success", "invalid"]
 
 
 class QueueDefaults(BaseModel, extra="forbid"):
     """[defaults]: what a queue gets for each key it does not set."""
 
     response_deadline: Deadline = 1.0  # seconds a policy has before the group is answered with deadline_code
-    deadline_code: DeadlineCode = "invalid"
+    deadline_code: CodeName = "invalid"
     max_pending: MaxPending = 4096  # groups awaiting a decision; beyond it new groups are shed with INVALID
 
 
@@ -123,7 +121,7 @@ class QueueSettings(BaseModel, extra="forbid"):
     fd: Annotated[int, Field(ge=0)] | None = None  # inherited fault fd; None: given later (e.g. --fault-fd)
     policy: str | None = None
     response_deadline: Deadline | None = None
-    deadline_code: DeadlineCode | None = None
+    deadline_code: CodeName | None = None
     max_pending: MaxPending | None = None
 
     def resolved(self, settings: Settings) -> ResolvedQueue:
@@ -133,7 +131,7 @@ class QueueSettings(BaseModel, extra="forbid"):
             fd=self.fd,
             policy=settings.policy if self.policy is None else self.policy,
             response_deadline=defaults.response_deadline if self.response_deadline is None else self.response_deadline,
-            deadline_code=_CODES[defaults.deadline_code if self.deadline_code is None else self.deadline_code],
+            deadline_code=CODES[defaults.deadline_code if self.deadline_code is None else self.deadline_code],
             max_pending=defaults.max_pending if self.max_pending is None else self.max_pending,
         )
 
@@ -229,6 +227,11 @@ class Settings(BaseSettings):
         return value
 
     @property
+    def policy_tables(self) -> dict[str, tuple[str, dict[str, Any]]]:
+        """Every [policies.NAME] table as the policy registry takes it: name -> (type, options)."""
+        return {name: (table.type, table.options) for name, table in self.policies.items()}
+
+    @property
     def metrics_endpoint(self) -> tuple[str, int] | None:
         """``(host, port)`` to serve metrics on, or None when metrics_address is ``off``."""
         return _parse_address(self.metrics_address)
@@ -252,7 +255,7 @@ class Settings(BaseSettings):
                 problem(("queues", index, "fd"), queue.fd,
                         "fd {fd} is also used by queues.{owner}; each fault fd belongs to one queue",
                         fd=queue.fd, owner=owner)
-        known = BUILTIN_POLICIES | self.policies.keys()
+        known = {*FIXED, *self.policies}
         references = [(("policy",), self.policy)]
         references += [(("queues", index, "policy"), q.policy) for index, q in enumerate(self.queues)
                        if q.policy is not None]

@@ -66,11 +66,12 @@ class StateFile:
             self._failing = False
 
 
-def sweep(queue: FaultQueue, upto: int) -> int:
-    """Answer INVALID every open cookie in 1..upto; returns how many the kernel took (groups a
-    previous life read and never answered)."""
-    answered = 0
+def sweep(queue: FaultQueue, upto: int) -> list[int]:
+    """Answer INVALID every open cookie in 1..upto; returns them (groups a previous life read and
+    never answered)."""
+    answered: list[int] = []
     for start in range(1, upto + 1, SWEEP_CHUNK):
-        batch = [(cookie, INVALID) for cookie in range(start, min(start + SWEEP_CHUNK, upto + 1))]
-        answered += len(batch) - len(respond_all(queue, batch))
+        cookies = range(start, min(start + SWEEP_CHUNK, upto + 1))
+        refused = set(respond_all(queue, [(cookie, INVALID) for cookie in cookies]))
+        answered += [cookie for index, cookie in enumerate(cookies) if index not in refused]
     return answered

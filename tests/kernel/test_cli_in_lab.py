@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from iopfd.iommufd.probe import YES, probe
+from iopfd.iommufd.probe import FAULT_QUEUES, MOCK_IOMMU, YES, probe
 from iopfd_dev.lab.kernel import KERNELS
 
 pytestmark = [pytest.mark.kernel, pytest.mark.guest, pytest.mark.timeout(600)]  # the demo starts a daemon
@@ -25,8 +25,8 @@ def test_probe_finds_exactly_what_this_lab_kernel_offers(request):
 def test_iopfd_probe_prints_the_table():
     out = subprocess.run([sys.executable, "-m", "iopfd", "probe"], capture_output=True, text=True, check=True).stdout
     rows = {line.split("  ")[0].strip(): line for line in out.splitlines()[1:]}
-    assert " yes " in rows["fault queues"]
-    assert " yes " in rows["selftest mock IOMMU"]
+    assert " yes " in rows[FAULT_QUEUES]
+    assert " yes " in rows[MOCK_IOMMU]
 
 
 def test_demo_runs_the_daemon_and_every_fault_is_answered():

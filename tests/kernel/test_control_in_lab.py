@@ -17,7 +17,7 @@ import time
 
 import numpy
 import pytest
-from daemon_process import DaemonProcess
+from iopfd_dev.daemon import DaemonProcess, spawn_daemon
 from test_daemon import assert_kernel_has_nothing_pending, trigger
 
 from iopfd import protocol
@@ -38,10 +38,9 @@ def sidecar(tmp_path):
     def start(config: str = "", path: str | None = None) -> tuple[DaemonProcess, str]:
         path = path or str(tmp_path / "control.sock")
         (tmp_path / "iopfd.toml").write_text(textwrap.dedent(config))
-        process = DaemonProcess(tmp_path, (), "--config", str(tmp_path / "iopfd.toml"), "--metrics-address", "off",
-                                env={"IOPFD_CONTROL__PATH": path})
+        process = spawn_daemon(tmp_path, (), "--config", str(tmp_path / "iopfd.toml"), "--metrics-address", "off",
+                               env={"IOPFD_CONTROL__PATH": path})
         started.append(process)
-        process.wait_ready()
         return process, path
 
     yield start
@@ -240,12 +239,11 @@ def test_forward_fd_at_exec_makes_an_inherited_socketpair_the_peer_channel(tmp_p
         policy = "vmm"
     """))
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    iopfd = DaemonProcess(tmp_path, (queue.fd, theirs.fileno()), "--config", str(tmp_path / "iopfd.toml"),
-                          "--fault-fd", f"{queue.fd}:vm5", "--forward-fd", f"{theirs.fileno()}:vmm:64",
-                          "--metrics-address", "off")
+    iopfd = spawn_daemon(tmp_path, (queue.fd, theirs.fileno()), "--config", str(tmp_path / "iopfd.toml"),
+                         "--fault-fd", f"{queue.fd}:vm5", "--forward-fd", f"{theirs.fileno()}:vmm:64",
+                         "--metrics-address", "off")
     theirs.close()
     try:
-        iopfd.wait_ready()
         trigger(rig, 300)
         packets = []
 

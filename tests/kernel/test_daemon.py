@@ -13,7 +13,7 @@ import threading
 import urllib.request
 
 import pytest
-from daemon_process import DaemonProcess
+from iopfd_dev.daemon import DaemonProcess, open_cookies, spawn_daemon
 
 from iopfd.iommufd import PERM_READ, PERM_WRITE, SUCCESS
 
@@ -32,8 +32,8 @@ def assert_kernel_has_nothing_pending(queue, cookies: int) -> None:
     with select.epoll() as ep:
         ep.register(queue.fd, select.EPOLLIN)
         assert ep.poll(0) == [], "the kernel still has undelivered groups"
-    accepted = [cookie for cookie in range(1, cookies + 1) if queue.respond([(cookie, SUCCESS)])]
-    assert accepted == [], f"cookies still pending in the kernel: {accepted[:10]}"
+    left = open_cookies(queue, cookies)
+    assert left == [], f"cookies still pending in the kernel: {left[:10]}"
 
 
 @pytest.fixture
@@ -42,9 +42,8 @@ def daemon(tmp_path, queue):
 
     def start(*args: str, env: dict[str, str] | None = None) -> DaemonProcess:
         env = {"IOPFD_CONTROL__PATH": str(tmp_path / "control.sock"), **(env or {})}
-        process = DaemonProcess(tmp_path, (queue.fd,), "--fault-fd", f"{queue.fd}:lab", *args, env=env)
+        process = spawn_daemon(tmp_path, (queue.fd,), "--fault-fd", f"{queue.fd}:lab", *args, env=env)
         started.append(process)
-        process.wait_ready()
         return process
 
     yield start
@@ -92,8 +91,8 @@ def test_sigterm_mid_stream_exits_0_with_nothing_left_open(daemon, rig, queue):
 
 def assert_kernel_has_nothing_pending_read(queue, triggered: int, answered: int) -> None:
     """Every group the daemon read is answered; the rest are still queued, unread, for the next reader."""
-    accepted = [cookie for cookie in range(1, triggered + 1) if queue.respond([(cookie, SUCCESS)])]
-    assert accepted == [], f"groups read but left unanswered: cookies {accepted[:10]}"
+    left = open_cookies(queue, triggered)
+    assert left == [], f"groups read but left unanswered: cookies {left[:10]}"
     left = 0
     while groups := queue.read():
         left += len(groups)

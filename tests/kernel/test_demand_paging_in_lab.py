@@ -19,6 +19,7 @@ from iopfd.iommufd import (
 )
 from iopfd.iommufd.selftest import MockDevice
 from iopfd.iommufd.selftest import MockAccess
+from iopfd.iommufd.probe import PAGING_HWPT_FAULTS
 from iopfd.policies import IoasMapPolicy
 from iopfd.policies.ioas_map import IoasMapOptions
 from iopfd.protocol import ProtocolError
@@ -57,7 +58,7 @@ def paging_rig(ctx: Iommufd, fault_id: int):
 
 
 def test_ioas_map_maps_the_faulting_page_from_the_backing(ctx, queue, memfd, require):
-    require("faults on paging HWPTs")
+    require(PAGING_HWPT_FAULTS)
     with paging_rig(ctx, queue.id) as (ioas, device):
         policy = IoasMapPolicy("demand", IoasMapOptions(ioas_id=ioas.id, iova=WINDOW, length=PAGES * PAGE,
                                                         backing=backing_path(memfd), backing_offset=PAGE))
@@ -84,7 +85,7 @@ def test_ioas_map_maps_the_faulting_page_from_the_backing(ctx, queue, memfd, req
 
 
 def test_the_daemon_serves_a_brokered_queue_with_ioas_map(sidecar, memfd, require):  # noqa: F811
-    require("faults on paging HWPTs")
+    require(PAGING_HWPT_FAULTS)
     # In the iommufd iopfd brokers the fault object is ID 1, so the peer's first IOAS is ID 2.
     iopfd, path = sidecar(f"""
         [policies.demand]
@@ -114,7 +115,7 @@ def test_the_daemon_serves_a_brokered_queue_with_ioas_map(sidecar, memfd, requir
 
 
 def test_ioas_map_is_refused_at_start_where_paging_hwpts_deliver_no_faults(tmp_path, memfd, require_not):
-    require_not("faults on paging HWPTs")
+    require_not(PAGING_HWPT_FAULTS)
     config = tmp_path / "iopfd.toml"
     config.write_text(textwrap.dedent(f"""
         [policies.demand]

@@ -13,7 +13,7 @@ import sys
 import time
 
 import pytest
-from daemon_process import AS_SYSTEMD, DaemonProcess
+from iopfd_dev.daemon import AS_SYSTEMD, spawn_daemon
 from test_daemon import assert_kernel_has_nothing_pending, assert_kernel_has_nothing_pending_read, trigger
 
 from iopfd_dev.bench.cli import build_tools
@@ -44,9 +44,8 @@ def _wait_delivered(queue, timeout: float = 120) -> None:
 
 @pytest.mark.parametrize("run", range(RUNS))
 def test_sigterm_at_a_random_moment_of_a_stream(run, tmp_path, ctx, queue, rig, tools):
-    iopfd = DaemonProcess(tmp_path, (queue.fd,), "--fault-fd", f"{queue.fd}:lab", env=QUIET)
+    iopfd = spawn_daemon(tmp_path, (queue.fd,), "--fault-fd", f"{queue.fd}:lab", env=QUIET)
     try:
-        iopfd.wait_ready()
         stream = start_trigger(tools, ctx, rig, STREAM, STREAM_RATE)
         time.sleep(random.Random(run).uniform(0, STREAM / STREAM_RATE))
         status = iopfd.terminate()
@@ -67,10 +66,9 @@ def test_kill_9_at_a_random_moment_then_restart_from_the_fd_store(run, tmp_path,
     responses are never refused (write_errors 0): it never answers a group someone else answered."""
     env = QUIET | {"IOPFD_RUNTIME_DIR": str(tmp_path / "run")}
     (tmp_path / "life1").mkdir()
-    first = DaemonProcess(tmp_path / "life1", (queue.fd,), "--fault-fd", f"{queue.fd}:lab", env=env)
+    first = spawn_daemon(tmp_path / "life1", (queue.fd,), "--fault-fd", f"{queue.fd}:lab", env=env)
     second = None
     try:
-        first.wait_ready()
         first.wait_message(lambda m: "FDSTORE=1" in m.splitlines())
         stream = start_trigger(tools, ctx, rig, STREAM, STREAM_RATE)
         time.sleep(random.Random(run).uniform(0, STREAM / STREAM_RATE))
@@ -78,10 +76,9 @@ def test_kill_9_at_a_random_moment_then_restart_from_the_fd_store(run, tmp_path,
         first.proc.wait(30)
         stored_fd = first.stored_fds["queue-lab"]
         (tmp_path / "life2").mkdir()
-        second = DaemonProcess(tmp_path / "life2", (stored_fd,),
-                               env=env | {"LISTEN_FDS": "1", "LISTEN_FDNAMES": "queue-lab"},
-                               prefix=(sys.executable, "-c", AS_SYSTEMD, str(stored_fd)))
-        second.wait_ready()
+        second = spawn_daemon(tmp_path / "life2", (stored_fd,),
+                              env=env | {"LISTEN_FDS": "1", "LISTEN_FDNAMES": "queue-lab"},
+                              prefix=(sys.executable, "-c", AS_SYSTEMD, str(stored_fd)))
         finish_trigger(stream)
         _wait_delivered(queue)
         second.messages.clear()  # only a STATUS= sent from now on proves nothing is pending
@@ -106,10 +103,9 @@ def test_a_policy_blocking_the_loop_for_2_s_costs_watchdog_pings_not_groups(tmp_
     was blocked, so systemd would restart it; the groups are all answered once the loop runs again."""
     config = tmp_path / "iopfd.toml"
     config.write_text('policy = "blocking"\n[policies.blocking]\ntype = "lab-block"\n')
-    iopfd = DaemonProcess(tmp_path, (queue.fd,), "--fault-fd", f"{queue.fd}:lab", "--config", str(config),
-                          env=QUIET | {"PYTHONPATH": plugin_path, "WATCHDOG_USEC": "1000000"})
+    iopfd = spawn_daemon(tmp_path, (queue.fd,), "--fault-fd", f"{queue.fd}:lab", "--config", str(config),
+                         env=QUIET | {"PYTHONPATH": plugin_path, "WATCHDOG_USEC": "1000000"})
     try:
-        iopfd.wait_ready()
         iopfd.wait_message(lambda m: m == "WATCHDOG=1")
         trigger(rig, 100)
         iopfd.wait_answered(100, timeout=60)
@@ -133,10 +129,9 @@ def test_a_replaced_hwpt_under_pending_groups_costs_refused_responses_and_nothin
     # A deadline well past the 1 s STATUS interval: every held group is still pending at the replace.
     config.write_text('policy = "stuck"\n[defaults]\nresponse_deadline = 5.0\n'
                       '[policies.stuck]\ntype = "lab-hang"\n')
-    iopfd = DaemonProcess(tmp_path, (queue.fd,), "--fault-fd", f"{queue.fd}:lab", "--config", str(config),
-                          env=QUIET | {"PYTHONPATH": plugin_path})
+    iopfd = spawn_daemon(tmp_path, (queue.fd,), "--fault-fd", f"{queue.fd}:lab", "--config", str(config),
+                         env=QUIET | {"PYTHONPATH": plugin_path})
     try:
-        iopfd.wait_ready()
         trigger(rig, 50)
         iopfd.wait_message(lambda m: m.endswith(" 50 pending"))
         rig.device.replace(rig.parent.id)  # off the nested HWPT: the kernel answers its pending groups

@@ -177,7 +177,7 @@ def test_small_buffer_grows_to_fit_and_keeps_every_group(rig, ctx):
 
 
 def test_an_adopted_duplicate_fd_serves_the_same_queue(rig, queue):
-    adopted = FaultQueue.from_fd(os.dup(queue.fd))
+    adopted = FaultQueue.adopt(os.dup(queue.fd))
     try:
         trigger(rig, 1)
         (group,) = adopted.read()

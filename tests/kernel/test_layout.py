@@ -1,6 +1,6 @@
 """The binding's struct layouts and constants equal the lab kernel's real uapi headers.
 
-A C program is generated from what ``iopfd._uapi.ffi`` declares, compiled against the headers that
+A C program is generated from what ``iopfd.uapi_ffi.ffi`` declares, compiled against the headers that
 ``make headers_install`` produced for the lab kernel (plus the selftest's ``iommufd_test.h`` from the
 same source tree), and run: every sizeof, offsetof and constant must match. Declarations that this
 kernel does not have (newer uapi, or a selftest flag a newer kernel dropped) are listed per kernel;
@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from iopfd._uapi import ffi
+from iopfd.uapi_ffi import ffi
 from iopfd.engine.batch import record_dtype
-from iopfd.iommufd.uapi import lib
+from iopfd.iommufd.ioctl import lib
 
 pytestmark = [pytest.mark.kernel, pytest.mark.timeout(3600)]
 
@@ -26,24 +26,22 @@ ABSENT = {
     "6.12": {
         "structs": {"iommu_viommu_alloc", "iommu_vdevice_alloc", "iommu_veventq_alloc", "iommufd_vevent_header",
                     "iommu_viommu_event_selftest"},
-        "fields": {"vfio_device_attach_iommufd_pt": {"pasid"}, "vfio_device_detach_iommufd_pt": {"pasid"},
-                   "vfio_device_bind_iommufd": {"token_uuid_ptr"}, "iommu_hwpt_selftest": {"pagetable_type"},
+        "fields": {"iommu_hwpt_selftest": {"pagetable_type"},
                    "iommu_test_cmd": {"trigger_vevent", "pasid_attach", "pasid_replace", "pasid_detach",
                                       "pasid_check"}},
         "constants": {
             "IOMMU_HWPT_ALLOC_PASID", "IOMMU_VIOMMU_ALLOC", "IOMMU_VDEVICE_ALLOC", "IOMMU_VEVENTQ_ALLOC",
             "IOMMU_IOAS_MAP_FILE", "IOMMU_IOAS_CHANGE_PROCESS", "IOMMU_HW_QUEUE_ALLOC",
             "IOMMU_VIOMMU_TYPE_DEFAULT", "IOMMU_VIOMMU_TYPE_ARM_SMMUV3", "IOMMU_VEVENTQ_TYPE_DEFAULT",
-            "IOMMU_VEVENTQ_TYPE_ARM_SMMUV3", "IOMMU_VEVENTQ_FLAG_LOST_EVENTS", "VFIO_DEVICE_ATTACH_PASID",
-            "VFIO_DEVICE_DETACH_PASID", "IOMMU_TEST_OP_TRIGGER_VEVENT", "IOMMU_TEST_OP_PASID_ATTACH",
-            "IOMMU_TEST_OP_PASID_REPLACE", "IOMMU_TEST_OP_PASID_DETACH", "IOMMU_TEST_OP_PASID_CHECK_HWPT",
+            "IOMMU_VEVENTQ_TYPE_ARM_SMMUV3", "IOMMU_VEVENTQ_FLAG_LOST_EVENTS", "IOMMU_TEST_OP_TRIGGER_VEVENT",
+            "IOMMU_TEST_OP_PASID_ATTACH", "IOMMU_TEST_OP_PASID_REPLACE", "IOMMU_TEST_OP_PASID_DETACH", "IOMMU_TEST_OP_PASID_CHECK_HWPT",
             "MOCK_FLAGS_DEVICE_PASID", "MOCK_PASID_WIDTH", "IOMMU_VIOMMU_TYPE_SELFTEST", "IOMMU_VEVENTQ_TYPE_SELFTEST",
         },
     },
     # The mock's HUGE_IOVA device flag gave way to iommu_hwpt_selftest.pagetable_type.
     "7.3": {"structs": set(), "fields": {}, "constants": {"MOCK_FLAGS_DEVICE_HUGE_IOVA"}},
 }
-INCLUDES = "#include <stddef.h>\n#include <stdio.h>\n#include <linux/iommufd.h>\n#include <linux/vfio.h>\n"
+INCLUDES = "#include <stddef.h>\n#include <stdio.h>\n#include <linux/iommufd.h>\n"
 
 
 @pytest.fixture(scope="module")

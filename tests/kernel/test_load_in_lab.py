@@ -12,7 +12,7 @@ import time
 import urllib.request
 
 import pytest
-from daemon_process import DaemonProcess
+from iopfd_dev.daemon import DaemonProcess
 from test_daemon import assert_kernel_has_nothing_pending
 
 from iopfd_dev.bench.cli import build_tools

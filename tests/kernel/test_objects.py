@@ -8,10 +8,12 @@ import mmap
 
 import pytest
 
-from iopfd._uapi import ffi
+from iopfd.uapi_ffi import ffi
 from iopfd.iommufd import PERM_WRITE, SUCCESS, Busy, Hwpt, Ioas, NotFound, NotSupported, lib
 from iopfd.iommufd.selftest import MockDevice
-from iopfd.iommufd.fault import ANON_INODE_NAME, describe_fd
+from iopfd.iommufd.context import describe_fd
+from iopfd.iommufd.fault import FaultQueue
+from iopfd.iommufd.probe import PAGING_HWPT_FAULTS
 from iopfd.iommufd.selftest import SELFTEST_NESTED_DATA
 
 pytestmark = [pytest.mark.kernel, pytest.mark.guest]
@@ -78,7 +80,7 @@ def test_nest_parent_hwpt_alloc_and_busy_while_nested_child_exists(ctx):
 
 def test_fault_queue_fd_is_a_cloexec_pgfault_anon_inode(queue):
     assert queue.id > 0
-    assert describe_fd(queue.fd) == ANON_INODE_NAME
+    assert describe_fd(queue.fd) == FaultQueue.ANON_INODE
     assert fcntl.fcntl(queue.fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
 
 
@@ -96,7 +98,7 @@ def test_nested_hwpt_takes_a_fault_id_and_refuses_an_unknown_one(ctx, queue):
 
 
 def test_fault_id_on_a_paging_hwpt_is_refused_with_the_way_out(ctx, queue, require_not):
-    require_not("faults on paging HWPTs")
+    require_not(PAGING_HWPT_FAULTS)
     with Ioas.alloc(ctx) as ioas, MockDevice.create(ctx, ioas.id) as device:
         with pytest.raises(NotSupported) as info:
             Hwpt.alloc(ctx, dev_id=device.dev_id, pt_id=ioas.id, fault_id=queue.id)
@@ -105,7 +107,7 @@ def test_fault_id_on_a_paging_hwpt_is_refused_with_the_way_out(ctx, queue, requi
 
 
 def test_faults_on_a_paging_hwpt_are_delivered_and_answered(ctx, queue, require):
-    require("faults on paging HWPTs")
+    require(PAGING_HWPT_FAULTS)
     with Ioas.alloc(ctx) as ioas, MockDevice.create(ctx, ioas.id) as device, \
             Hwpt.alloc(ctx, dev_id=device.dev_id, pt_id=ioas.id, fault_id=queue.id) as paging:
         device.replace(paging.id)

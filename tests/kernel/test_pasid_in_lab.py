@@ -10,13 +10,14 @@ import textwrap
 import urllib.request
 
 import pytest
-from daemon_process import DaemonProcess
+from iopfd_dev.daemon import DaemonProcess
 from test_daemon import assert_kernel_has_nothing_pending
 
 from iopfd.iommufd import PASID_VALID, SUCCESS, FaultQueue, Hwpt, Ioas, Iommufd, lib
 
 from iopfd.iommufd.selftest import MockDevice
 from iopfd.iommufd.context import Object
+from iopfd.iommufd.probe import PASID_ATTACH
 from iopfd.iommufd.selftest import SELFTEST_NESTED_DATA
 
 # A daemon start takes 5-15 s in the TCG guest and several times that on a busy host (its wait is 180 s).
@@ -83,7 +84,7 @@ def read_one(queue: FaultQueue):
 
 
 def test_faults_carry_their_pasid_to_the_hwpt_attached_there_or_fall_back_to_the_rid(ctx, require):
-    require("PASID attach")
+    require(PASID_ATTACH)
     with FaultQueue.alloc(ctx) as rid_queue, FaultQueue.alloc(ctx) as nested_queue, \
             FaultQueue.alloc(ctx) as paging_queue, PasidRig(ctx, rid_queue.id) as rig:
         nested_hwpt, paging_hwpt = rig.nested(nested_queue.id), rig.paging(paging_queue.id)
@@ -123,7 +124,7 @@ def metric_series(port: int) -> dict[str, float]:
 
 
 def test_rules_decide_by_pasid_and_metrics_do_not_grow_with_pasids(tmp_path, ctx, queue, require):
-    require("PASID attach")
+    require(PASID_ATTACH)
     config = tmp_path / "iopfd.toml"
     config.write_text(textwrap.dedent("""
         policy = "by-pasid"

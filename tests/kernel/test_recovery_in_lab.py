@@ -8,7 +8,7 @@ import signal
 import sys
 
 import pytest
-from daemon_process import AS_SYSTEMD, DaemonProcess
+from iopfd_dev.daemon import AS_SYSTEMD, spawn_daemon
 from test_daemon import assert_kernel_has_nothing_pending, trigger
 
 # A daemon start takes 5-15 s in the TCG guest and several times that on a busy host (its wait is 180 s).
@@ -19,11 +19,10 @@ def test_kill_9_mid_stream_then_restart_on_the_stored_fd(tmp_path, rig, queue, p
     runtime = tmp_path / "run"
     common = {"IOPFD_RUNTIME_DIR": str(runtime), "IOPFD_CONTROL__PATH": "off", "IOPFD_METRICS_ADDRESS": "off"}
     (tmp_path / "life1").mkdir()
-    first = DaemonProcess(tmp_path / "life1", (queue.fd,), "--fault-fd", f"{queue.fd}:lab", "--policy", "stuck",
-                          env={**common, "PYTHONPATH": plugin_path, "IOPFD_POLICIES__STUCK__TYPE": "lab-hang",
-                               "IOPFD_DEFAULTS__RESPONSE_DEADLINE": "60"})
+    first = spawn_daemon(tmp_path / "life1", (queue.fd,), "--fault-fd", f"{queue.fd}:lab", "--policy", "stuck",
+                         env={**common, "PYTHONPATH": plugin_path, "IOPFD_POLICIES__STUCK__TYPE": "lab-hang",
+                              "IOPFD_DEFAULTS__RESPONSE_DEADLINE": "60"})
     try:
-        first.wait_ready()
         stored = first.wait_message(lambda m: "FDSTORE=1" in m.splitlines())
         assert "FDNAME=queue-lab" in stored.splitlines() and "queue-lab" in first.stored_fds
         trigger(rig, 200)
@@ -35,11 +34,10 @@ def test_kill_9_mid_stream_then_restart_on_the_stored_fd(tmp_path, rig, queue, p
 
         (tmp_path / "life2").mkdir()
         stored_fd = first.stored_fds["queue-lab"]
-        second = DaemonProcess(tmp_path / "life2", (stored_fd,), env={**common, "LISTEN_FDS": "1",
-                                                                     "LISTEN_FDNAMES": "queue-lab"},
-                               prefix=(sys.executable, "-c", AS_SYSTEMD, str(stored_fd)))
+        second = spawn_daemon(tmp_path / "life2", (stored_fd,), env={**common, "LISTEN_FDS": "1",
+                                                                    "LISTEN_FDNAMES": "queue-lab"},
+                              prefix=(sys.executable, "-c", AS_SYSTEMD, str(stored_fd)))
         try:
-            second.wait_ready()
             second.wait_answered(100)
             assert second.terminate() == 0
             (taken,) = [e for e in second.log_events() if e["event"].startswith("fault queue taken back")]

@@ -18,16 +18,17 @@ import time
 import urllib.request
 
 import pytest
-from daemon_process import DaemonProcess
+from iopfd_dev.daemon import spawn_daemon
 from test_daemon import assert_kernel_has_nothing_pending, trigger
 
 from iopfd.client import Client
-from iopfd.engine import Engine, EventQueueServer, FixedPolicy, QueueConfig, QueueServer
+from iopfd.engine import Engine, EventQueueReader, FixedPolicy, QueueConfig, QueueResponder
 from iopfd.iommufd import (
     Hwpt, InvalidArgument, Ioas, NotFound, NotSupported, SequenceTracker, VeventQueue, Viommu, SUCCESS, lib,
 )
 from iopfd.iommufd.selftest import MockDevice, ViommuMockSetup
 from iopfd.iommufd.errors import IommufdError
+from iopfd.iommufd.probe import VEVENTQ, VIOMMU
 from iopfd.iommufd.viommu import LOST_EVENTS, MAX_DEPTH, SELFTEST
 
 # A daemon start takes 5-15 s in the TCG guest and several times that on a busy host (its wait is 180 s).
@@ -39,7 +40,7 @@ METRICS = "127.0.0.1:9773"
 @pytest.fixture
 def viommu_rig(ctx, queue, require):
     """The vIOMMU rig with a selftest vEVENTQ of depth 4; faults go to ``queue``."""
-    require("vEVENTQ")
+    require(VEVENTQ)
     with ViommuMockSetup(ctx, queue.id, virt_id=VIRT_ID, depth=4) as setup:
         yield setup
 
@@ -51,7 +52,7 @@ def readable(fd: int) -> bool:
 
 
 def test_without_a_viommu_the_refusal_names_the_way_out(ctx, require_not):
-    require_not("vIOMMU")
+    require_not(VIOMMU)
     with Ioas.alloc(ctx) as ioas, MockDevice.create(ctx, ioas.id) as device, \
             pytest.raises(NotSupported, match="needs a newer kernel"):
         Viommu.alloc(ctx, dev_id=device.dev_id, hwpt_id=device.hwpt_id, viommu_type=lib.IOMMU_VIOMMU_TYPE_SELFTEST)
@@ -126,11 +127,11 @@ def test_the_engine_reads_counts_and_hands_events_in_order_even_past_a_failing_p
             if len(self.events) == 1:
                 raise RuntimeError("a policy bug costs this event only")
 
-    async def serve() -> tuple[EventQueueServer, Recording]:
+    async def serve() -> tuple[EventQueueReader, Recording]:
         policy = Recording()
         engine = Engine()
-        engine.add(QueueServer(queue, policy, QueueConfig("vm")))
-        events = EventQueueServer(rig.events, policy, "vm")
+        engine.add(QueueResponder(queue, policy, QueueConfig("vm")))
+        events = EventQueueReader(rig.events, policy, "vm")
         engine.add_events(events)
         engine.start()
         for _ in range(10):  # the loop cannot read between these calls: 0..3 kept, 4..9 dropped
@@ -166,10 +167,9 @@ def test_the_daemon_serves_a_fault_fd_and_a_veventq_fd_and_forwards_both(tmp_pat
         [policies.vmm]
         type = "forward"
     """))
-    iopfd = DaemonProcess(tmp_path, (), "--config", str(tmp_path / "iopfd.toml"), "--metrics-address", METRICS,
-                          env={"IOPFD_CONTROL__PATH": path})
+    iopfd = spawn_daemon(tmp_path, (), "--config", str(tmp_path / "iopfd.toml"), "--metrics-address", METRICS,
+                         env={"IOPFD_CONTROL__PATH": path})
     try:
-        iopfd.wait_ready()
         vevents: list[tuple[int, int, bytes]] = []
 
         def take_events() -> None:

@@ -12,13 +12,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from iopfd.engine import Policy, QueueConfig, QueueServer
+from iopfd.engine import FixedPolicy, Policy, QueueConfig, QueueResponder
 from iopfd.engine.batch import batch_of, record_dtype
 from iopfd.engine.queue import MAX_AWAITING
 from iopfd.iommufd import INVALID, SUCCESS
 from iopfd_dev.emulated import EmulatedFaultQueue, PageRequest
 from iopfd.iommufd.fault import LAST_PAGE, PASID_VALID, RECORD, FaultGroup
-from iopfd.policies import AcceptPolicy, RejectPolicy, Rule, RulesPolicy
+from iopfd.policies import Rule, RulesPolicy
 
 u32 = st.integers(0, 2**32 - 1) | st.sampled_from([0, 1, 7, 100])
 addresses = st.integers(0, 2**64 - 1) | st.sampled_from([0, 0x1000, 0x7FFF_FFFF, 0x8000_0000, 2**64 - 1])
@@ -50,8 +50,8 @@ rules = st.builds(
 @settings(max_examples=300, deadline=None)
 @given(st.lists(groups(), min_size=1, max_size=12), st.lists(rules, max_size=4), st.data())
 def test_rules_route_a_batch_as_each_rule_matches_each_group(batch_groups, rule_list, data):
-    targets = [AcceptPolicy(f"t{i}") for i in range(len(rule_list))]
-    policy = RulesPolicy("r", list(zip(rule_list, targets)), RejectPolicy())
+    targets = [FixedPolicy(f"t{i}", SUCCESS) for i in range(len(rule_list))]
+    policy = RulesPolicy("r", list(zip(rule_list, targets)), FixedPolicy("reject", INVALID))
     for sub in {group.queue for group in batch_groups}:  # a batch is one queue's read
         one_queue = [group for group in batch_groups if group.queue == sub]
         route = policy.route(batch_of(one_queue))
@@ -81,14 +81,14 @@ def test_the_record_dtype_is_the_records_layout():
     assert tuple(int(value) for value in record) == values
 
 
-def served(policy: Policy, **config) -> tuple[EmulatedFaultQueue, QueueServer]:
+def served(policy: Policy, **config) -> tuple[EmulatedFaultQueue, QueueResponder]:
     emulated = EmulatedFaultQueue()
-    server = QueueServer(emulated.open(), policy, QueueConfig("q", **config))
+    server = QueueResponder(emulated.open(), policy, QueueConfig("q", **config))
     server.start()
     return emulated, server
 
 
-async def settle(emulated: EmulatedFaultQueue, server: QueueServer) -> None:
+async def settle(emulated: EmulatedFaultQueue, server: QueueResponder) -> None:
     async with asyncio.timeout(10):
         while emulated.undelivered or server.pending:
             await asyncio.sleep(0.001)
@@ -172,7 +172,7 @@ async def test_time_spent_unread_counts_against_the_deadline():
             return INVALID
 
     emulated = EmulatedFaultQueue()
-    server = QueueServer(emulated.open(batch_records=2), BlocksOnce(),
+    server = QueueResponder(emulated.open(batch_records=2), BlocksOnce(),
                          QueueConfig("q", response_deadline=0.1, deadline_code=SUCCESS))
     server.start()
     for i in range(20):
@@ -217,7 +217,7 @@ async def test_a_storm_of_shed_groups_logs_a_line_a_second_not_a_line_a_read():
             await asyncio.sleep(3600)
 
     emulated = EmulatedFaultQueue()
-    server = QueueServer(emulated.open(batch_records=8), Never(), QueueConfig("q", max_pending=8, response_deadline=0.4))
+    server = QueueResponder(emulated.open(batch_records=8), Never(), QueueConfig("q", max_pending=8, response_deadline=0.4))
     with capture_logs() as logs:
         server.start()
         for i in range(800):
@@ -250,7 +250,7 @@ async def test_a_full_queue_leaves_groups_in_the_kernel_until_they_have_waited_h
             await asyncio.sleep(3600)
 
     emulated = EmulatedFaultQueue()
-    server = QueueServer(emulated.open(batch_records=8), Hangs(),
+    server = QueueResponder(emulated.open(batch_records=8), Hangs(),
                          QueueConfig("q", response_deadline=1.0, max_pending=16))
     for i in range(400):
         emulated.report(PageRequest(dev_id=1, addr=0x1000 * i, grpid=i % 512))

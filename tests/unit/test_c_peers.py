@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy
 import pytest
-from control_server import control_servers
+from server_in_loop import servers_in_loop
 from test_peer_channel import Engine, until
 
 from iopfd.iommufd.fault import SUCCESS
@@ -63,7 +63,7 @@ async def test_the_c_peer_in_the_protocol_docs_compiles_and_serves_a_forward_pol
     source = tmp_path / "docs_peer.c"
     source.write_text(docs_c_peer())
     peer = compile_c(source, tmp_path / "docs_peer")
-    async with control_servers(tmp_path, watch_devices=False, policies={"vmm": {"type": "forward"}}) as start:
+    async with servers_in_loop(tmp_path, watch_devices=False, policies={"vmm": {"type": "forward"}}) as start:
         server, path = await start()
         policy = server.policies.get("vmm")
         process = await asyncio.create_subprocess_exec(peer, path, "vmm", stdout=subprocess.PIPE)

@@ -14,9 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from iopfd.policies import PolicyError
+from iopfd.policies import Policies, PolicyError
 from iopfd.service.config import EX_CONFIG, ConfigError, load_settings
-from iopfd.service.server import build_policies
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -137,7 +136,7 @@ def test_any_document_loads_or_names_each_bad_field(tmp_path_factory, documents)
                     (str(exc), doc)
                 return
         try:  # what check-config does next
-            build_policies(loaded)
+            Policies.build_all(loaded.policy_tables, loaded.policy)
         except PolicyError as exc:
             assert all(where.startswith(("policies.", "policy")) for where, _ in exc.lines), str(exc)
 

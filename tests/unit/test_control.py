@@ -12,22 +12,22 @@ from pathlib import Path
 import numpy
 import pytest
 import pytest_asyncio
-from control_server import control_servers, start_server
-from daemon_process import AS_SYSTEMD
+from server_in_loop import servers_in_loop, start_server
+from iopfd_dev.daemon import AS_SYSTEMD
 
 from iopfd import protocol
 from iopfd.client import Client
 from iopfd.iommufd import INVALID, SUCCESS
 from iopfd_dev.emulated import EmulatedFaultQueue, PageRequest
 from iopfd.protocol import ProtocolError
-from iopfd.service.control import bind_socket
+from iopfd.service.control.transport import bind_socket
 
 
 
 @pytest_asyncio.fixture
 async def daemon(tmp_path):
     """A running Server with its control socket in tmp_path; ``allow`` picks the authorised uids."""
-    async with control_servers(tmp_path) as start:
+    async with servers_in_loop(tmp_path) as start:
         yield start
     assert not os.path.exists(tmp_path / "control.sock")  # removed on exit
 
@@ -121,7 +121,7 @@ async def test_an_unauthorised_peer_is_refused_and_logged(daemon):
 async def test_forward_over_the_socket_with_the_emulated_queue(daemon):
     server, path = await daemon(policies={"vm": {"type": "forward"}})
     emulated = EmulatedFaultQueue()
-    server.add_queue("vm1", emulated.open(), policy="vm")
+    server.queues.add("vm1", emulated.open(), policy="vm")
     policy = server.policies.get("vm")
 
     def peer():
@@ -268,7 +268,7 @@ async def test_only_the_owner_or_an_administrator_detaches_a_queue():
         server, path, task = await start_server(Path(public), allowed_uids=[0, 65534, 65533])
         os.chmod(path, 0o666)
         for name, owner in (("vm1", 65534), ("vm2", None)):
-            server.add_queue(name, EmulatedFaultQueue().open(), owner_uid=owner)
+            server.queues.add(name, EmulatedFaultQueue().open(), owner_uid=owner)
 
         def detach(uid: int, queue: str) -> dict:
             return _request_as(uid, path, {"v": protocol.VERSION, "op": "detach", "id": 1, "queue": queue})
@@ -279,7 +279,7 @@ async def test_only_the_owner_or_an_administrator_detaches_a_queue():
         assert refused["error"]["code"] == "not-owner" and "from iopfd's config" in refused["error"]["message"]
         assert (await asyncio.to_thread(detach, 65534, "vm1"))["ok"]  # its owner
         assert (await call(path, "detach", "vm2"))["queue"] == "vm2"  # root
-        assert server.owners == {} and server.engine.queues == {}
+        assert len(server.queues) == 0 and server.engine.queues == {}
         server.request_stop()
         assert await task == 0
     finally:
@@ -289,8 +289,8 @@ async def test_only_the_owner_or_an_administrator_detaches_a_queue():
 @pytest.mark.asyncio
 async def test_attach_beyond_max_queues_is_refused_naming_the_limit(daemon):
     server, path = await daemon(control={"max_queues": 2})
-    server.add_queue("cfg1", EmulatedFaultQueue().open())
-    server.add_queue("cfg2", EmulatedFaultQueue().open())
+    server.queues.add("cfg1", EmulatedFaultQueue().open())
+    server.queues.add("cfg2", EmulatedFaultQueue().open())
     with pytest.raises(ProtocolError) as refused:
         await call(path, "broker", "vm1")
     assert refused.value.code == "too-many-queues" and "max_queues" in refused.value.message

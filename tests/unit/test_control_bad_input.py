@@ -17,7 +17,7 @@ import time
 import pytest
 import pytest_asyncio
 import structlog
-from control_server import control_servers
+from server_in_loop import servers_in_loop
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
@@ -26,9 +26,9 @@ from iopfd import protocol
 from iopfd.client import Client
 from iopfd.iommufd import FaultQueue
 from iopfd.iommufd.errors import IommufdUnavailable
-from iopfd.iommufd.fault import describe_fd
-from iopfd.service import control
-from iopfd.service.control import ControlServer, bind_socket
+from iopfd.iommufd.context import describe_fd
+from iopfd.service.control import ops
+from iopfd.service.control.transport import ControlSocket, bind_socket
 from iopfd.service.logging import configure_logging
 
 CODES = {"bad-request", "unsupported-version", "unknown-op", "too-large", "too-many-fds", "missing-fd",
@@ -45,10 +45,10 @@ class StandInFaultQueue(FaultQueue):
     anything); every other fd gets the real check."""
 
     @classmethod
-    def from_fd(cls, fd: int, **kwargs) -> FaultQueue:
+    def adopt(cls, fd: int, *args, **kwargs) -> FaultQueue:
         if describe_fd(fd) == "anon_inode:[eventfd]":
             return cls(None, 0, fd)
-        return FaultQueue.from_fd(fd)
+        return FaultQueue.adopt(fd)
 
     def _readinto(self, buffer: bytearray) -> int:
         return 0
@@ -69,15 +69,15 @@ class NoIommufd:
 async def daemon(tmp_path, monkeypatch):
     """A serving daemon with its control socket; fails the test if a connection task ended with an
     exception or a callback raised (a dropped connection the peer cannot tell from a refusal)."""
-    monkeypatch.setattr(control, "FaultQueue", StandInFaultQueue)
-    monkeypatch.setattr(control, "Iommufd", NoIommufd)
+    monkeypatch.setattr(ops, "FaultQueue", StandInFaultQueue)
+    monkeypatch.setattr(ops, "Iommufd", NoIommufd)
     configure_logging("info", "json", stream=io.StringIO())  # the daemon's own renderer, off the terminal
     loop = asyncio.get_running_loop()
     loop_errors: list[dict] = []
     loop.set_exception_handler(lambda _, context: loop_errors.append(context))
     tasks: list[asyncio.Task] = []
     loop.set_task_factory(lambda loop, coro, **kw: tasks.append(asyncio.Task(coro, loop=loop, **kw)) or tasks[-1])
-    async with control_servers(tmp_path, watch_devices=False, policies={"fwd": {"type": "forward"}}) as start:
+    async with servers_in_loop(tmp_path, watch_devices=False, policies={"fwd": {"type": "forward"}}) as start:
         yield start
     loop.set_task_factory(None)
     loop.set_exception_handler(None)
@@ -471,7 +471,7 @@ async def test_an_fd_of_the_wrong_kind_is_refused_naming_what_it_is_and_closed(d
 async def test_a_refused_peer_has_its_fds_closed_and_others_are_served(daemon, tmp_path):
     server, path = await daemon()
     refusing_path = str(tmp_path / "refusing.sock")
-    refusing = ControlServer(server, bind_socket(refusing_path, 0o660), allowed_uids=set(), allowed_gids=set(),
+    refusing = ControlSocket(server.control_state(), bind_socket(refusing_path, 0o660), allowed_uids=set(), allowed_gids=set(),
                              owns_path=refusing_path)
     refusing.start()
 

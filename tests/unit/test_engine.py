@@ -10,11 +10,11 @@ import pytest
 import pytest_asyncio
 from structlog.testing import capture_logs
 
-from iopfd.engine import BatchPolicy, Engine, Policy, QueueConfig, QueueServer
+from iopfd.engine import BatchPolicy, Engine, FixedPolicy, Policy, QueueConfig, QueueResponder
 from iopfd.iommufd import INVALID, SUCCESS
 from iopfd_dev.emulated import EmulatedFaultFd, EmulatedFaultQueue, PageRequest
 from iopfd.iommufd.fault import LAST_PAGE, RECORD, RESPONSE, FaultGroup, FaultQueue
-from iopfd.policies import AcceptPolicy, Policies, RejectPolicy
+from iopfd.policies import Policies
 
 pytestmark = pytest.mark.asyncio
 
@@ -42,7 +42,7 @@ class Gate(Policy):
 class Served:
     def __init__(self, policy: Policy, **config) -> None:
         self.emulated = EmulatedFaultQueue()
-        self.server = QueueServer(self.emulated.open(), policy, QueueConfig("q", **config))
+        self.server = QueueResponder(self.emulated.open(), policy, QueueConfig("q", **config))
 
     def report(self, count: int, *, dev_id: int = 1, start: int = 0) -> None:
         for i in range(start, start + count):
@@ -79,7 +79,7 @@ async def served():
 
 
 async def test_accept_answers_every_group_success(served):
-    s = served(AcceptPolicy())
+    s = served(FixedPolicy("accept", SUCCESS))
     s.report(1000)
     await s.settle()
     assert s.codes() == [SUCCESS] * 1000
@@ -90,14 +90,14 @@ async def test_accept_answers_every_group_success(served):
 
 
 async def test_reject_answers_invalid(served):
-    s = served(RejectPolicy())
+    s = served(FixedPolicy("reject", INVALID))
     s.report(10)
     await s.settle()
     assert s.codes() == [INVALID] * 10 and s.server.stats.outcomes["invalid"] == 10
 
 
 async def test_multi_record_groups_are_answered_once_each(served):
-    s = served(AcceptPolicy())
+    s = served(FixedPolicy("accept", SUCCESS))
     for grpid in range(5):
         for i in range(3):
             s.emulated.report(PageRequest(dev_id=2, addr=0x1000 * i, grpid=grpid, last=i == 2))
@@ -108,7 +108,7 @@ async def test_multi_record_groups_are_answered_once_each(served):
 
 async def test_a_group_larger_than_the_buffer_grows_it(served):
     emulated = EmulatedFaultQueue()
-    server = QueueServer(emulated.open(batch_records=2), AcceptPolicy(), QueueConfig("q"))
+    server = QueueResponder(emulated.open(batch_records=2), FixedPolicy("accept", SUCCESS), QueueConfig("q"))
     server.start()
     for i in range(9):
         emulated.report(PageRequest(dev_id=1, addr=0x1000 * i, grpid=1, last=i == 8))
@@ -129,7 +129,7 @@ async def test_a_kernel_that_returns_0_bytes_for_a_group_too_big_still_gets_it_r
                 return 0
 
     emulated = EmulatedFaultQueue()
-    server = QueueServer(OldKernel(emulated, batch_records=1), AcceptPolicy(), QueueConfig("q"))
+    server = QueueResponder(OldKernel(emulated, batch_records=1), FixedPolicy("accept", SUCCESS), QueueConfig("q"))
     server.start()
     emulated.report(PageRequest(dev_id=1, addr=0))
     for i in range(3):
@@ -291,7 +291,7 @@ async def test_beyond_max_pending_groups_wait_in_the_kernel_while_decisions_make
             return SUCCESS
 
     emulated = EmulatedFaultQueue()
-    server = QueueServer(emulated.open(batch_records=16), Soon(), QueueConfig("q", max_pending=64, response_deadline=5))
+    server = QueueResponder(emulated.open(batch_records=16), Soon(), QueueConfig("q", max_pending=64, response_deadline=5))
     server.start()
     for i in range(1000):
         emulated.report(PageRequest(dev_id=1, addr=0x1000 * (i + 1), grpid=i % 512))
@@ -350,7 +350,7 @@ def record(cookie: int, last: bool = True) -> bytes:
 async def test_malformed_groups_are_answered_invalid():
     emulated = EmulatedFaultQueue()
     source = Crafted(emulated, record(3, last=False) + record(4) + record(5) + record(0) + record(6, last=False))
-    server = QueueServer(source, AcceptPolicy(), QueueConfig("q"))
+    server = QueueResponder(source, FixedPolicy("accept", SUCCESS), QueueConfig("q"))
     server.start()
     with capture_logs() as logs:
         server._on_readable()
@@ -362,9 +362,9 @@ async def test_malformed_groups_are_answered_invalid():
     emulated.close()
 
 
-class CountedAccept(AcceptPolicy):
+class CountedAccept(FixedPolicy):
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__("accept", SUCCESS)
         self.batches = 0
 
     async def decide(self, group):
@@ -373,11 +373,11 @@ class CountedAccept(AcceptPolicy):
 
 
 @pytest.mark.parametrize(("policy", "code", "outcome"), [(CountedAccept, SUCCESS, "success"),
-                                                         (RejectPolicy, INVALID, "invalid")])
+                                                         (lambda: FixedPolicy("reject", INVALID), INVALID, "invalid")])
 async def test_a_fixed_answer_is_written_straight_from_the_cookie_column_of_each_read(policy, code, outcome):
     emulated = EmulatedFaultQueue()
     source = Crafted(emulated, record(7) + record(3) + record(9), record(4))
-    server = QueueServer(source, policy(), QueueConfig("q"))
+    server = QueueResponder(source, policy(), QueueConfig("q"))
     marks = []
     server.cookie_mark_hook = lambda cookie: marks.append(cookie) or cookie
     server.start()
@@ -400,7 +400,7 @@ async def test_a_fixed_answer_takes_the_batch_path_for_multi_record_groups_and_a
     emulated = EmulatedFaultQueue()
     source = Crafted(emulated, record(5, last=False) + record(5), record(5) + record(6))
     policy = CountedAccept()
-    server = QueueServer(source, policy, QueueConfig("q"))
+    server = QueueResponder(source, policy, QueueConfig("q"))
     server.start()
     server._on_readable()
     assert source.writes == [RESPONSE.pack(5, SUCCESS), RESPONSE.pack(5, SUCCESS) + RESPONSE.pack(6, SUCCESS)]
@@ -452,10 +452,10 @@ async def test_one_engine_serves_many_named_queues():
     engine = Engine()
     queues = {name: EmulatedFaultQueue() for name in ("vm1", "vm2")}
     for name, emulated in queues.items():
-        engine.add(QueueServer(emulated.open(), AcceptPolicy() if name == "vm1" else RejectPolicy(),
+        engine.add(QueueResponder(emulated.open(), FixedPolicy("accept", SUCCESS) if name == "vm1" else FixedPolicy("reject", INVALID),
                                QueueConfig(name)))
     with pytest.raises(ValueError, match="already served"):
-        engine.add(QueueServer(queues["vm1"].open(), AcceptPolicy(), QueueConfig("vm1")))
+        engine.add(QueueResponder(queues["vm1"].open(), FixedPolicy("accept", SUCCESS), QueueConfig("vm1")))
     assert not engine.reading
     engine.start()
     assert engine.reading
@@ -487,9 +487,9 @@ async def test_a_fault_fd_that_fails_stops_only_its_own_queue(errno_):
     emulated = EmulatedFaultQueue()
     bad = Failing(emulated, record(7) + record(8))
     engine = Engine()
-    engine.add(QueueServer(bad, AcceptPolicy(), QueueConfig("bad")))
+    engine.add(QueueResponder(bad, FixedPolicy("accept", SUCCESS), QueueConfig("bad")))
     good = EmulatedFaultQueue()
-    engine.add(QueueServer(good.open(), AcceptPolicy(), QueueConfig("good")))
+    engine.add(QueueResponder(good.open(), FixedPolicy("accept", SUCCESS), QueueConfig("good")))
     with capture_logs() as logs:
         engine.start()
         engine.queues["bad"]._on_readable()

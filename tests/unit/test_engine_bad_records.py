@@ -19,10 +19,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from iopfd.engine import BatchPolicy, Policy, QueueConfig, QueueServer
+from iopfd.engine import BatchPolicy, FixedPolicy, Policy, QueueConfig, QueueResponder
 from iopfd.iommufd import INVALID, SUCCESS
 from iopfd.iommufd.fault import LAST_PAGE, PASID_VALID, RECORD, RESPONSE, FaultGroup, FaultQueue
-from iopfd.policies import AcceptPolicy
 
 KERNEL = None  # a group the kernel answered itself, in ModelKernel.answers
 
@@ -145,9 +144,9 @@ def expected_codes(data: bytes, policy: Policy, shedding: bool) -> dict[int, set
             # accept answers a read of one-record groups from its cookie column (when nothing else is
             # pending) and leaves a cookie's second group to the kernel, which refuses its answer
             one_record_groups = all(record[0] & LAST_PAGE for record in unpacked)
-            codes[cookie] = {INVALID, SUCCESS} if isinstance(policy, AcceptPolicy) and one_record_groups else {INVALID}
-        elif isinstance(policy, AcceptPolicy):
-            codes[cookie] = {SUCCESS}
+            codes[cookie] = {INVALID, policy.code} if isinstance(policy, FixedPolicy) and one_record_groups else {INVALID}
+        elif isinstance(policy, FixedPolicy):
+            codes[cookie] = {policy.code}
         else:
             codes[cookie] = {decision([(record[4], record[6]) for record in mine[0]])}
         if shedding and whole:
@@ -162,7 +161,7 @@ async def serve(data: list[bytes], policy: Policy, pauses: list[int], max_pendin
     tasks: list[asyncio.Task] = []  # policy calls: none may end with an exception
     loop.set_task_factory(lambda loop, coro, **kw: tasks.append(asyncio.Task(coro, loop=loop, **kw)) or tasks[-1])
     kernel = ModelKernel(data)
-    server = QueueServer(kernel, policy, QueueConfig("q", response_deadline=30, max_pending=max_pending))
+    server = QueueResponder(kernel, policy, QueueConfig("q", response_deadline=30, max_pending=max_pending))
     if mark:
         server.cookie_mark_hook = lambda cookie: cookie
     server.start()
@@ -206,7 +205,7 @@ scenario = dict(data=reads, pauses=st.lists(st.integers(0, 6), max_size=6), max_
 @given(**scenario)
 def test_accept_policy(data, pauses, max_pending, mark):
     with capture_logs():
-        asyncio.run(serve(data, AcceptPolicy(), pauses, max_pending, mark))
+        asyncio.run(serve(data, FixedPolicy("accept", SUCCESS), pauses, max_pending, mark))
 
 
 @FUZZ

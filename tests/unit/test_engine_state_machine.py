@@ -9,7 +9,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from iopfd.engine import Batch, BatchPolicy, Policy, QueueConfig, QueueServer
+from iopfd.engine import Batch, BatchPolicy, Policy, QueueConfig, QueueResponder
 from iopfd.iommufd import INVALID, SUCCESS
 from iopfd_dev.emulated import EmulatedFaultQueue, PageRequest
 
@@ -55,7 +55,7 @@ class EngineMachine(RuleBasedStateMachine):
         self.loop = asyncio.new_event_loop()
         self.emulated = EmulatedFaultQueue()
         self.policy = self.make_policy()
-        self.server = QueueServer(self.emulated.open(batch_records=4), self.policy,
+        self.server = QueueResponder(self.emulated.open(batch_records=4), self.policy,
                                   QueueConfig("sm", response_deadline=DEADLINE, max_pending=MAX_PENDING))
         self.loop.run_until_complete(self._run(self.server.start))
         self.grpid = 0

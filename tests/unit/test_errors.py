@@ -62,7 +62,7 @@ def test_adopting_an_fd_that_is_not_a_fault_fd_is_refused(kind, tmp_path):
     else:
         fd = 999_999
     with pytest.raises(IommufdError) as info:
-        FaultQueue.from_fd(fd)
+        FaultQueue.adopt(fd)
     message = str(info.value)
     assert "not an iommufd fault fd" in message and "anon_inode:[iommufd-pgfault]" in message
     assert {"pipe": "pipe:", "file": str(tmp_path / "f"), "closed": "not an open file descriptor"}[kind] in message

@@ -12,7 +12,8 @@ import sys
 import pytest
 
 from iopfd.service.config import load_settings
-from iopfd.service.server import ForwardEventsFdArg, ForwardFdArg, UsageError, prepare
+from iopfd.service.arguments import ForwardEventsFdArg, ForwardFdArg, UsageError
+from iopfd.service.prepare import prepare
 from iopfd.service.systemd import Notifier
 
 POLICIES = {"vmm": {"type": "forward"}, "other": {"type": "forward"}}
@@ -110,7 +111,7 @@ async def test_an_inherited_socketpair_is_the_policys_channel_until_either_end_c
         while vmm.channel is None or other.channel is None:
             await asyncio.sleep(0.001)
     assert (vmm.channel.read_records, vmm.event_channel is not None, other.channel.read_records) == (64, True, 256)
-    assert server.forward_policies() == {"vmm": vmm, "other": other}
+    assert server.configured_policies() == {"vmm": vmm, "other": other}
     other_ours.close()  # the peer closes its end: the policy has no peer any more
     async with asyncio.timeout(10):
         while other.channel is not None:

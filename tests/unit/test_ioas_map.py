@@ -7,18 +7,20 @@ import ctypes
 import errno
 
 import pytest
-from control_server import control_servers
+from server_in_loop import servers_in_loop
 
 from structlog.testing import capture_logs
 
+from iopfd.engine import Engine
 from iopfd.engine.batch import batch_of
 from iopfd.iommufd import INVALID, LAST_PAGE, PASID_VALID, SUCCESS, Iommufd, IommufdError
 from iopfd_dev.emulated import EmulatedFaultQueue
 from iopfd.iommufd.fault import RECORD, FaultGroup
-from iopfd.iommufd.probe import NO, UNKNOWN, Feature
-from iopfd.iommufd.uapi import lib
+from iopfd.iommufd.probe import NO, PAGING_HWPT_FAULTS, UNKNOWN, Feature
+from iopfd.iommufd.ioctl import lib
 from iopfd.policies import IoasMapPolicy, Policies, PolicyError
 from iopfd.policies.ioas_map import IoasMapOptions
+from iopfd.service.metrics import registry_for
 
 PAGE = 4096
 WINDOW = 0x1000000
@@ -139,6 +141,20 @@ def test_a_run_with_a_page_mapped_already_is_mapped_page_by_page(backing):
     assert policy.counts == {"mapped": 2, "already_mapped": 1, "outside_window": 0}
 
 
+def test_the_metrics_have_each_ioas_map_policys_pages_and_groups_outside_its_window(backing):
+    policy, ctx = build(backing), RecordingIommufd()
+    policy.bind("vm1", ctx)
+    ctx.refuse[WINDOW] = errno.EEXIST
+    policy.decide_batch(batch_of([group(WINDOW), group(WINDOW + PAGE), group(WINDOW + 4 * PAGE)]))
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for m in registry_for(Engine(), None, lambda: {"demand": policy, "other": Policies({}).get("accept")})
+               .collect() for s in m.samples}
+    assert samples[("iopfd_ioas_map_pages_total", (("policy", "demand"), ("result", "mapped")))] == 1
+    assert samples[("iopfd_ioas_map_pages_total", (("policy", "demand"), ("result", "already_mapped")))] == 1
+    assert samples[("iopfd_ioas_map_outside_window_groups_total", (("policy", "demand"),))] == 1
+    assert not [key for key in samples if ("policy", "other") in key[1]]  # only ioas-map policies have these
+
+
 @pytest.mark.asyncio
 async def test_a_fault_outside_the_window_is_invalid_and_maps_nothing(backing):
     policy, ctx = build(backing), RecordingIommufd()
@@ -204,27 +220,27 @@ def test_a_missing_or_short_backing_is_a_config_error(backing, tmp_path):
 
 def test_a_kernel_without_faults_on_paging_hwpts_refuses_the_policy(backing, monkeypatch):
     monkeypatch.setattr("iopfd.iommufd.probe.probe", lambda: [
-        Feature("faults on paging HWPTs", NO, "IOMMU_HWPT_ALLOC failed: EOPNOTSUPP")])
+        Feature(PAGING_HWPT_FAULTS, NO, "IOMMU_HWPT_ALLOC failed: EOPNOTSUPP")])
     ((path, text),) = table_errors(backing)
     assert path == "policies.demand" and "Linux 6.13+" in text and "EOPNOTSUPP" in text
 
 
 def test_a_kernel_the_probe_cannot_judge_only_gets_a_warning(backing, monkeypatch):
-    monkeypatch.setattr("iopfd.iommufd.probe.probe", lambda: [Feature("faults on paging HWPTs", UNKNOWN, "no mock")])
+    monkeypatch.setattr("iopfd.iommufd.probe.probe", lambda: [Feature(PAGING_HWPT_FAULTS, UNKNOWN, "no mock")])
     assert isinstance(Policies({"demand": ("ioas-map", options(backing))}).get("demand"), IoasMapPolicy)
 
 
 @pytest.mark.asyncio
 async def test_the_daemon_binds_the_queue_and_refuses_one_it_holds_no_iommufd_for(tmp_path, backing):
-    async with control_servers(tmp_path, watch_devices=False,
+    async with servers_in_loop(tmp_path, watch_devices=False,
                                policies={"demand": {"type": "ioas-map", **options(backing)}}) as start:
         server, _ = await start()
         with pytest.raises(PolicyError, match="queue 'vm1' policy: .*ask for queue 'vm1' with the control socket's broker"):
-            server.add_queue("vm1", EmulatedFaultQueue().open(), policy="demand")
+            server.queues.add("vm1", EmulatedFaultQueue().open(), policy="demand")
         assert server.engine.queues == {}  # nothing half-added
         ctx = RecordingIommufd()
-        server.add_queue("vm2", EmulatedFaultQueue().open(), policy="demand", keep_open=ctx)
+        server.queues.add("vm2", EmulatedFaultQueue().open(), policy="demand", iommufd=ctx)
         demand = server.policies.get("demand")
         assert demand._iommufds == {"vm2": ctx}
-        await server.remove_queue("vm2")
+        await server.queues.remove("vm2")
         assert demand._iommufds == {}

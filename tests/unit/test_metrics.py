@@ -11,7 +11,7 @@ import socket
 import urllib.request
 
 import pytest
-from control_server import control_servers
+from server_in_loop import servers_in_loop
 from prometheus_client.parser import text_string_to_metric_families
 
 from iopfd import protocol
@@ -51,7 +51,7 @@ class FailingFd(EmulatedFaultFd):
 
 @pytest.mark.asyncio
 async def test_process_metrics_count_the_fds_the_daemon_holds(tmp_path):
-    async with control_servers(tmp_path, metrics_address="127.0.0.1:0") as start:
+    async with servers_in_loop(tmp_path, metrics_address="127.0.0.1:0") as start:
         server, _ = await start()
         before = (await scraped(server))[("process_open_fds", ())]
         pipes = [os.pipe() for _ in range(20)]
@@ -72,12 +72,12 @@ async def test_process_metrics_count_the_fds_the_daemon_holds(tmp_path):
 
 @pytest.mark.asyncio
 async def test_iopfd_queues_and_queue_reading_follow_the_queues(tmp_path):
-    async with control_servers(tmp_path, metrics_address="127.0.0.1:0") as start:
+    async with servers_in_loop(tmp_path, metrics_address="127.0.0.1:0") as start:
         server, _ = await start()
         assert (await scraped(server))[("iopfd_queues", ())] == 0
         good, bad = EmulatedFaultQueue(), EmulatedFaultQueue()
-        server.add_queue("good", good.open())
-        server.add_queue("bad", FailingFd(bad))
+        server.queues.add("good", good.open())
+        server.queues.add("bad", FailingFd(bad))
         bad.report(PageRequest(dev_id=1, addr=0x1000))  # readable: the read fails
         async with asyncio.timeout(10):
             while server.engine.queues["bad"].failure is None:
@@ -86,7 +86,7 @@ async def test_iopfd_queues_and_queue_reading_follow_the_queues(tmp_path):
         assert samples[("iopfd_queues", ())] == 2
         assert samples[("iopfd_queue_reading", (("queue", "good"),))] == 1
         assert samples[("iopfd_queue_reading", (("queue", "bad"),))] == 0
-        await server.remove_queue("bad")
+        await server.queues.remove("bad")
         samples = await scraped(server)
         assert samples[("iopfd_queues", ())] == 1
         assert ("iopfd_queue_reading", (("queue", "bad"),)) not in samples
@@ -96,7 +96,7 @@ async def test_iopfd_queues_and_queue_reading_follow_the_queues(tmp_path):
 
 @pytest.mark.asyncio
 async def test_control_requests_are_counted_by_op_and_result(tmp_path):
-    async with control_servers(tmp_path, metrics_address="127.0.0.1:0") as start:
+    async with servers_in_loop(tmp_path, metrics_address="127.0.0.1:0") as start:
         server, path = await start()
         results = [await asyncio.to_thread(request, path, op, **fields) for op, fields in [
             ("status", {}), ("status", {}), ("detach", {"queue": "vm9"}), ("detach", {"queue": "no spaces"}),
@@ -126,7 +126,7 @@ async def test_control_requests_are_counted_by_op_and_result(tmp_path):
 
 @pytest.mark.asyncio
 async def test_a_refused_peer_is_counted_as_unauthorized(tmp_path):
-    async with control_servers(tmp_path, metrics_address="127.0.0.1:0") as start:
+    async with servers_in_loop(tmp_path, metrics_address="127.0.0.1:0") as start:
         server, path = await start(allowed_uids=[])
         assert await asyncio.to_thread(request, path, "status") == "unauthorized"
         samples = await scraped(server)

@@ -18,20 +18,21 @@ from pathlib import Path
 
 import pytest
 import structlog
-from control_server import control_servers
-from daemon_process import DaemonProcess
+from server_in_loop import servers_in_loop
+from iopfd_dev.daemon import spawn_daemon
 
 from iopfd.cli import build_parser
-from iopfd.engine import Engine, Policy
+from iopfd.engine import Engine
 from iopfd.engine.stats import OUTCOMES
 from iopfd.iommufd import INVALID, SUCCESS
 from iopfd_dev.emulated import EmulatedFaultQueue, PageRequest
 from iopfd_dev.cli import build_parser as build_dev_parser
 from iopfd.iommufd.probe import probe
 from iopfd.policies import Policies
+from iopfd.policies.registry import unchanged
 from iopfd.service.config import ConfigError, load_settings
 from iopfd.service.logging import configure_logging
-from iopfd.service.server import Server, build_policies, unchanged_policies
+from iopfd.service.server import Server
 from iopfd.service.systemd import Notifier
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -89,7 +90,7 @@ async def test_status_is_sent_with_no_queue_and_follows_queues_attached_later(no
     assert messages[-1] == (b"STATUS=0 queue(s), 0 groups answered (0 success, 0 invalid, 0 deadline, 0 shed, "
                             b"0 error), 0 pending")
     emulated = EmulatedFaultQueue()
-    server.add_queue("vm1", emulated.open())
+    server.queues.add("vm1", emulated.open())
     for i in range(3):
         emulated.report(PageRequest(dev_id=1, addr=0x1000 * i))
     await receive_until(sock, lambda m: m.startswith(b"STATUS=1 queue(s), 3 groups answered (3 success"))
@@ -102,7 +103,7 @@ async def test_status_is_sent_with_no_queue_and_follows_queues_attached_later(no
 async def test_the_status_op_totals_name_every_outcome(tmp_path):
     from iopfd.client import Client
 
-    async with control_servers(tmp_path) as start:
+    async with servers_in_loop(tmp_path) as start:
         _, path = await start()
         status = await asyncio.to_thread(lambda: Client(path, timeout=10).status())
     assert {outcome: status["totals"][outcome] for outcome in OUTCOMES} == dict.fromkeys(OUTCOMES, 0)
@@ -111,7 +112,7 @@ async def test_the_status_op_totals_name_every_outcome(tmp_path):
 # -- 2. SIGTERM when nobody reads stderr any more -------------------------------------------------
 BROKEN_STDERR_DAEMON = textwrap.dedent("""
     import asyncio, json, sys
-    from iopfd.engine import Engine, Policy, QueueConfig, QueueServer
+    from iopfd.engine import Engine, Policy, QueueConfig, QueueResponder
     from iopfd_dev.emulated import EmulatedFaultQueue, PageRequest
     from iopfd.policies import Policies
     from iopfd.service.config import load_settings
@@ -129,7 +130,7 @@ BROKEN_STDERR_DAEMON = textwrap.dedent("""
         configure_logging("info", "json")
         emulated = EmulatedFaultQueue()
         engine = Engine()
-        engine.add(QueueServer(emulated.open(), Hang(), QueueConfig("vm1", response_deadline=60)))
+        engine.add(QueueResponder(emulated.open(), Hang(), QueueConfig("vm1", response_deadline=60)))
         settings = load_settings(None, metrics_address="off", control={"path": "off"}, watch_devices=False,
                                  shutdown_grace=0.05)
         server = Server(settings, engine, Policies({}), Notifier(None))
@@ -223,11 +224,11 @@ async def test_reload_applies_policies_and_defaults_and_keeps_every_queue(tmp_pa
     """)
     settings = load_settings(config, metrics_address="off", control={"path": "off"}, watch_devices=False,
                              runtime_dir=str(tmp_path))
-    server = Server(settings, Engine(), build_policies(settings), Notifier(None),
+    server = Server(settings, Engine(), Policies.build_all(settings.policy_tables, settings.policy), Notifier(None),
                     reload_settings=lambda: load_settings(config, metrics_address="off"))
     emulated = EmulatedFaultQueue()
-    queue = server.add_queue("vm1", emulated.open())  # no policy of its own: the default, p
-    pinned = server.add_queue("vm2", EmulatedFaultQueue().open(), policy="kept")
+    queue = server.queues.add("vm1", emulated.open()).queue  # no policy of its own: the default, p
+    pinned = server.queues.add("vm2", EmulatedFaultQueue().open(), policy="kept").queue
     kept_policy = pinned.policy
     serving = asyncio.create_task(server.serve())
 
@@ -279,8 +280,8 @@ def test_a_reload_keeps_only_policies_whose_tables_and_references_are_unchanged(
         """)
         return load_settings(config)
 
-    assert unchanged_policies(settings("reject"), settings("reject")) == {"a", "uses-a", "alone"}
-    assert unchanged_policies(settings("reject"), settings("accept")) == {"alone"}
+    assert unchanged(settings("reject").policy_tables, settings("reject").policy_tables) == {"a", "uses-a", "alone"}
+    assert unchanged(settings("reject").policy_tables, settings("accept").policy_tables) == {"alone"}
 
 
 def test_a_config_queue_gets_its_own_limits(tmp_path):
@@ -292,9 +293,9 @@ def test_a_config_queue_gets_its_own_limits(tmp_path):
         response_deadline = 0.5
     """)
     server = Server(load_settings(config, runtime_dir=str(tmp_path)), Engine(), Policies({}), Notifier(None))
-    queue = server.add_queue("vm1", EmulatedFaultQueue().open(), policy="accept")
+    queue = server.queues.add("vm1", EmulatedFaultQueue().open(), policy="accept").queue
     assert (queue.config.max_pending, queue.config.response_deadline) == (8, 0.5)
-    other = server.add_queue("vm2", EmulatedFaultQueue().open())
+    other = server.queues.add("vm2", EmulatedFaultQueue().open()).queue
     assert (other.config.max_pending, other.config.response_deadline) == (4096, 1.0)
 
 
@@ -310,9 +311,8 @@ def test_sighup_reloads_the_running_daemon_and_sigterm_still_stops_it(tmp_path):
         [policies.p]
         type = "reject"
     """)
-    daemon = DaemonProcess(tmp_path, (), "--config", str(config))
+    daemon = spawn_daemon(tmp_path, (), "--config", str(config))
     try:
-        daemon.wait_ready()
         config.write_text(config.read_text().replace('type = "reject"', 'type = "accept"'))
         daemon.proc.send_signal(signal.SIGHUP)
         deadline = time.monotonic() + 30
@@ -441,10 +441,10 @@ def test_no_priority_prefix_off_journald(tmp_path):
 # -- 9. the control commands and probe --json ----------------------------------------------------
 @pytest.mark.asyncio
 async def test_iopfd_status_and_detach_over_the_control_socket(tmp_path):
-    async with control_servers(tmp_path) as start:
+    async with servers_in_loop(tmp_path) as start:
         server, path = await start()
         emulated = EmulatedFaultQueue()
-        server.add_queue("vm1", emulated.open(), policy="reject")
+        server.queues.add("vm1", emulated.open(), policy="reject")
         for i in range(2):
             emulated.report(PageRequest(dev_id=1, addr=0x1000 * i))
         while len(emulated.answers) < 2:

@@ -180,14 +180,14 @@ def test_dockerfile_passes_hadolint_and_pins_this_version():
 def exported_metric_names() -> set[str]:
     from collections import Counter
 
-    from iopfd.engine import Engine, QueueConfig, QueueServer
+    from iopfd.engine import Engine, FixedPolicy, QueueConfig, QueueResponder
     from iopfd_dev.emulated import EmulatedFaultQueue
-    from iopfd.policies import AcceptPolicy
+    from iopfd.iommufd import SUCCESS
     from iopfd.service.metrics import registry_for
 
     engine = Engine()
     emulated = EmulatedFaultQueue()
-    engine.add(QueueServer(emulated.open(), AcceptPolicy(), QueueConfig("q")))
+    engine.add(QueueResponder(emulated.open(), FixedPolicy("accept", SUCCESS), QueueConfig("q")))
     control_requests = Counter({("status", "ok"): 1})
     names = {sample.name for metric in registry_for(engine, control_requests).collect() for sample in metric.samples}
     emulated.close()

@@ -12,7 +12,7 @@ import pytest
 import pytest_asyncio
 
 from iopfd import protocol
-from iopfd.engine import QueueConfig, QueueServer
+from iopfd.engine import QueueConfig, QueueResponder
 from iopfd.engine.batch import Batch, Read, record_dtype, split_groups
 from iopfd.engine.events import Vevent
 from iopfd_dev.emulated import EmulatedFaultQueue, PageRequest
@@ -397,11 +397,11 @@ async def served(pair):
     """A queue served by the engine with a forward policy whose channel is ``pair``."""
     made = []
 
-    def serve(deadline: float, read_records: int = 256) -> tuple[EmulatedFaultQueue, QueueServer, ForwardPolicy]:
+    def serve(deadline: float, read_records: int = 256) -> tuple[EmulatedFaultQueue, QueueResponder, ForwardPolicy]:
         policy = ForwardPolicy("vmm")
         FaultChannel(pair[0], policy, read_records=read_records).start()
         emulated = EmulatedFaultQueue()
-        server = QueueServer(emulated.open(), policy, QueueConfig("vm1", response_deadline=deadline))
+        server = QueueResponder(emulated.open(), policy, QueueConfig("vm1", response_deadline=deadline))
         server.start()
         made.append((emulated, server, policy))
         return emulated, server, policy

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
-from daemon_process import DaemonProcess
+from iopfd_dev.daemon import spawn_daemon
 
 ROOT = Path(__file__).parents[2]
 NEVER_IN_THE_DAEMON = ("iopfd_dev", "iopfd.iommufd.selftest", "iopfd.iommufd.vfio", "virtme", "matplotlib")
@@ -25,10 +25,9 @@ def test_iopfd_run_imports_none_of_the_tooling(tmp_path, policy, numpy_expected)
     config.write_text(f'policy = "p"\nruntime_dir = "{tmp_path}"\nwatch_devices = false\n[control]\n'
                       f'path = "{tmp_path}/control.sock"\n[policies.p]\ntype = "{policy}"\n'
                       + ('default = "accept"\n' if policy == "rules" else ""))
-    daemon = DaemonProcess(tmp_path, (), "--config", str(config), "--metrics-address", "127.0.0.1:0",
-                           program=("-X", "importtime", "-m", "iopfd", "run"))
+    daemon = spawn_daemon(tmp_path, (), "--config", str(config), "--metrics-address", "127.0.0.1:0",
+                          program=("-X", "importtime", "-m", "iopfd", "run"))
     try:
-        daemon.wait_ready()
         assert daemon.terminate() == 0
         modules = imported_modules(daemon.output())
     finally:

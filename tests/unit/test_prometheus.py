@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from daemon_process import DaemonProcess
+from iopfd_dev.daemon import DaemonProcess
 
 from iopfd.client import Client
 from iopfd.protocol import ProtocolError

@@ -37,7 +37,7 @@ def test_sweep_answers_exactly_the_open_cookies():
     read = emulated.read(6 * RECORD.size)
     assert len(read) == 6 * RECORD.size  # cookies 1..6 open
     emulated.write(b"".join(RESPONSE.pack(cookie, SUCCESS) for cookie in (2, 5)))  # a previous life answered two
-    assert sweep(source, 8) == 4
+    assert sweep(source, 8) == [1, 3, 4, 6]
     assert emulated.pending_cookies == []
     assert [code for _, code in emulated.answers[2:]] == [INVALID] * 4
     emulated.close()

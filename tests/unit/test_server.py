@@ -13,13 +13,15 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from iopfd.engine import Engine, Policy, QueueConfig, QueueServer
+from iopfd.engine import Engine, Policy, QueueConfig, QueueResponder
 from iopfd.iommufd import INVALID, SUCCESS
 from iopfd_dev.emulated import EmulatedFaultQueue, PageRequest
 from iopfd.policies import Policies
 from iopfd.service.config import ConfigError, load_settings
-from iopfd.service.metrics import MetricsServer, registry_for
-from iopfd.service.server import FaultFdArg, Server, UsageError, prepare, resolve_queues
+from iopfd.service.metrics import MetricsEndpoint, registry_for
+from iopfd.service.arguments import FaultFdArg, UsageError
+from iopfd.service.prepare import prepare, resolve_queues
+from iopfd.service.server import Server
 from iopfd.service.systemd import Notifier
 
 
@@ -138,7 +140,7 @@ async def test_serve_notifies_and_sigterm_answers_everything_then_returns_0(noti
     sock, path = notify_socket
     emulated = EmulatedFaultQueue()
     engine = Engine()
-    engine.add(QueueServer(emulated.open(), Hang(), QueueConfig("vm1", response_deadline=30)))
+    engine.add(QueueResponder(emulated.open(), Hang(), QueueConfig("vm1", response_deadline=30)))
     settings = load_settings(None, metrics_address="off", shutdown_grace=0.05, control={"path": "off"},
                              runtime_dir=str(tmp_path))
     server = Server(settings, engine, Policies({}), Notifier.from_environment({"NOTIFY_SOCKET": path}))
@@ -169,13 +171,13 @@ async def test_metrics_endpoint_reports_the_engine():
         async def decide(self, group):
             return SUCCESS if group.dev_id == 1 else INVALID
 
-    engine.add(QueueServer(emulated.open(), Mixed(), QueueConfig("vm1")))
+    engine.add(QueueResponder(emulated.open(), Mixed(), QueueConfig("vm1")))
     engine.start()
     for dev_id in (1, 1, 2):
         emulated.report(PageRequest(dev_id=dev_id, addr=0x1000))
     while sum(engine.totals()[k] for k in ("success", "invalid")) < 3:
         await asyncio.sleep(0.01)
-    metrics = MetricsServer(registry_for(engine), "127.0.0.1", 0)
+    metrics = MetricsEndpoint(registry_for(engine), "127.0.0.1", 0)
     try:
         text = await asyncio.to_thread(
             lambda: urllib.request.urlopen(f"http://127.0.0.1:{metrics.port}/metrics").read().decode())
@@ -203,7 +205,7 @@ async def test_serve_pings_the_watchdog_while_queues_are_served(notify_socket, m
     monkeypatch.delenv("WATCHDOG_PID", raising=False)
     emulated = EmulatedFaultQueue()
     engine = Engine()
-    engine.add(QueueServer(emulated.open(), Hang(), QueueConfig("vm1")))
+    engine.add(QueueResponder(emulated.open(), Hang(), QueueConfig("vm1")))
     server = Server(load_settings(None, metrics_address="off", control={"path": "off"}, runtime_dir=str(tmp_path)),
                     engine, Policies({}),
                     Notifier.from_environment({"NOTIFY_SOCKET": path}))

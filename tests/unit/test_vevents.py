@@ -11,16 +11,15 @@ import os
 import struct
 
 import pytest
-from control_server import control_servers
+from server_in_loop import servers_in_loop
 
 from iopfd.client import Client
-from iopfd.engine import Engine, EventQueueServer, Policy, QueueConfig, QueueServer
-from iopfd.iommufd import IommufdError, SequenceTracker, VeventQueue, VeventRecord
+from iopfd.engine import Engine, EventQueueReader, FixedPolicy, Policy, QueueConfig, QueueResponder
+from iopfd.iommufd import SUCCESS, IommufdError, SequenceTracker, VeventQueue, VeventRecord
 from iopfd_dev.emulated import EmulatedFaultQueue
 from iopfd.iommufd.viommu import (
     ARM_SMMUV3, LOST_EVENTS, SELFTEST, SEQUENCE_MASK, TYPES, MalformedVevents, parse_vevents,
 )
-from iopfd.policies import AcceptPolicy
 from iopfd.protocol import ProtocolError
 from iopfd.service.metrics import registry_for
 
@@ -98,7 +97,7 @@ def test_type_names_are_the_few_iopfd_knows_and_an_unknown_type_is_refused_namin
         with pytest.raises(IommufdError, match="does not know the event size of vEVENTQ type 0x7"):
             VeventQueue(None, 0, read_end, 7)
         with pytest.raises(IommufdError, match=r"pipe:\[.*not a vEVENTQ fd \(anon_inode:\[iommufd-viommu-event\]\)"):
-            VeventQueue.from_fd(read_end, SELFTEST)
+            VeventQueue.adopt(read_end, SELFTEST)
     finally:
         os.close(read_end)
         os.close(write_end)
@@ -108,8 +107,8 @@ def test_metrics_have_queue_and_type_labels_only():
     engine = Engine()
     emulated = EmulatedFaultQueue()
     read_end, write_end = os.pipe()
-    engine.add(QueueServer(emulated.open(), AcceptPolicy(), QueueConfig("vm1")))
-    events = EventQueueServer(VeventQueue(None, 0, read_end, SELFTEST), AcceptPolicy(), "vm1")
+    engine.add(QueueResponder(emulated.open(), FixedPolicy("accept", SUCCESS), QueueConfig("vm1")))
+    events = EventQueueReader(VeventQueue(None, 0, read_end, SELFTEST), FixedPolicy("accept", SUCCESS), "vm1")
     engine.add_events(events)
     events.stats.events, events.stats.lost = 4, 6
     samples = {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
@@ -121,7 +120,7 @@ def test_metrics_have_queue_and_type_labels_only():
     }
     assert engine.totals()["vevents"] == 4 and engine.totals()["vevents_lost"] == 6
     with pytest.raises(ValueError, match="no fault queue named 'vm2'"):
-        engine.add_events(EventQueueServer(VeventQueue(None, 0, write_end, SELFTEST), AcceptPolicy(), "vm2"))
+        engine.add_events(EventQueueReader(VeventQueue(None, 0, write_end, SELFTEST), FixedPolicy("accept", SUCCESS), "vm2"))
     os.close(read_end)
     os.close(write_end)
     emulated.close()
@@ -135,8 +134,8 @@ def test_policies_ignore_events_unless_they_take_them():
     read_end, write_end = os.pipe()
     source = VeventQueue(None, 0, read_end, SELFTEST)
     try:
-        assert not EventQueueServer(source, AcceptPolicy(), "q")._delivers
-        assert EventQueueServer(source, Taking(), "q")._delivers
+        assert not EventQueueReader(source, FixedPolicy("accept", SUCCESS), "q")._delivers
+        assert EventQueueReader(source, Taking(), "q")._delivers
     finally:
         os.close(read_end)
         os.close(write_end)
@@ -144,7 +143,7 @@ def test_policies_ignore_events_unless_they_take_them():
 
 @pytest.mark.asyncio
 async def test_attach_with_a_veventq_fd_refuses_what_does_not_fit_the_protocol(tmp_path):
-    async with control_servers(tmp_path) as start:
+    async with servers_in_loop(tmp_path) as start:
         _, path = await start()
         pipes = [os.pipe() for _ in range(2)]
         a, b, c = pipes[0][0], pipes[0][1], pipes[1][0]

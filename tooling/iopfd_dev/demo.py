@@ -9,12 +9,9 @@ stops the daemon with SIGTERM and asks the kernel whether any group is left unan
 
 from __future__ import annotations
 
-import json
 import os
 import select
-import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,7 +30,6 @@ default = "reject"
 address = [0x0, 0x8000_0000]
 policy = "accept"
 """
-STARTUP_TIMEOUT = 180  # importing the daemon takes ~12 s in the TCG lab guest
 
 
 def main(*, here: bool, kernel: str, duration: float) -> int:
@@ -51,9 +47,9 @@ def main(*, here: bool, kernel: str, duration: float) -> int:
 
 
 def _has_mock_iommu() -> bool:
-    from iopfd.iommufd.probe import YES, probe
+    from iopfd.iommufd.probe import MOCK_IOMMU, YES, probe
 
-    return os.path.exists("/dev/iommu") and any(f.name == "selftest mock IOMMU" and f.status == YES
+    return os.path.exists("/dev/iommu") and any(f.name == MOCK_IOMMU and f.status == YES
                                                 for f in probe())
 
 
@@ -74,42 +70,33 @@ def run_here(duration: float) -> int:
 
 
 def _demo(queue, rig, tmp: Path, duration: float) -> int:
-    from iopfd.iommufd import PERM_READ, SUCCESS
+    from iopfd.engine.stats import OUTCOMES
+    from iopfd.iommufd import PERM_READ
+    from iopfd_dev.daemon import DaemonError, open_cookies, spawn_daemon
 
     (tmp / "iopfd.toml").write_text(DEMO_CONFIG)
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-    notify.bind(str(tmp / "notify"))
     port = _free_port()
-    log = (tmp / "iopfd.log").open("wb")
-    argv = [sys.executable, "-m", "iopfd", "run", "--config", str(tmp / "iopfd.toml"),
-            "--fault-fd", f"{queue.fd}:demo", "--metrics-address", f"127.0.0.1:{port}"]
     print(f"starting: iopfd run --fault-fd {queue.fd}:demo (policy: addresses below 0x80000000 accept, "
           "others reject)")
-    daemon = subprocess.Popen(argv, pass_fds=[queue.fd], stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                              env={**os.environ, "NOTIFY_SOCKET": str(tmp / "notify")})
     try:
-        if not _wait_ready(notify, daemon):
-            print(f"iopfd-dev demo: the daemon did not become ready:\n{(tmp / 'iopfd.log').read_text()}",
-                  file=sys.stderr)
-            return 1
-        print(f"daemon ready (pid {daemon.pid}); metrics on http://127.0.0.1:{port}/metrics\n")
+        daemon = spawn_daemon(tmp, (queue.fd,), "--config", str(tmp / "iopfd.toml"), "--fault-fd", f"{queue.fd}:demo",
+                              "--metrics-address", f"127.0.0.1:{port}")
+    except DaemonError as exc:
+        print(f"iopfd-dev demo: the daemon did not become ready: {exc}", file=sys.stderr)
+        return 1
+    try:
+        print(f"daemon ready (pid {daemon.proc.pid}); metrics on http://127.0.0.1:{port}/metrics\n")
         triggered = _stream(rig, port, duration, PERM_READ)
         _wait_caught_up(port, triggered)
-        daemon.send_signal(signal.SIGTERM)
-        status = daemon.wait(60)
+        status = daemon.terminate()
+        totals = daemon.totals()
     finally:
-        if daemon.poll() is None:
-            daemon.kill()
-            daemon.wait()
-        log.close()
-        notify.close()
-    totals = _final_totals(tmp / "iopfd.log")
+        daemon.close()
     undelivered = bool(select.select([queue.fd], [], [], 0)[0])
-    # Cookies are lowest-free: were any group still pending, a response to its cookie would be taken.
-    pending = [cookie for cookie in range(1, triggered + 1) if queue.respond([(cookie, SUCCESS)])]
-    answered = sum(totals.get(k, 0) for k in ("success", "invalid", "deadline", "shed", "error"))
+    pending = open_cookies(queue, triggered)
+    answered = sum(totals.get(k, 0) for k in OUTCOMES)
     print(f"\ndaemon exited with {status}; triggered {triggered} faults, the daemon answered {answered} groups: "
-          + ", ".join(f"{totals.get(k, 0)} {k}" for k in ("success", "invalid", "deadline", "shed", "error")))
+          + ", ".join(f"{totals.get(k, 0)} {k}" for k in OUTCOMES))
     print("kernel: " + ("nothing undelivered, no group left pending" if not undelivered and not pending
                         else f"undelivered={undelivered}, pending cookies {pending[:10]}"))
     return 0 if status == 0 and answered == triggered and not undelivered and not pending else 1
@@ -119,18 +106,6 @@ def _free_port() -> int:
     with socket.socket() as probe_socket:
         probe_socket.bind(("127.0.0.1", 0))
         return probe_socket.getsockname()[1]
-
-
-def _wait_ready(notify: socket.socket, daemon: subprocess.Popen) -> bool:
-    deadline = time.monotonic() + STARTUP_TIMEOUT
-    notify.settimeout(1)
-    while time.monotonic() < deadline and daemon.poll() is None:
-        try:
-            if "READY=1" in notify.recv(4096).decode().splitlines():
-                return True
-        except TimeoutError:
-            pass
-    return False
 
 
 def _stream(rig, port: int, duration: float, perm: int) -> int:
@@ -192,10 +167,3 @@ def _quantile_bound(buckets: list[tuple[float, float]], quantile: float) -> str:
         if total and count >= quantile * total:
             return f"<={bound * 1e3:g}ms" if bound != float("inf") else ">5s"
     return "-"
-
-
-def _final_totals(log_path: Path) -> dict:
-    for line in reversed(log_path.read_text(errors="replace").splitlines()):
-        if line.startswith("{") and json.loads(line).get("event") == "stopped":
-            return json.loads(line)
-    return {}

@@ -33,17 +33,19 @@ def _fault(i: int) -> PageRequest:
 
 async def _serve(scenario: str, groups: int, rate: float, report: Path) -> None:
     from iopfd.service.config import load_settings
-    from iopfd.service.server import Server, build_policies
+    from iopfd.policies import Policies
+    from iopfd.service.server import Server
 
     with tempfile.TemporaryDirectory(prefix="iopfd-bench-") as tmp:
         config = Path(tmp) / "iopfd.toml"
         config.write_text(STORM_CONFIG if scenario == "storm" else "")  # else: accept
         settings = load_settings(config, metrics_address="127.0.0.1:0")
-    server = Server(settings, Engine(), build_policies(settings), report_path=str(report))
+    server = Server(settings, Engine(), Policies.build_all(settings.policy_tables, settings.policy),
+                    report_path=str(report))
     counts = shares(groups, MULTI_QUEUES if scenario == "multi" else 1)
     emulated = [EmulatedFaultQueue() for _ in counts]
     for i, queue in enumerate(emulated):
-        server.add_queue(f"bench-{i}", queue.open())
+        server.queues.add(f"bench-{i}", queue.open())
     if scenario != "steady":
         for queue, count in zip(emulated, counts):
             for i in range(count):

@@ -25,10 +25,11 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from iopfd._uapi import ffi
-from iopfd_dev.policies import DelayPolicy, ImmediatePolicy, import_path
 from iopfd.iommufd import PERM_READ, FaultQueue, Iommufd
 from iopfd.iommufd.selftest import FaultingMockSetup
+from iopfd.uapi_ffi import ffi
+from iopfd_dev.daemon import spawn_daemon
+from iopfd_dev.policies import DelayPolicy, ImmediatePolicy, import_path
 
 SCENARIOS = ("burst", "steady", "storm", "multi", "seed")
 POLICIES = ("accept", "reject", "rules", "plugin", "forward", "forward-py")
@@ -42,7 +43,6 @@ SEED_THREADS = (8, 16, 32, 64, 128, 256, 512)
 SEED_FAULTS_PER_THREAD = 200  # 512 threads: 102 400 faults, the shape of the original report
 SEED_RESPONDERS = (("c-qemu", None), ("iopfd", "rules"), ("iopfd", "forward"))
 PEER_RECORDS = 256
-STARTUP_TIMEOUT = 180  # importing iopfd takes ~12 s in the TCG guest
 STOP_TIMEOUT = 1200
 LATE_SLACK = 0.05  # a group answered later than its deadline + this is late
 STORM = {"policy": "slow", "response_deadline": 1.0, "max_pending": 4096}
@@ -231,27 +231,17 @@ class Daemon:
                 fds.append(int(forward_args[-1].split(":")[0]))
         config = tmp / "iopfd.toml"
         config.write_text(POLICY_TABLES + "\n".join(queues))
-        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-        notify.bind(str(tmp / "notify"))
         print(f"[bench] starting iopfd run with {len(queues)} queues ...", file=sys.stderr, flush=True)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "iopfd", "run", "--config", str(config), *forward_args,
-             "--metrics-address", "127.0.0.1:0", "--report", str(self.report_path)],
-            pass_fds=fds, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-            env={**os.environ, "NOTIFY_SOCKET": notify.getsockname(), "IOPFD_CONTROL__PATH": "off",
-                 "IOPFD_WATCH_DEVICES": "false", "IOPFD_RUNTIME_DIR": str(tmp), "IOPFD_LOG_LEVEL": "error"})
-        for fd in fds[len(queues):]:
-            os.close(fd)  # the daemon's copies of the channel ends are its own now
-        notify.settimeout(STARTUP_TIMEOUT)
         try:
-            while b"READY=1" not in notify.recv(4096).split(b"\n"):
-                pass
-        except TimeoutError:
-            self.proc.kill()
-            raise RuntimeError(f"iopfd did not send READY=1 within {STARTUP_TIMEOUT} s: "
-                               f"{self.proc.communicate()[1][-2000:]}") from None
+            self.daemon = spawn_daemon(
+                tmp, fds, "--config", str(config), *forward_args, "--metrics-address", "127.0.0.1:0",
+                "--report", str(self.report_path),
+                env={"IOPFD_CONTROL__PATH": "off", "IOPFD_WATCH_DEVICES": "false", "IOPFD_RUNTIME_DIR": str(tmp),
+                     "IOPFD_LOG_LEVEL": "error"})
         finally:
-            notify.close()
+            for fd in fds[len(queues):]:
+                os.close(fd)  # the daemon's copies of the channel ends are its own now
+        self.proc = self.daemon.proc
 
     def peer_pid(self, policy: str | None) -> int | None:
         peer = self.peers.get(policy or "")
@@ -261,12 +251,14 @@ class Daemon:
         # The report lists when every group was answered: a few minutes of JSON for millions of
         # groups in the TCG guest.
         print("[bench] stopping iopfd (it writes its report) ...", file=sys.stderr, flush=True)
-        self.proc.send_signal(signal.SIGTERM)
-        _, err = self.proc.communicate(timeout=STOP_TIMEOUT)
-        if self.proc.returncode != 0:
-            raise RuntimeError(f"iopfd exited with {self.proc.returncode}: {err[-2000:]}")
+        try:
+            status = self.daemon.terminate(timeout=STOP_TIMEOUT)
+            if status != 0:
+                raise RuntimeError(f"iopfd exited with {status}: {self.daemon.output()[-2000:]}")
+        finally:
+            self.daemon.close()
         for policy, peer in self.peers.items():  # iopfd closed their channels: they end on their own
-            out, _ = peer.communicate(timeout=60)
+            peer.communicate(timeout=60)
             if peer.returncode != 0:
                 raise RuntimeError(f"the {policy} peer exited with {peer.returncode}")
         return json.loads(self.report_path.read_text())
@@ -449,20 +441,13 @@ def startup_seconds(runs: int = 5) -> float:
     device watching, crash recovery on) and a control socket as its only source of queues."""
     times = []
     for _ in range(runs):
-        with tempfile.TemporaryDirectory(prefix="iopfd-bench-") as tmp, \
-                socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as notify:
-            notify.bind(f"{tmp}/notify")
-            notify.settimeout(STARTUP_TIMEOUT)
+        with tempfile.TemporaryDirectory(prefix="iopfd-bench-") as tmp:
             started = time.monotonic()
-            proc = subprocess.Popen([sys.executable, "-m", "iopfd", "run", "--metrics-address", "127.0.0.1:0"],
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                    env={**os.environ, "NOTIFY_SOCKET": f"{tmp}/notify",
-                                         "IOPFD_CONTROL__PATH": f"{tmp}/control.sock", "IOPFD_RUNTIME_DIR": tmp})
+            daemon = spawn_daemon(Path(tmp), (), "--metrics-address", "127.0.0.1:0",
+                                  env={"IOPFD_CONTROL__PATH": f"{tmp}/control.sock", "IOPFD_RUNTIME_DIR": tmp})
+            times.append(time.monotonic() - started)
             try:
-                while b"READY=1" not in notify.recv(4096).split(b"\n"):
-                    pass
-                times.append(time.monotonic() - started)
+                daemon.terminate()
             finally:
-                proc.terminate()
-                proc.wait(60)
+                daemon.close()
     return sorted(times)[len(times) // 2]

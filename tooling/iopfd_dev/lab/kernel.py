@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from iopfd.iommufd import probe
 from iopfd_dev.lab import system
 from iopfd_dev.lab.errors import LabError
 
@@ -58,7 +59,7 @@ class LabKernel:
         return self.package_root / "usr" / "src" / f"{self.package}.tar.xz"
 
 
-FAULT_PATH = frozenset({"iommufd", "fault queues", "selftest mock IOMMU", "I/O page faults end to end"})
+FAULT_PATH = frozenset({probe.IOMMUFD, probe.FAULT_QUEUES, probe.MOCK_IOMMU, probe.FAULTS_END_TO_END})
 KERNELS: dict[str, LabKernel] = {
     "6.12": LabKernel(
         name="6.12",
@@ -73,7 +74,7 @@ KERNELS: dict[str, LabKernel] = {
         package_version="7.3.4-1~bpo13+1",
         fragments=("base.config", "mock-iommu-7.config"),
         suite="trixie-backports",
-        features=FAULT_PATH | {"faults on paging HWPTs", "PASID attach", "vIOMMU", "vEVENTQ"},
+        features=FAULT_PATH | {probe.PAGING_HWPT_FAULTS, probe.PASID_ATTACH, probe.VIOMMU, probe.VEVENTQ},
     ),
 }
 DEFAULT_KERNEL = "6.12"

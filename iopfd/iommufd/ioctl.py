@@ -1,11 +1,11 @@
-"""The cffi binding (``iopfd._uapi``) and its constants, plus the ioctl call every object uses."""
+"""The cffi binding (``iopfd.uapi_ffi``) and its constants, plus the ioctl call every object uses."""
 
 from __future__ import annotations
 
 import fcntl
 from collections.abc import Mapping
 
-from iopfd._uapi import ffi
+from iopfd.uapi_ffi import ffi
 from iopfd.iommufd.errors import error_for
 
 # ABI mode: dlopen(None) gives the enum and #define constants of the cdef, no symbols are used.
@@ -13,10 +13,9 @@ lib = ffi.dlopen(None)
 
 
 def new(ctype: str, **fields: int):
-    """A zeroed ``struct`` with its leading size field (``size`` or ``argsz``) set, and ``fields``."""
+    """A zeroed ``struct`` with its leading ``size`` field set, and ``fields``."""
     cdata = ffi.new(f"{ctype} *")
-    size_field = "argsz" if ctype.startswith("struct vfio_") else "size"
-    setattr(cdata, size_field, ffi.sizeof(ctype))
+    cdata.size = ffi.sizeof(ctype)
     for name, value in fields.items():
         setattr(cdata, name, value)
     return cdata

@@ -8,12 +8,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-import pytest
 
 from iopfd.engine import Engine
 from iopfd.service.config import load_settings
-from iopfd.service.control import ControlServer, bind_socket
-from iopfd.service.server import Server, build_policies
+from iopfd.policies import Policies
+from iopfd.service.control.transport import ControlSocket, bind_socket
+from iopfd.service.server import Server
 from iopfd.service.systemd import Notifier
 
 # The forward policy answers through batch.answer, which the per-group engine predating issue 13's
@@ -24,9 +24,9 @@ async def start_server(tmp_path: Path, *, allowed_uids=None, **settings) -> tupl
     path = str(tmp_path / "control.sock")
     control = {"path": path, **settings.pop("control", {})}
     config = load_settings(None, control=control, **({"metrics_address": "off"} | settings))
-    server = Server(config, Engine(), build_policies(config), Notifier(None))
+    server = Server(config, Engine(), Policies.build_all(config.policy_tables, config.policy), Notifier(None))
     uids = {os.getuid()} if allowed_uids is None else set(allowed_uids)
-    server.control = ControlServer(server, bind_socket(path, 0o660), allowed_uids=uids, allowed_gids=set(),
+    server.control = ControlSocket(server.control_state(), bind_socket(path, 0o660), allowed_uids=uids, allowed_gids=set(),
                                    owns_path=path)
     task = asyncio.create_task(server.serve())
     while not server.engine.running:
@@ -35,7 +35,7 @@ async def start_server(tmp_path: Path, *, allowed_uids=None, **settings) -> tupl
 
 
 @asynccontextmanager
-async def control_servers(tmp_path: Path, **defaults) -> AsyncIterator:
+async def servers_in_loop(tmp_path: Path, **defaults) -> AsyncIterator:
     """Yields ``start(**settings) -> (server, path)``; every server started is stopped at exit and
     must exit 0."""
     running = []

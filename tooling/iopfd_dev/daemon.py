@@ -1,4 +1,6 @@
-"""``iopfd run`` as a separate process, as systemd or a VMM starts it: fds inherited, NOTIFY_SOCKET owned here."""
+"""``iopfd run`` as systemd or a VMM starts it, for the tests, the demo and the benches: a process of
+its own with its fds inherited and NOTIFY_SOCKET owned here (READY=1 awaited, the fd store played);
+and the kernel's word on what a daemon left open (``open_cookies``)."""
 
 from __future__ import annotations
 
@@ -11,9 +13,13 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-STARTUP_TIMEOUT = 180
+from iopfd.iommufd import FaultQueue
+from iopfd.service.recovery import sweep
+
+STARTUP_TIMEOUT = 180  # seconds: 5-15 s in the TCG lab guest, several times that on a host busy with other guests
 STATUS_ANSWERED = re.compile(r"(\d+) groups answered")
 # Start a command the way systemd starts a service with passed fds: ``python -c AS_SYSTEMD FD CMD...``
 # puts FD at 3, sets LISTEN_PID to the process's own pid and execs CMD (the caller sets LISTEN_FDS*).
@@ -21,23 +27,28 @@ AS_SYSTEMD = ("import os, sys; os.dup2(int(sys.argv[1]), 3); os.environ['LISTEN_
               "os.execv(sys.argv[2], sys.argv[2:])")
 
 
+class DaemonError(Exception):
+    """The daemon exited, or did not say what was waited for; the message has its log."""
+
+
 class DaemonProcess:
-    def __init__(self, tmp_path: Path, pass_fds: tuple[int, ...], *args: str, env: dict[str, str] | None = None,
-                 prefix: tuple[str, ...] = (), program: tuple[str, ...] = ("-m", "iopfd", "run")):
-        """``program``: what the interpreter runs, with ``args`` after it (default ``iopfd run``)."""
-        self.notify_path = tmp_path / "notify.sock"
+    def __init__(self, directory: Path, pass_fds: Sequence[int], *args: str, env: dict[str, str] | None = None,
+                 prefix: Sequence[str] = (), program: Sequence[str] = ("-m", "iopfd", "run")) -> None:
+        """Start ``program`` (what the interpreter runs, default ``iopfd run``) with ``args`` and the
+        fds ``pass_fds`` inherited; its notify socket and log file are in ``directory``."""
+        self.notify_path = directory / "notify.sock"
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         self.notify.bind(str(self.notify_path))
         self.messages: list[str] = []
         self.stored_fds: dict[str, int] = {}  # what FDSTORE=1 handed us, playing systemd's fd store
-        self.log_path = tmp_path / "iopfd.log"
+        self.log_path = directory / "iopfd.log"
         self._log = self.log_path.open("wb")
         # Unbuffered, so a daemon that fails to start has its log lines in output() all the same.
         environ = {**os.environ, "NOTIFY_SOCKET": str(self.notify_path), "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc = subprocess.Popen([*prefix, sys.executable, *program, *args], pass_fds=pass_fds,
                                      env=environ, stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log)
 
-    def wait_message(self, predicate, timeout: float = 60.0) -> str:
+    def wait_message(self, predicate: Callable[[str], bool], timeout: float = 60.0) -> str:
         """The first notify message (old or new) for which ``predicate`` holds."""
         for message in self.messages:
             if predicate(message):
@@ -49,12 +60,12 @@ class DaemonProcess:
                 message = self._receive()
             except TimeoutError:
                 if self.proc.poll() is not None:  # nothing queued and nobody left to send
-                    raise AssertionError(f"iopfd exited with {self.proc.returncode}:\n{self.output()}") from None
+                    raise DaemonError(f"iopfd exited with {self.proc.returncode}:\n{self.output()}") from None
                 continue
             self.messages.append(message)
             if predicate(message):
                 return message
-        raise AssertionError(f"no such notify message in {timeout} s; got {self.messages[-5:]}\n{self.output()}")
+        raise DaemonError(f"no such notify message in {timeout} s; got {self.messages[-5:]}\n{self.output()}")
 
     def _receive(self) -> str:
         fds = array.array("i")
@@ -73,7 +84,6 @@ class DaemonProcess:
         return message
 
     def wait_ready(self) -> None:
-        # Start-up takes 5-15 s in the TCG guest, several times that on a host busy with other guests.
         self.wait_message(lambda m: "READY=1" in m.splitlines(), timeout=STARTUP_TIMEOUT)
 
     def wait_answered(self, groups: int, timeout: float = 120.0) -> None:
@@ -124,3 +134,22 @@ class DaemonProcess:
             self.proc.wait()
         self.notify.close()
         self._log.close()
+
+
+def spawn_daemon(directory: Path, pass_fds: Sequence[int], *args: str, **options) -> DaemonProcess:
+    """A DaemonProcess (same arguments) that has sent READY=1: every queue it was given is read.
+    Raises DaemonError, the process gone, if it exits or stays silent for STARTUP_TIMEOUT."""
+    daemon = DaemonProcess(directory, pass_fds, *args, **options)
+    try:
+        daemon.wait_ready()
+    except BaseException:
+        daemon.close()
+        raise
+    return daemon
+
+
+def open_cookies(queue: FaultQueue, upto: int) -> list[int]:
+    """The cookies in 1..upto the kernel still holds open, that is groups read and never answered
+    (cookies are lowest-free, so 1..upto covers every cookie of ``upto`` groups). Each is answered
+    INVALID on the way, as the daemon's crash recovery sweeps them."""
+    return sweep(queue, upto)

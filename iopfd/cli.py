@@ -7,6 +7,7 @@ import json
 import math
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 
@@ -73,9 +74,9 @@ def _control_request(args: argparse.Namespace, method: str, *params) -> dict | N
 
 
 def _table(header: list[str], rows: list[list[object]]) -> str:
-    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
-    return "\n".join("  ".join(f"{str(cell):<{width}}" for cell, width in zip(row, widths)).rstrip()
-                     for row in [header, *rows])
+    lines: list[Sequence[object]] = [header, *rows]
+    widths = [max(len(str(cell)) for cell in column) for column in zip(*lines)]
+    return "\n".join("  ".join(f"{cell!s:<{width}}" for cell, width in zip(row, widths)).rstrip() for row in lines)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -117,7 +118,8 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
 
     try:
         settings = load_settings(args.file)
-        Policies.build_all(settings.policy_tables, settings.policy)  # queues name only tables or built-ins: the config checked that
+        # Queues name only tables or built-ins: the config checked that.
+        Policies.build_all(settings.policy_tables, settings.policy)
     except (ConfigError, PolicyError) as exc:
         where = args.file if getattr(exc, "in_file", True) else f"the environment (not {args.file})"
         print(f"{where}: invalid configuration\n{exc}", file=sys.stderr)

@@ -95,7 +95,8 @@ class Client(Closing):
         """Stop serving ``queue``: iopfd answers what it has pending and closes its copy of the fd."""
         return self.request("detach", queue=queue)[0]
 
-    def broker(self, queue: str, *, policy: str | None = None, labels: Mapping[str, str] | None = None) -> tuple[int, int]:
+    def broker(self, queue: str, *, policy: str | None = None,
+               labels: Mapping[str, str] | None = None) -> tuple[int, int]:
         """iopfd opens /dev/iommu and a fault queue it serves; returns ``(iommufd_fd, fault_id)``.
         Allocate nested HWPTs in that iommufd with ``fault_id``; the fd is ours to close."""
         reply, fds = self.request("broker", queue=queue, policy=policy, labels=dict(labels or {}))

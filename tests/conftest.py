@@ -65,7 +65,7 @@ def built(request, lab_kernel):
 
 class _GuestReporter:
     def __init__(self, path: Path) -> None:
-        self._file = open(path, "a", buffering=1)
+        self._file = open(path, "a", buffering=1)  # noqa: SIM115 (open for the whole session, one line per test)
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         longrepr = str(report.longrepr) if report.longrepr else ""
@@ -122,7 +122,8 @@ class LabItem(pytest.Item):
             raise LabTestFailure("the lab guest reported no result for this test (see the guest output above)")
         for phase in phases:
             if phase["outcome"] == "failed":
-                raise LabTestFailure(f"failed in the lab guest ({self.kernel}) during {phase['when']}:\n{phase['longrepr']}")
+                raise LabTestFailure(f"failed in the lab guest ({self.kernel}) during {phase['when']}:\n"
+                                     f"{phase['longrepr']}")
         for phase in phases:
             if phase["outcome"] == "skipped":
                 pytest.skip(f"skipped in the lab guest ({self.kernel}): {phase['longrepr']}")

@@ -21,10 +21,10 @@ import sys
 from pathlib import Path
 
 from iopfd.iommufd import PERM_READ
-from iopfd_dev.emulated import EmulatedFaultQueue, PageRequest
 from iopfd.service.config import load_settings
 from iopfd.service.logging import configure_logging
 from iopfd.service.prepare import prepare
+from iopfd_dev.emulated import EmulatedFaultQueue, PageRequest
 
 CONFIG = """\
 log_format = "json"

@@ -8,10 +8,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-
 from iopfd.engine import Engine
-from iopfd.service.config import load_settings
 from iopfd.policies import Policies
+from iopfd.service.config import load_settings
 from iopfd.service.control.transport import ControlSocket, bind_socket
 from iopfd.service.server import Server
 from iopfd.service.systemd import Notifier
@@ -26,7 +25,8 @@ async def start_server(tmp_path: Path, *, allowed_uids=None, **settings) -> tupl
     config = load_settings(None, control=control, **({"metrics_address": "off"} | settings))
     server = Server(config, Engine(), Policies.build_all(config.policy_tables, config.policy), Notifier(None))
     uids = {os.getuid()} if allowed_uids is None else set(allowed_uids)
-    server.control = ControlSocket(server.control_state(), bind_socket(path, 0o660), allowed_uids=uids, allowed_gids=set(),
+    server.control = ControlSocket(server.control_state(), bind_socket(path, 0o660), allowed_uids=uids,
+                                   allowed_gids=set(),
                                    owns_path=path)
     task = asyncio.create_task(server.serve())
     while not server.engine.running:

@@ -1,8 +1,8 @@
 """The fault-delivery engine: read groups, ask the policy, answer by the deadline, write back."""
 
+from iopfd.engine.batch import Batch
 from iopfd.engine.engine import Engine
 from iopfd.engine.events import EventQueueReader, Vevent
-from iopfd.engine.batch import Batch
 from iopfd.engine.policy import BatchPolicy, FixedPolicy, Policy, RoutingPolicy
 from iopfd.engine.queue import QueueConfig, QueueResponder
 from iopfd.engine.stats import OUTCOMES, EventStats, QueueStats

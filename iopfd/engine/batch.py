@@ -142,7 +142,9 @@ class Read:
             if self.single:
                 return records[field]
             reduce = {"perm": n.bitwise_or, "addr_min": n.minimum, "addr_max": n.maximum}[name]
-            return reduce.reduceat(records[field], self.first)[: len(self.first)] if len(self.first) else records[field][:0]
+            if not len(self.first):
+                return records[field][:0]
+            return reduce.reduceat(records[field], self.first)[: len(self.first)]
         if name == "flags":
             return records["flags"][self.last] & KNOWN_FLAGS
         return records[name] if self.single else records[name][self.last]
@@ -228,8 +230,8 @@ class Batch:
         groups = self.read.every_record(record_mask)
         return groups if self._whole else groups[self.index]
 
-    def take(self, positions: numpy.ndarray) -> Batch:
-        """The groups at ``positions`` of this batch (indexes or a boolean mask), as a batch."""
+    def take(self, positions: numpy.ndarray | slice | list[int]) -> Batch:
+        """The groups at ``positions`` of this batch (indexes, a slice or a boolean mask), as a batch."""
         return Batch(self.read, self.index[positions], self._answer)
 
     def records(self) -> numpy.ndarray:

@@ -56,7 +56,7 @@ class EventQueueReader:
         self._delivers = type(policy).on_event is not Policy.on_event
         self._backlog: deque[Vevent] = deque()
         self._delivery: asyncio.Task | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop: asyncio.AbstractEventLoop  # the running loop, from start()
         self._reading = False
         self._watched = False  # the fd is registered with the loop (not while the policy has a backlog)
         self._log = log.bind(queue=name, veventq_type=source.type_name, **(labels or {}))

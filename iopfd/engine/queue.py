@@ -29,6 +29,7 @@ got its cookie (``_void_reissued``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 from array import array
 from collections import deque
@@ -43,9 +44,7 @@ from iopfd.engine.batch import Batch, Read, np, whole_groups
 from iopfd.engine.policy import BatchPolicy, FixedPolicy, Policy, RoutingPolicy
 from iopfd.engine.stats import QueueStats
 from iopfd.iommufd.errors import IommufdError
-from iopfd.iommufd.fault import (
-    INVALID, LAST_PAGE, RECORD, RESPONSE, SUCCESS, FaultGroup, FaultQueue, respond_packed,
-)
+from iopfd.iommufd.fault import INVALID, LAST_PAGE, RECORD, RESPONSE, SUCCESS, FaultGroup, FaultQueue, respond_packed
 
 log = structlog.get_logger("iopfd.engine")
 
@@ -129,7 +128,7 @@ class QueueResponder:
         self._fixed_code = policy.code if isinstance(policy, FixedPolicy) else None
         if self._fixed_code is None:
             np()  # import numpy now, before READY=1, not on the first fault
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop: asyncio.AbstractEventLoop  # the running loop, from start()
         self._reading = False
         self._resume_timer: asyncio.TimerHandle | None = None  # set while reading is paused (back-pressure)
         self._unread_since: float | None = None  # first readiness since the queue was last seen empty
@@ -197,7 +196,7 @@ class QueueResponder:
                 if reads >= MAX_READS_PER_WAKEUP:
                     return
                 if not self._read_fits():
-                    self._pause()
+                    self._pause(self._unread_since)
                     return
             elif reads and now - woke >= MAX_WAKEUP_SECONDS:
                 return  # behind: the drain goes on next turn, after the timers and answers due
@@ -226,7 +225,7 @@ class QueueResponder:
                 if self._answer_read(data, started, now, self.config.deadline_code, "deadline"):
                     self._warn_overdue(len(data) // RECORD.size)
                     continue
-            elif self._open >= self.config.max_pending:
+            elif self._open >= self.config.max_pending:  # noqa: SIM102 (one branch of the chain, as above)
                 if self._answer_read(data, started, now, INVALID, "shed"):
                     self._warn_shed(len(data) // RECORD.size)
                     continue
@@ -239,17 +238,19 @@ class QueueResponder:
         read = min(self.source.buffer_records, self.config.max_pending // 2)
         return self._open + read <= self.config.max_pending
 
-    def _pause(self) -> None:
+    def _pause(self, unread_since: float) -> None:
         """Stop reading until decisions make room for a whole read (``_close``) or until the groups
-        left in the kernel have waited unread for BEHIND_FRACTION of their deadline."""
+        left in the kernel (unread since ``unread_since``) have waited unread for BEHIND_FRACTION of
+        their deadline."""
         if self._resume_timer is not None:
             return
         self._loop.remove_reader(self.source.fileno())
         self._resume_timer = self._loop.call_at(
-            self._unread_since + self.config.response_deadline * BEHIND_FRACTION, self._resume)
+            unread_since + self.config.response_deadline * BEHIND_FRACTION, self._resume)
 
     def _resume(self) -> None:
-        self._resume_timer.cancel()
+        if self._resume_timer is not None:  # called by it, or by _close() before it fires
+            self._resume_timer.cancel()
         self._resume_timer = None
         if self._reading:
             self._loop.add_reader(self.source.fileno(), self._on_readable)
@@ -329,8 +330,9 @@ class QueueResponder:
         self._dispatch(self.policy, Batch(read, n.flatnonzero(read.open), self._answer_codes), 0)
 
     def _raise_cookie_mark(self, highest: int) -> None:
-        if highest > self.cookie_mark:
-            self.cookie_mark = self.cookie_mark_hook(highest)
+        hook = self.cookie_mark_hook
+        if highest > self.cookie_mark and hook is not None:
+            self.cookie_mark = hook(highest)
 
     def _track_cookies(self, read: Read) -> None:
         """Record which read holds each cookie open, voiding the open group of any cookie the kernel
@@ -744,10 +746,8 @@ class QueueResponder:
         self._waiting_turn.clear()  # never called: answered below with the rest
         if self._reads and grace > 0:
             self._drained = asyncio.Event()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._drained.wait(), grace)
-            except TimeoutError:
-                pass
             self._drained = None
         if self._deadline_timer is not None:
             self._deadline_timer.cancel()

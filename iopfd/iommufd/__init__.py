@@ -5,11 +5,25 @@ are imported from their modules by those who need them (the probe, the tooling),
 
 from iopfd.iommufd.context import Iommufd
 from iopfd.iommufd.errors import (
-    Busy, InvalidArgument, IommufdError, IommufdUnavailable, NotFound, NotSupported, PermissionDenied,
+    Busy,
+    InvalidArgument,
+    IommufdError,
+    IommufdUnavailable,
+    NotFound,
+    NotSupported,
+    PermissionDenied,
 )
 from iopfd.iommufd.fault import (
-    INVALID, LAST_PAGE, PASID_VALID, SUCCESS, Fault, FaultGroup, FaultQueue, MalformedFaultData,
-    parse_groups, respond_all,
+    INVALID,
+    LAST_PAGE,
+    PASID_VALID,
+    SUCCESS,
+    Fault,
+    FaultGroup,
+    FaultQueue,
+    MalformedFaultData,
+    parse_groups,
+    respond_all,
 )
 from iopfd.iommufd.hwpt import Hwpt
 from iopfd.iommufd.ioas import Ioas

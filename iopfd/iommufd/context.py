@@ -7,10 +7,9 @@ import os
 from dataclasses import dataclass
 from typing import Any, ClassVar, Self
 
-from iopfd.uapi_ffi import ffi
-
-from iopfd.iommufd.errors import IommufdError, IommufdUnavailable, error_for
+from iopfd.iommufd.errors import IommufdError, IommufdUnavailable, error_from
 from iopfd.iommufd.ioctl import ioctl, new
+from iopfd.uapi_ffi import ffi
 
 DEVICE = "/dev/iommu"
 
@@ -56,7 +55,7 @@ class Iommufd(Closing):
                 "the module is not loaded: modprobe iommufd)",
             ) from None
         except OSError as exc:
-            raise error_for(f"open {path}", exc.errno) from None
+            raise error_from(f"open {path}", exc) from None
         return cls(fd)
 
     def ioctl(self, name: str, cdata, **kwargs) -> None:
@@ -70,7 +69,8 @@ class Iommufd(Closing):
         """IOMMU_GET_HW_INFO for a bound device: its IOMMU type, vendor data and PASID capability."""
         data = ffi.new("char[]", data_len)
         cmd = new("struct iommu_hw_info", dev_id=dev_id, data_len=data_len, data_uptr=int(ffi.cast("uintptr_t", data)))
-        self.ioctl("IOMMU_GET_HW_INFO", cmd, hints={errno.ENOENT: f"dev_id {dev_id} is not a device bound to this iommufd"})
+        self.ioctl("IOMMU_GET_HW_INFO", cmd,
+                   hints={errno.ENOENT: f"dev_id {dev_id} is not a device bound to this iommufd"})
         return HwInfo(cmd.out_data_type, bytes(ffi.buffer(data, cmd.data_len)), cmd.out_max_pasid_log2,
                       cmd.out_capabilities)
 
@@ -83,12 +83,12 @@ class Iommufd(Closing):
 class Object:
     """An iommufd object with an ID; leaving its ``with`` block destroys it."""
 
-    def __init__(self, ctx: Iommufd, object_id: int) -> None:
-        self.ctx = ctx
+    def __init__(self, ctx: Iommufd | None, object_id: int) -> None:
+        self.ctx = ctx  # None only for an FdObject adopted from elsewhere (object_id 0)
         self.id = object_id
 
     def destroy(self) -> None:
-        if self.id:
+        if self.id and self.ctx is not None:
             self.ctx.destroy(self.id)
             self.id = 0
 
@@ -111,7 +111,6 @@ class FdObject(Object):
     """An object that comes with an fd of its own (a fault queue, a vEVENTQ). ``ctx`` is None for an fd
     adopted from elsewhere: closing it is then all there is to do."""
 
-    fd = -1
     ANON_INODE: ClassVar[str]  # what describe_fd() says an fd of this kind is
     DESCRIBED_AS: ClassVar[str]  # in errors: what the fd should have been, and where such an fd comes from
 
@@ -127,6 +126,10 @@ class FdObject(Object):
             raise IommufdError(f"adopt fd {fd}", errno.EBADF, f"it is {what}, not {cls.DESCRIBED_AS}")
         return cls(None, 0, fd, *args, **kwargs)
 
+    def __init__(self, ctx: Iommufd | None, object_id: int, fd: int) -> None:
+        super().__init__(ctx, object_id)
+        self.fd = fd
+
     def fileno(self) -> int:
         return self.fd
 
@@ -137,5 +140,4 @@ class FdObject(Object):
 
     def destroy(self) -> None:
         self.close()  # the object cannot be destroyed while its fd is open
-        if self.ctx is not None:
-            super().destroy()
+        super().destroy()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Mapping
 
 
 class IommufdError(OSError):
@@ -77,3 +78,9 @@ _GENERAL_HINTS = {
 def error_for(operation: str, err: int, hint: str | None = None) -> IommufdError:
     cls = _CLASSES.get(err, IommufdError)
     return cls(operation, err, hint or _GENERAL_HINTS.get(err))
+
+
+def error_from(operation: str, exc: OSError, hints: Mapping[int, str] | None = None) -> IommufdError:
+    """error_for() the OSError of a failed system call, with the hint ``hints`` has for its errno."""
+    assert exc.errno is not None  # a system call's OSError always carries its errno
+    return error_for(operation, exc.errno, (hints or {}).get(exc.errno))

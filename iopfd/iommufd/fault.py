@@ -16,10 +16,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from iopfd.uapi_ffi import ffi
 from iopfd.iommufd.context import FdObject, Iommufd
-from iopfd.iommufd.errors import IommufdError, error_for
+from iopfd.iommufd.errors import IommufdError, error_from
 from iopfd.iommufd.ioctl import lib, new
+from iopfd.uapi_ffi import ffi
 
 RECORD = struct.Struct("<IIIIIIQII")  # struct iommu_hwpt_pgfault, checked against ffi below
 RESPONSE = struct.Struct("<II")       # struct iommu_hwpt_page_response
@@ -68,7 +68,7 @@ class FaultGroup:
         self.cookie = cookie
         self.records = records
         self.queue = queue
-        self._view = None
+        self._view: memoryview | None = None
 
     @property
     def _words(self) -> memoryview:
@@ -79,7 +79,8 @@ class FaultGroup:
         return self._view
 
     def __repr__(self) -> str:
-        return f"FaultGroup(cookie={self.cookie}, dev_id={self.dev_id}, faults={self.fault_count}, queue={self.queue!r})"
+        return (f"FaultGroup(cookie={self.cookie}, dev_id={self.dev_id}, faults={self.fault_count}, "
+                f"queue={self.queue!r})")
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, FaultGroup):
@@ -202,8 +203,7 @@ class FaultQueue(FdObject):
 
     def __init__(self, ctx: Iommufd | None, object_id: int, fd: int, *,
                  batch_records: int = DEFAULT_BATCH_RECORDS) -> None:
-        super().__init__(ctx, object_id)  # type: ignore[arg-type]
-        self.fd = fd
+        super().__init__(ctx, object_id, fd)
         self._buffer = bytearray(batch_records * RECORD.size)
 
     @classmethod
@@ -231,7 +231,7 @@ class FaultQueue(FdObject):
                 if exc.errno == errno.EINVAL:  # 6.12.101+: the first pending group does not fit
                     self._grow()
                     continue
-                raise error_for("read fault fd", exc.errno) from None
+                raise error_from("read fault fd", exc) from None
             if n == 0 and confirm_empty and self._has_input():
                 self._grow()
                 continue
@@ -274,7 +274,7 @@ class FaultQueue(FdObject):
         except OSError as exc:
             if exc.errno == errno.EINVAL:  # the first entry was refused
                 return 0
-            raise error_for("write fault fd", exc.errno) from None
+            raise error_from("write fault fd", exc) from None
         return written // RESPONSE.size
 
 
@@ -286,7 +286,7 @@ def respond_all(queue: FaultQueue, responses: Sequence[tuple[int, int]]) -> list
     return respond_packed(queue, struct.pack(f"<{len(flat)}I", *flat))
 
 
-def respond_packed(queue: FaultQueue, payload: bytes | bytearray) -> list[int]:
+def respond_packed(queue: FaultQueue, payload: bytes | bytearray | memoryview) -> list[int]:
     """respond_all() for responses already packed as ``struct iommu_hwpt_page_response``s."""
     view = memoryview(payload)
     total = len(view) // RESPONSE.size

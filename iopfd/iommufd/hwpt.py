@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import errno
 
-from iopfd.uapi_ffi import ffi
 from iopfd.iommufd.context import Iommufd, Object
 from iopfd.iommufd.ioctl import lib, new
+from iopfd.uapi_ffi import ffi
 
 
 class Hwpt(Object):
@@ -20,7 +20,8 @@ class Hwpt(Object):
         payload = ffi.new("char[]", data) if data else ffi.NULL
         cmd = new("struct iommu_hwpt_alloc", flags=flags, dev_id=dev_id, pt_id=pt_id, data_type=data_type,
                   data_len=len(data), data_uptr=int(ffi.cast("uintptr_t", payload)), fault_id=fault_id or 0)
-        hints = {errno.ENOENT: f"dev_id {dev_id}, pt_id {pt_id} or fault_id {fault_id} is not an object of this iommufd"}
+        hints = {errno.ENOENT: f"dev_id {dev_id}, pt_id {pt_id} or fault_id {fault_id} is not an object of this "
+                               "iommufd"}
         if fault_id is not None and flags & lib.IOMMU_HWPT_ALLOC_NEST_PARENT:
             hints[errno.EOPNOTSUPP] = ("a nest parent cannot take a fault queue: pass fault_id to the nested "
                                        "HWPT allocated on top of it")
@@ -29,8 +30,10 @@ class Hwpt(Object):
                                        "HWPTs need Linux 6.13+ and driver support): allocate a NEST_PARENT HWPT "
                                        "and a nested HWPT with the fault_id on it")
         elif data:
-            hints[errno.EOPNOTSUPP] = f"the IOMMU driver does not accept data_type {data_type:#x} with flags {flags:#x}"
-            hints[errno.EINVAL] = f"pt_id {pt_id} must be a HWPT allocated with NEST_PARENT, and the data valid for its driver"
+            hints[errno.EOPNOTSUPP] = (f"the IOMMU driver does not accept data_type {data_type:#x} with flags "
+                                       f"{flags:#x}")
+            hints[errno.EINVAL] = (f"pt_id {pt_id} must be a HWPT allocated with NEST_PARENT, and the data valid for "
+                                   "its driver")
         ctx.ioctl("IOMMU_HWPT_ALLOC", cmd, hints=hints)
         return cls(ctx, cmd.out_hwpt_id)
 

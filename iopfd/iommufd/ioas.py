@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import errno
 
-from iopfd.uapi_ffi import ffi
 from iopfd.iommufd.context import Iommufd, Object
 from iopfd.iommufd.ioctl import lib, new
+from iopfd.uapi_ffi import ffi
 
 U64_MAX = 2**64 - 1
 
 
 class Ioas(Object):
+    ctx: Iommufd  # where the IOAS lives
     @classmethod
     def alloc(cls, ctx: Iommufd) -> Ioas:
         cmd = new("struct iommu_ioas_alloc")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import fcntl
 from collections.abc import Mapping
 
+from iopfd.iommufd.errors import error_from
 from iopfd.uapi_ffi import ffi
-from iopfd.iommufd.errors import error_for
 
 # ABI mode: dlopen(None) gives the enum and #define constants of the cdef, no symbols are used.
 lib = ffi.dlopen(None)
@@ -32,4 +32,4 @@ def ioctl(fd: int, name: str, cdata, *, size: int | None = None, hints: Mapping[
     try:
         fcntl.ioctl(fd, getattr(lib, name), buffer, True)
     except OSError as exc:
-        raise error_for(name, exc.errno, (hints or {}).get(exc.errno)) from None
+        raise error_from(name, exc, hints) from None

@@ -10,8 +10,8 @@ from iopfd.iommufd.errors import IommufdError
 from iopfd.iommufd.fault import FaultQueue
 from iopfd.iommufd.hwpt import Hwpt
 from iopfd.iommufd.ioas import Ioas
-from iopfd.iommufd.selftest import SELFTEST_NESTED_DATA, FaultingMockSetup, MockDevice
 from iopfd.iommufd.ioctl import ioctl, lib, new
+from iopfd.iommufd.selftest import SELFTEST_NESTED_DATA, FaultingMockSetup, MockDevice
 from iopfd.iommufd.vfio import list_devices
 
 YES, NO, UNKNOWN = "yes", "no", "unknown"

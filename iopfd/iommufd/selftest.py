@@ -8,14 +8,15 @@ from __future__ import annotations
 import errno
 import os
 import struct
+from typing import TypeVar
 
 from iopfd.iommufd.context import Closing, Iommufd, Object
 from iopfd.iommufd.errors import InvalidArgument
 from iopfd.iommufd.hwpt import Hwpt
 from iopfd.iommufd.ioas import Ioas
+from iopfd.iommufd.ioctl import lib, new
 from iopfd.iommufd.viommu import Vdevice, VeventQueue, Viommu
 from iopfd.uapi_ffi import ffi
-from iopfd.iommufd.ioctl import lib, new
 
 NO_SELFTEST = ("the kernel lacks CONFIG_IOMMUFD_TEST (the selftest mock IOMMU); "
                "run inside the kernel lab (iopfd-dev lab run ...)")
@@ -23,6 +24,7 @@ NO_IOPF = ("the kernel lacks IOMMU_IOPF, so no device can attach to a fault-capa
            "enable INTEL_IOMMU_SVM or AMD_IOMMU in its config")
 NO_PASID_OPS = ("this kernel's selftest has no PASID ops (Linux 7.x adds them); check iopfd probe's "
                 "\"PASID attach\" line")
+KeptObject = TypeVar("KeptObject", bound=Object)
 # struct iommu_hwpt_selftest up to iotlb: all a nested mock HWPT reads, on every kernel.
 SELFTEST_NESTED_DATA = struct.pack("<I", lib.IOMMU_TEST_IOTLB_DEFAULT)
 
@@ -49,6 +51,8 @@ class MockDevice(Object):
     ``id`` is the selftest device (stdev) ID used for replace and destroy; ``dev_id`` is the
     iommufd device (idev) ID used in HWPT_ALLOC, TRIGGER_IOPF and fault records.
     """
+
+    ctx: Iommufd  # where the device is bound
 
     def __init__(self, ctx: Iommufd, stdev_id: int, dev_id: int, hwpt_id: int) -> None:
         super().__init__(ctx, stdev_id)
@@ -88,7 +92,8 @@ class MockDevice(Object):
                            perm: int = lib.IOMMU_PGFAULT_PERM_READ) -> tuple[int, bytes]:
         """The ioctl request number and argument bytes of trigger_iopf(), for a program that issues it
         many times on this device's iommufd (the bench's C trigger) without knowing the struct."""
-        cmd = build_test_cmd(lib.IOMMU_TEST_OP_TRIGGER_IOPF, trigger_iopf=self._trigger_fields(addr, pasid, grpid, perm))
+        cmd = build_test_cmd(lib.IOMMU_TEST_OP_TRIGGER_IOPF,
+                             trigger_iopf=self._trigger_fields(addr, pasid, grpid, perm))
         return lib.IOMMU_TEST_CMD, bytes(ffi.buffer(cmd))
 
     def trigger_vevent(self) -> None:
@@ -172,7 +177,8 @@ class MockAccess(Closing):
                      access_rw={"iova": iova, "length": length, "uptr": int(ffi.cast("uintptr_t", buffer)),
                                 "flags": flags},
                      hints={errno.ENOENT: f"IOVA range [{iova:#x}, {iova + length:#x}) is not (all) mapped in the IOAS",
-                            errno.EPERM: "the IOAS mapping lacks the permission (READABLE/WRITEABLE) this access needs"})
+                            errno.EPERM: "the IOAS mapping lacks the permission (READABLE/WRITEABLE) this access "
+                                         "needs"})
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -187,7 +193,7 @@ class FaultingMockSetup(Closing):
     queue -> replace the device onto it. Teardown follows the kernel selftest's order.
     """
 
-    def __init__(self, ctx: Iommufd, fault_id: int, **options) -> None:
+    def __init__(self, ctx: Iommufd, fault_id: int) -> None:
         self.ctx = ctx
         self._stack: list[Object] = []
         try:
@@ -195,7 +201,7 @@ class FaultingMockSetup(Closing):
             self.device = self._keep(MockDevice.create(ctx, self.ioas.id))
             self._ioas_domain = self.device.hwpt_id
             self.parent = self._keep(Hwpt.nest_parent(ctx, dev_id=self.device.dev_id, ioas_id=self.ioas.id))
-            self._build(fault_id, **options)
+            self._build(fault_id)
         except BaseException:
             self.close()
             raise
@@ -207,7 +213,7 @@ class FaultingMockSetup(Closing):
                                              data=SELFTEST_NESTED_DATA, fault_id=fault_id))
         self.device.replace(self.nested.id)
 
-    def _keep(self, obj):
+    def _keep(self, obj: KeptObject) -> KeptObject:
         self._stack.append(obj)
         return obj
 
@@ -229,15 +235,16 @@ class ViommuMockSetup(FaultingMockSetup):
     """
 
     def __init__(self, ctx: Iommufd, fault_id: int, *, virt_id: int = 0x99, depth: int = 64) -> None:
-        super().__init__(ctx, fault_id, virt_id=virt_id, depth=depth)
+        self.virt_id = virt_id
+        self.depth = depth
+        super().__init__(ctx, fault_id)
 
-    def _build(self, fault_id: int, *, virt_id: int, depth: int) -> None:
-        ctx = self.ctx
+    def _build(self, fault_id: int) -> None:
+        ctx, virt_id, depth = self.ctx, self.virt_id, self.depth
         self.viommu = self._keep(Viommu.alloc(ctx, dev_id=self.device.dev_id, hwpt_id=self.parent.id,
                                               viommu_type=lib.IOMMU_VIOMMU_TYPE_SELFTEST))
         self.vdevice = self._keep(Vdevice.alloc(ctx, viommu_id=self.viommu.id, dev_id=self.device.dev_id,
                                                 virt_id=virt_id))
-        self.virt_id = virt_id
         self.nested = self._keep(Hwpt.nested(ctx, dev_id=self.device.dev_id, parent_id=self.viommu.id,
                                              data_type=lib.IOMMU_HWPT_DATA_SELFTEST,
                                              data=SELFTEST_NESTED_DATA, fault_id=fault_id))

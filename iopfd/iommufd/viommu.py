@@ -17,10 +17,10 @@ import os
 import struct
 from dataclasses import dataclass
 
-from iopfd.uapi_ffi import ffi
 from iopfd.iommufd.context import FdObject, Iommufd, Object
-from iopfd.iommufd.errors import IommufdError, error_for
+from iopfd.iommufd.errors import IommufdError, error_from
 from iopfd.iommufd.ioctl import lib, new
+from iopfd.uapi_ffi import ffi
 
 HEADER = struct.Struct("<II")  # struct iommufd_vevent_header
 assert HEADER.size == ffi.sizeof("struct iommufd_vevent_header")
@@ -137,12 +137,11 @@ class VeventQueue(FdObject):
 
     def __init__(self, ctx: Iommufd | None, object_id: int, fd: int, event_type: int, *,
                  batch_events: int = DEFAULT_BATCH_EVENTS) -> None:
-        super().__init__(ctx, object_id)  # type: ignore[arg-type]
+        super().__init__(ctx, object_id, fd)
         if event_type not in PAYLOAD_SIZES:
             raise IommufdError("read vEVENTQ", errno.EOPNOTSUPP,
                                f"iopfd does not know the event size of vEVENTQ type {event_type:#x}; it knows "
                                f"{', '.join(f'{name} ({value:#x})' for value, name in TYPE_NAMES.items())}")
-        self.fd = fd
         self.type = event_type
         self.type_name = TYPE_NAMES[event_type]
         self.payload_size = PAYLOAD_SIZES[event_type]
@@ -170,11 +169,9 @@ class VeventQueue(FdObject):
         try:
             n = os.readv(self.fd, [self._buffer])
         except OSError as exc:
-            if exc.errno == errno.EINVAL:
-                raise error_for("read vEVENTQ", exc.errno,
-                                f"an event is larger than a {self.type_name} event ({self.payload_size} bytes of "
-                                "payload): is the vEVENTQ's type the one given?") from None
-            raise error_for("read vEVENTQ", exc.errno) from None
+            raise error_from("read vEVENTQ", exc, {errno.EINVAL: (
+                f"an event is larger than a {self.type_name} event ({self.payload_size} bytes of payload): is "
+                "the vEVENTQ's type the one given?")}) from None
         return memoryview(self._buffer)[:n]
 
     def read(self) -> list[VeventRecord]:

@@ -88,7 +88,8 @@ class ForwardPolicy(BatchPolicy):
         if events is not None:
             self.event_channel = events
 
-    def disconnect(self, channel: Channel | EventSink) -> None:
+    def disconnect(self, channel: object) -> None:
+        """``channel`` (the fault or the event channel) is gone."""
         if self.channel is channel:
             self.channel = None
         if self.event_channel is channel:

@@ -21,13 +21,13 @@ from typing import Annotated, Any
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from iopfd.uapi_ffi import ffi
 from iopfd.engine.batch import Batch, np
 from iopfd.engine.policy import BatchPolicy, Policy
 from iopfd.iommufd.context import Iommufd
 from iopfd.iommufd.errors import IommufdError
 from iopfd.iommufd.fault import INVALID, SUCCESS
 from iopfd.iommufd.ioas import Ioas
+from iopfd.uapi_ffi import ffi
 
 log = structlog.get_logger("iopfd.policies.ioas_map")
 
@@ -166,14 +166,16 @@ def _map_backing(options: IoasMapOptions) -> tuple[mmap.mmap, int]:
     try:
         fd = os.open(options.backing, flags | os.O_CLOEXEC)
     except OSError as exc:
-        raise ValueError(f"backing {options.backing}: {exc.strerror}; give a readable{'-writable' if options.writeable else ''} "
+        writable = "-writable" if options.writeable else ""
+        raise ValueError(f"backing {options.backing}: {exc.strerror}; give a readable{writable} "
                          "file (a memfd as /proc/PID/fd/N)") from None
     try:
         size = os.fstat(fd).st_size
         end = options.backing_offset + options.length
         if size < end:
-            raise ValueError(f"backing {options.backing} has {size:#x} bytes; the window needs [{options.backing_offset:#x}, "
-                             f"{end:#x}): make the file at least {end:#x} bytes or shorten length")
+            raise ValueError(f"backing {options.backing} has {size:#x} bytes; the window needs "
+                             f"[{options.backing_offset:#x}, {end:#x}): make the file at least {end:#x} bytes or "
+                             "shorten length")
         start = options.backing_offset - options.backing_offset % mmap.ALLOCATIONGRANULARITY
         prot = mmap.PROT_READ | (mmap.PROT_WRITE if options.writeable else 0)
         region = mmap.mmap(fd, end - start, mmap.MAP_SHARED, prot, offset=start)
@@ -184,7 +186,8 @@ def _map_backing(options: IoasMapOptions) -> tuple[mmap.mmap, int]:
 
 
 def _check_kernel(name: str) -> None:
-    from iopfd.iommufd.probe import NO, PAGING_HWPT_FAULTS, YES, probe  # only here: probing imports the selftest helpers
+    # Imported only here: probing imports the selftest helpers.
+    from iopfd.iommufd.probe import NO, PAGING_HWPT_FAULTS, YES, probe
 
     (feature,) = [f for f in probe() if f.name == PAGING_HWPT_FAULTS]
     if feature.status == NO:

@@ -48,7 +48,8 @@ def policy_type(type_name: str) -> Callable[..., Policy]:
         return _class_at(type_name)
     found = entry_points(group=ENTRY_POINT_GROUP, name=type_name)
     if not found:
-        raise LookupError(f"unknown policy type {type_name!r}: not built in ({', '.join([*FIXED, *BUILTIN_TYPES])}), not "
+        built_in = ", ".join([*FIXED, *BUILTIN_TYPES])
+        raise LookupError(f"unknown policy type {type_name!r}: not built in ({built_in}), not "
                           "package.module:Class, and no installed package provides it in the entry-point group "
                           f"{ENTRY_POINT_GROUP!r}")
     entry = next(iter(found))

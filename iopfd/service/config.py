@@ -17,16 +17,21 @@ import reprlib
 import stat
 import sys
 import tomllib
+from collections.abc import Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
-from collections.abc import Mapping
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, Field, ValidationError, field_validator, model_validator
 from pydantic_core import ErrorDetails, InitErrorDetails, PydanticCustomError
 from pydantic_settings import (
-    BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError, TomlConfigSettingsSource,
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+    TomlConfigSettingsSource,
 )
 
 from iopfd.iommufd.fault import CODES, CodeName
@@ -139,7 +144,8 @@ class QueueSettings(BaseModel, extra="forbid"):
 class PolicySettings(BaseModel, extra="allow"):
     """One [policies.NAME] table: the implementation's name and its own options."""
 
-    type: str = Field(min_length=1)  # built-in (accept, reject, rules, forward, ioas-map) or an "iopfd.policies" entry point
+    # built in (accept, reject, rules, forward, ioas-map), package.module:Class, or an "iopfd.policies" entry point
+    type: str = Field(min_length=1)
 
     @property
     def options(self) -> dict[str, Any]:
@@ -256,7 +262,7 @@ class Settings(BaseSettings):
                         "fd {fd} is also used by queues.{owner}; each fault fd belongs to one queue",
                         fd=queue.fd, owner=owner)
         known = {*FIXED, *self.policies}
-        references = [(("policy",), self.policy)]
+        references: list[tuple[tuple[str | int, ...], str]] = [(("policy",), self.policy)]
         references += [(("queues", index, "policy"), q.policy) for index, q in enumerate(self.queues)
                        if q.policy is not None]
         for loc, name in references:
@@ -272,9 +278,9 @@ class Settings(BaseSettings):
 class _TomlSource(TomlConfigSettingsSource):
     """The config file, with read and syntax errors reported as ConfigError."""
 
-    def _read_file(self, file_path: Path) -> dict[str, Any]:
-        try:
-            with open(file_path, "rb") as file:
+    def _read_file(self, file_path: Path | Traversable) -> dict[str, Any]:
+        try:  # the Path given to the source (a Traversable is a package's resource, never ours)
+            with open(str(file_path), "rb") as file:
                 return tomllib.load(file)
         except tomllib.TOMLDecodeError as exc:  # its message ends with "(at line L, column C)"
             raise ConfigError([(str(file_path), f"invalid TOML: {exc}")]) from None

@@ -12,6 +12,7 @@ call, e.g. inside a signal handler, into the daemon's end.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from collections.abc import Mapping
@@ -28,11 +29,11 @@ PRIORITIES = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2}  #
 class _SafePrintLogger(structlog.PrintLogger):
     """A PrintLogger whose lines are dropped, not raised, when the stream cannot take them."""
 
+    name: str | None = None  # what get_logger() was given, for the "logger" key
+
     def msg(self, message: str) -> None:
-        try:
+        with contextlib.suppress(OSError, ValueError):  # EPIPE, EIO, ENOSPC; ValueError: the stream was closed
             super().msg(message)
-        except (OSError, ValueError):  # EPIPE, EIO, ENOSPC; ValueError: the stream was closed
-            pass
 
     log = debug = info = warn = warning = msg
     fatal = failure = err = error = critical = exception = msg

@@ -7,7 +7,14 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from importlib.metadata import PackageNotFoundError, version
 
-from prometheus_client import CollectorRegistry, GCCollector, Info, PlatformCollector, ProcessCollector, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    GCCollector,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+    start_http_server,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -124,7 +131,8 @@ class EngineCollector(Collector):
 def registry_for(engine: Engine, control_requests: Counter[tuple[str, str]] | None = None,
                  policies: Callable[[], Mapping[str, Policy]] | None = None) -> CollectorRegistry:
     """The engine's metrics, the control socket's request counts (ControlSocket.requests), the
-    figures of the forward and ioas-map policies among ``policies`` and the process_* (open and max fds, CPU, memory), python_gc_* and python_info metrics of
+    figures of the forward and ioas-map policies among ``policies`` and the process_* (open and max fds, CPU,
+    memory), python_gc_* and python_info metrics of
     prometheus_client's default registry."""
     registry = CollectorRegistry()
     registry.register(EngineCollector(engine, control_requests, policies))
@@ -140,7 +148,8 @@ class MetricsEndpoint:
 
     def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
         self._server, self._thread = start_http_server(port, addr=host, registry=registry)
-        self.host, self.port = self._server.server_address[:2]
+        self.host = host
+        self.port = self._server.server_address[1]  # the port bound (port 0: one the kernel chose)
 
     def close(self) -> None:
         self._server.shutdown()

@@ -88,7 +88,7 @@ class _Range:
 
     __slots__ = ("start", "batch", "ends", "data", "sent", "answered", "left")
 
-    def __init__(self, start: int, batch: Batch, ends: numpy.ndarray, data: numpy.ndarray) -> None:
+    def __init__(self, start: int, batch: Batch, ends: numpy.ndarray, data: memoryview) -> None:
         self.start = start
         self.batch = batch
         self.ends = ends  # per group: the index just past its last record, within this range's records
@@ -120,10 +120,12 @@ class _Channel:
         raise NotImplementedError
 
     def _wait_for_room(self) -> None:
+        assert self._loop is not None  # only a started channel sends
         self._waiting_room = True
         self._loop.add_writer(self.sock.fileno(), self._on_writable)
 
     def _on_writable(self) -> None:
+        assert self._loop is not None  # called by the loop that _wait_for_room() registered it with
         self._loop.remove_writer(self.sock.fileno())
         self._waiting_room = False
         self._send()
@@ -189,7 +191,8 @@ class FaultChannel(_Channel):
         too_large = sizes > self.read_records
         if too_large.any():
             self.stats.oversized += int(too_large.sum())
-            self._log.error("fault group larger than the peer reads at once; answered INVALID", groups=int(too_large.sum()),
+            self._log.error("fault group larger than the peer reads at once; answered INVALID",
+                            groups=int(too_large.sum()),
                             records=int(sizes[too_large].max()), read_records=self.read_records)
             batch.answer(n.flatnonzero(too_large), INVALID)
             batch = batch.take(~too_large)
@@ -201,7 +204,7 @@ class FaultChannel(_Channel):
         records = batch.records()
         ids = (n.arange(start, start + count, dtype=n.int64) & ID_MASK).astype(n.uint32)
         records["cookie"] = ids if len(records) == count else n.repeat(ids, sizes)
-        found = _Range(start, batch, n.cumsum(sizes), records.view(n.uint8))
+        found = _Range(start, batch, n.cumsum(sizes), memoryview(records.view(n.uint8)))
         self._sweep()
         self._ranges.append(found)
         self._starts = None
@@ -228,7 +231,9 @@ class FaultChannel(_Channel):
                 self.queued -= len(first.ends)
                 first.sent = len(first.ends)
                 continue
-            parts, plan, room = [], [], limit
+            parts: list[memoryview] = []
+            plan: list[tuple[_Range, int]] = []
+            room = limit
             for found in queue:
                 if plan and not found.sent and found.closed():
                     break  # dropped once it is first

@@ -7,9 +7,8 @@ import textwrap
 import pytest
 
 from iopfd.iommufd import FaultQueue, Iommufd
-
-from iopfd.iommufd.selftest import FaultingMockSetup
 from iopfd.iommufd.probe import YES, probe
+from iopfd.iommufd.selftest import FaultingMockSetup
 
 
 @pytest.fixture

@@ -17,14 +17,14 @@ import time
 
 import numpy
 import pytest
-from iopfd_dev.daemon import DaemonProcess, spawn_daemon
-from test_daemon import assert_kernel_has_nothing_pending, trigger
 
 from iopfd import protocol
 from iopfd.client import INVALID, LAST_PAGE, SUCCESS, Client, ForwardChannel
 from iopfd.iommufd import Iommufd
 from iopfd.iommufd.selftest import FaultingMockSetup
 from iopfd.protocol import ProtocolError
+from iopfd_dev.daemon import DaemonProcess, spawn_daemon
+from test_daemon import assert_kernel_has_nothing_pending, trigger
 
 # A daemon start takes 5-15 s in the TCG guest and several times that on a busy host (its wait is 180 s).
 pytestmark = [pytest.mark.kernel, pytest.mark.guest, pytest.mark.timeout(600)]
@@ -61,7 +61,8 @@ def wait_answered(client: Client, groups: int, timeout: float = 120) -> dict:
 def test_attach_serves_a_fault_fd_handed_over_the_socket(sidecar, rig, queue):
     iopfd, path = sidecar()
     with Client(path) as client:
-        assert client.attach(queue.fd, "vm1", labels={"vm": "guest1"}, devices={rig.device.dev_id: "mock0"})["queue"] == "vm1"
+        attached = client.attach(queue.fd, "vm1", labels={"vm": "guest1"}, devices={rig.device.dev_id: "mock0"})
+        assert attached["queue"] == "vm1"
         trigger(rig, 1000)
         totals = wait_answered(client, 1000)
         (status,) = client.status()["queues"]

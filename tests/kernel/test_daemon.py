@@ -13,9 +13,9 @@ import threading
 import urllib.request
 
 import pytest
-from iopfd_dev.daemon import DaemonProcess, open_cookies, spawn_daemon
 
 from iopfd.iommufd import PERM_READ, PERM_WRITE, SUCCESS
+from iopfd_dev.daemon import DaemonProcess, open_cookies, spawn_daemon
 
 # A daemon start takes 5-15 s in the TCG guest and several times that on a busy host (its wait is 180 s).
 pytestmark = [pytest.mark.kernel, pytest.mark.guest, pytest.mark.timeout(600)]
@@ -157,7 +157,7 @@ def test_a_raising_garbage_or_hanging_policy_costs_only_an_invalid_answer(daemon
 
 def test_ready_status_and_stopping_reach_the_notify_socket(daemon, rig, queue):
     iopfd = daemon(env={"IOPFD_LOG_LEVEL": "debug"})
-    assert [m for m in iopfd.messages if not m.startswith("FDSTORE=")][0] == "READY=1"
+    assert next(m for m in iopfd.messages if not m.startswith("FDSTORE=")) == "READY=1"
     trigger(rig, 3)
     status = iopfd.wait_message(lambda m: m.startswith("STATUS=") and "3 groups answered" in m)
     assert "3 success" in status and "0 pending" in status

@@ -11,18 +11,15 @@ import sys
 import textwrap
 
 import pytest
-from test_control_in_lab import sidecar, wait_answered  # noqa: F401  (sidecar is a fixture)
 
 from iopfd.client import Client
-from iopfd.iommufd import (
-    INVALID, PERM_READ, PERM_WRITE, SUCCESS, FaultQueue, Hwpt, Ioas, Iommufd, IommufdError,
-)
-from iopfd.iommufd.selftest import MockDevice
-from iopfd.iommufd.selftest import MockAccess
+from iopfd.iommufd import INVALID, PERM_READ, PERM_WRITE, SUCCESS, FaultQueue, Hwpt, Ioas, Iommufd, IommufdError
 from iopfd.iommufd.probe import PAGING_HWPT_FAULTS
+from iopfd.iommufd.selftest import MockAccess, MockDevice
 from iopfd.policies import IoasMapPolicy
 from iopfd.policies.ioas_map import IoasMapOptions
 from iopfd.protocol import ProtocolError
+from test_control_in_lab import sidecar, wait_answered  # noqa: F401  (sidecar is a fixture)
 
 # A daemon start takes 5-15 s in the TCG guest and several times that on a busy host (its wait is 180 s).
 pytestmark = [pytest.mark.kernel, pytest.mark.guest, pytest.mark.timeout(600)]
@@ -106,9 +103,8 @@ def test_the_daemon_serves_a_brokered_queue_with_ioas_map(sidecar, memfd, requir
                 assert access.read(WINDOW + 5 * PAGE, PAGE) == bytes([5]) * PAGE
             reply = client.detach("vm1")
         # A queue handed over as a bare fault fd has no iommufd iopfd could map into.
-        with Iommufd.open() as own, FaultQueue.alloc(own) as bare:
-            with pytest.raises(ProtocolError) as info:
-                client.attach(bare.fd, "vm2", policy="demand")
+        with Iommufd.open() as own, FaultQueue.alloc(own) as bare, pytest.raises(ProtocolError) as info:
+            client.attach(bare.fd, "vm2", policy="demand")
     assert (totals["success"], totals["invalid"]) == (1, 1) and reply["outcomes"]["success"] == 1
     assert info.value.code == "policy-cannot-serve" and "broker" in info.value.message
     assert iopfd.terminate() == 0

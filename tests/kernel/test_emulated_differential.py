@@ -14,8 +14,8 @@ import select
 import pytest
 
 from iopfd.iommufd import SUCCESS, parse_groups
-from iopfd_dev.emulated import EmulatedFaultQueue, PageRequest
 from iopfd.iommufd.fault import RECORD, RESPONSE
+from iopfd_dev.emulated import EmulatedFaultQueue, PageRequest
 
 pytestmark = [pytest.mark.kernel, pytest.mark.guest]
 

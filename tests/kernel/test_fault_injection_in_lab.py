@@ -13,11 +13,11 @@ import sys
 import time
 
 import pytest
-from iopfd_dev.daemon import AS_SYSTEMD, spawn_daemon
-from test_daemon import assert_kernel_has_nothing_pending, assert_kernel_has_nothing_pending_read, trigger
 
 from iopfd_dev.bench.cli import build_tools
 from iopfd_dev.bench.run import finish_trigger, start_trigger
+from iopfd_dev.daemon import AS_SYSTEMD, spawn_daemon
+from test_daemon import assert_kernel_has_nothing_pending, assert_kernel_has_nothing_pending_read, trigger
 
 pytestmark = [pytest.mark.kernel, pytest.mark.guest, pytest.mark.timeout(600)]  # up to two daemon starts each
 

@@ -8,9 +8,7 @@ import select
 
 import pytest
 
-from iopfd.iommufd import (
-    INVALID, LAST_PAGE, PASID_VALID, PERM_READ, PERM_WRITE, SUCCESS, FaultQueue, respond_all,
-)
+from iopfd.iommufd import INVALID, LAST_PAGE, PASID_VALID, PERM_READ, PERM_WRITE, SUCCESS, FaultQueue, respond_all
 from iopfd.iommufd.fault import RECORD, RESPONSE
 
 pytestmark = [pytest.mark.kernel, pytest.mark.guest]
@@ -101,7 +99,8 @@ def test_a_bad_entry_mid_batch_consumes_only_the_entries_before_it(rig, queue):
 def test_respond_all_skips_exactly_the_refused_entries(rig, queue):
     trigger(rig, 3)
     cookies = [g.cookie for g in queue.read()]
-    batch = [(cookies[0], SUCCESS), (777_777, SUCCESS), (cookies[1], SUCCESS), (888_888, INVALID), (cookies[2], SUCCESS)]
+    batch = [(cookies[0], SUCCESS), (777_777, SUCCESS), (cookies[1], SUCCESS), (888_888, INVALID),
+             (cookies[2], SUCCESS)]
     assert respond_all(queue, batch) == [1, 3]
     assert queue.respond([(c, SUCCESS) for c in cookies]) == 0  # all three were answered
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from iopfd.uapi_ffi import ffi
 from iopfd.engine.batch import record_dtype
 from iopfd.iommufd.ioctl import lib
+from iopfd.uapi_ffi import ffi
 
 pytestmark = [pytest.mark.kernel, pytest.mark.timeout(3600)]
 
@@ -34,7 +34,8 @@ ABSENT = {
             "IOMMU_IOAS_MAP_FILE", "IOMMU_IOAS_CHANGE_PROCESS", "IOMMU_HW_QUEUE_ALLOC",
             "IOMMU_VIOMMU_TYPE_DEFAULT", "IOMMU_VIOMMU_TYPE_ARM_SMMUV3", "IOMMU_VEVENTQ_TYPE_DEFAULT",
             "IOMMU_VEVENTQ_TYPE_ARM_SMMUV3", "IOMMU_VEVENTQ_FLAG_LOST_EVENTS", "IOMMU_TEST_OP_TRIGGER_VEVENT",
-            "IOMMU_TEST_OP_PASID_ATTACH", "IOMMU_TEST_OP_PASID_REPLACE", "IOMMU_TEST_OP_PASID_DETACH", "IOMMU_TEST_OP_PASID_CHECK_HWPT",
+            "IOMMU_TEST_OP_PASID_ATTACH", "IOMMU_TEST_OP_PASID_REPLACE", "IOMMU_TEST_OP_PASID_DETACH",
+            "IOMMU_TEST_OP_PASID_CHECK_HWPT",
             "MOCK_FLAGS_DEVICE_PASID", "MOCK_PASID_WIDTH", "IOMMU_VIOMMU_TYPE_SELFTEST", "IOMMU_VEVENTQ_TYPE_SELFTEST",
         },
     },

@@ -10,15 +10,16 @@ import os
 import re
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
-from iopfd_dev.daemon import DaemonProcess
-from test_daemon import assert_kernel_has_nothing_pending
 
-from iopfd_dev.bench.cli import build_tools
-from iopfd_dev.bench.run import finish_trigger, start_trigger
 from iopfd.client import Client
 from iopfd.iommufd import FaultQueue
+from iopfd_dev.bench.cli import build_tools
+from iopfd_dev.bench.run import finish_trigger, start_trigger
+from iopfd_dev.daemon import DaemonProcess
+from test_daemon import assert_kernel_has_nothing_pending
 
 SOAK_SECONDS = float(os.environ.get("IOPFD_SOAK_SECONDS", "60"))
 pytestmark = [pytest.mark.kernel, pytest.mark.guest, pytest.mark.timeout(SOAK_SECONDS + 600)]
@@ -28,7 +29,7 @@ ROUNDS = 5
 
 
 def _rss_kb(pid: int) -> int:
-    status = open(f"/proc/{pid}/status").read()
+    status = Path(f"/proc/{pid}/status").read_text()
     return int(re.search(r"^VmRSS:\s+(\d+) kB", status, re.M).group(1))
 
 
@@ -62,7 +63,8 @@ def test_soak_at_20k_groups_per_second(tmp_path, ctx, queue, rig, capsys):
     finally:
         iopfd.close()
     with capsys.disabled():  # the figures go into the run's output (docs/reliability.md quotes them)
-        print(f"\nsoak: {groups} groups in {offered['seconds']:.1f} s ({groups / offered['seconds']:.0f}/s, trigger at most "
+        print(f"\nsoak: {groups} groups in {offered['seconds']:.1f} s ({groups / offered['seconds']:.0f}/s, "
+              "trigger at most "
               f"{offered['max_behind'] * 1e3:.1f} ms behind); RSS {start_rss} -> {end_rss} kB (max {max(samples)}); "
               f"fds {start_fds} -> {end_fds}; outcomes {totals}")
     assert totals["success"] == groups and totals["pending"] == 0

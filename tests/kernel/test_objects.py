@@ -8,13 +8,12 @@ import mmap
 
 import pytest
 
-from iopfd.uapi_ffi import ffi
 from iopfd.iommufd import PERM_WRITE, SUCCESS, Busy, Hwpt, Ioas, NotFound, NotSupported, lib
-from iopfd.iommufd.selftest import MockDevice
 from iopfd.iommufd.context import describe_fd
 from iopfd.iommufd.fault import FaultQueue
 from iopfd.iommufd.probe import PAGING_HWPT_FAULTS
-from iopfd.iommufd.selftest import SELFTEST_NESTED_DATA
+from iopfd.iommufd.selftest import SELFTEST_NESTED_DATA, MockDevice
+from iopfd.uapi_ffi import ffi
 
 pytestmark = [pytest.mark.kernel, pytest.mark.guest]
 PAGE = mmap.PAGESIZE
@@ -68,14 +67,14 @@ def test_iova_ranges_narrow_to_the_mock_aperture(ctx):
 
 
 def test_nest_parent_hwpt_alloc_and_busy_while_nested_child_exists(ctx):
-    with Ioas.alloc(ctx) as ioas, MockDevice.create(ctx, ioas.id) as device:
-        with Hwpt.nest_parent(ctx, dev_id=device.dev_id, ioas_id=ioas.id) as parent:
-            assert parent.id > 0
-            nested = Hwpt.nested(ctx, dev_id=device.dev_id, parent_id=parent.id,
-                                 data_type=lib.IOMMU_HWPT_DATA_SELFTEST, data=SELFTEST_NESTED_DATA)
-            with pytest.raises(Busy):
-                ctx.destroy(parent.id)
-            nested.destroy()
+    with Ioas.alloc(ctx) as ioas, MockDevice.create(ctx, ioas.id) as device, \
+            Hwpt.nest_parent(ctx, dev_id=device.dev_id, ioas_id=ioas.id) as parent:
+        assert parent.id > 0
+        nested = Hwpt.nested(ctx, dev_id=device.dev_id, parent_id=parent.id,
+                             data_type=lib.IOMMU_HWPT_DATA_SELFTEST, data=SELFTEST_NESTED_DATA)
+        with pytest.raises(Busy):
+            ctx.destroy(parent.id)
+        nested.destroy()
 
 
 def test_fault_queue_fd_is_a_cloexec_pgfault_anon_inode(queue):

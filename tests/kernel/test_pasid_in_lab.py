@@ -10,15 +10,13 @@ import textwrap
 import urllib.request
 
 import pytest
-from iopfd_dev.daemon import DaemonProcess
-from test_daemon import assert_kernel_has_nothing_pending
 
 from iopfd.iommufd import PASID_VALID, SUCCESS, FaultQueue, Hwpt, Ioas, Iommufd, lib
-
-from iopfd.iommufd.selftest import MockDevice
 from iopfd.iommufd.context import Object
 from iopfd.iommufd.probe import PASID_ATTACH
-from iopfd.iommufd.selftest import SELFTEST_NESTED_DATA
+from iopfd.iommufd.selftest import SELFTEST_NESTED_DATA, MockDevice
+from iopfd_dev.daemon import DaemonProcess
+from test_daemon import assert_kernel_has_nothing_pending
 
 # A daemon start takes 5-15 s in the TCG guest and several times that on a busy host (its wait is 180 s).
 pytestmark = [pytest.mark.kernel, pytest.mark.guest, pytest.mark.timeout(600)]

@@ -8,6 +8,7 @@ import signal
 import sys
 
 import pytest
+
 from iopfd_dev.daemon import AS_SYSTEMD, spawn_daemon
 from test_daemon import assert_kernel_has_nothing_pending, trigger
 

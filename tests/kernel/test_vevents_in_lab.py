@@ -18,18 +18,27 @@ import time
 import urllib.request
 
 import pytest
-from iopfd_dev.daemon import spawn_daemon
-from test_daemon import assert_kernel_has_nothing_pending, trigger
 
 from iopfd.client import Client
 from iopfd.engine import Engine, EventQueueReader, FixedPolicy, QueueConfig, QueueResponder
 from iopfd.iommufd import (
-    Hwpt, InvalidArgument, Ioas, NotFound, NotSupported, SequenceTracker, VeventQueue, Viommu, SUCCESS, lib,
+    SUCCESS,
+    Hwpt,
+    InvalidArgument,
+    Ioas,
+    NotFound,
+    NotSupported,
+    SequenceTracker,
+    VeventQueue,
+    Viommu,
+    lib,
 )
-from iopfd.iommufd.selftest import MockDevice, ViommuMockSetup
 from iopfd.iommufd.errors import IommufdError
 from iopfd.iommufd.probe import VEVENTQ, VIOMMU
+from iopfd.iommufd.selftest import MockDevice, ViommuMockSetup
 from iopfd.iommufd.viommu import LOST_EVENTS, MAX_DEPTH, SELFTEST
+from iopfd_dev.daemon import spawn_daemon
+from test_daemon import assert_kernel_has_nothing_pending, trigger
 
 # A daemon start takes 5-15 s in the TCG guest and several times that on a busy host (its wait is 180 s).
 pytestmark = [pytest.mark.kernel, pytest.mark.guest, pytest.mark.timeout(600)]

@@ -16,9 +16,9 @@ from iopfd.engine import FixedPolicy, Policy, QueueConfig, QueueResponder
 from iopfd.engine.batch import batch_of, record_dtype
 from iopfd.engine.queue import MAX_AWAITING
 from iopfd.iommufd import INVALID, SUCCESS
-from iopfd_dev.emulated import EmulatedFaultQueue, PageRequest
 from iopfd.iommufd.fault import LAST_PAGE, PASID_VALID, RECORD, FaultGroup
 from iopfd.policies import Rule, RulesPolicy
+from iopfd_dev.emulated import EmulatedFaultQueue, PageRequest
 
 u32 = st.integers(0, 2**32 - 1) | st.sampled_from([0, 1, 7, 100])
 addresses = st.integers(0, 2**64 - 1) | st.sampled_from([0, 0x1000, 0x7FFF_FFFF, 0x8000_0000, 2**64 - 1])
@@ -83,14 +83,14 @@ def test_the_record_dtype_is_the_records_layout():
 
 def served(policy: Policy, **config) -> tuple[EmulatedFaultQueue, QueueResponder]:
     emulated = EmulatedFaultQueue()
-    server = QueueResponder(emulated.open(), policy, QueueConfig("q", **config))
-    server.start()
-    return emulated, server
+    responder = QueueResponder(emulated.open(), policy, QueueConfig("q", **config))
+    responder.start()
+    return emulated, responder
 
 
-async def settle(emulated: EmulatedFaultQueue, server: QueueResponder) -> None:
+async def settle(emulated: EmulatedFaultQueue, responder: QueueResponder) -> None:
     async with asyncio.timeout(10):
-        while emulated.undelivered or server.pending:
+        while emulated.undelivered or responder.pending:
             await asyncio.sleep(0.001)
 
 
@@ -104,15 +104,15 @@ async def test_a_decide_that_never_awaits_costs_no_task():
     loop = asyncio.get_running_loop()
     loop.set_task_factory(lambda loop, coro, **kw: created.append(coro) or asyncio.Task(coro, loop=loop, **kw))
     try:
-        emulated, server = served(Immediate())
+        emulated, responder = served(Immediate())
         for i in range(500):
             emulated.report(PageRequest(dev_id=1 + i % 2, addr=0x1000 * i, grpid=i % 512))
-        await settle(emulated, server)
+        await settle(emulated, responder)
     finally:
         loop.set_task_factory(None)
     assert sorted(code for _, code in emulated.answers) == [SUCCESS] * 250 + [INVALID] * 250
     assert [coro for coro in created if "_finish" in repr(coro)] == []
-    await server.stop(0)
+    await responder.stop(0)
     emulated.close()
 
 
@@ -129,14 +129,14 @@ async def test_per_group_calls_that_await_are_bounded_and_the_rest_wait_inside_t
             in_flight -= 1
             return SUCCESS
 
-    emulated, server = served(Slow(), response_deadline=5)
+    emulated, responder = served(Slow(), response_deadline=5)
     for i in range(3 * MAX_AWAITING):
         emulated.report(PageRequest(dev_id=1, addr=0x1000 * i, grpid=i % 512))
-    await settle(emulated, server)
+    await settle(emulated, responder)
     assert most == MAX_AWAITING
     assert [code for _, code in emulated.answers] == [SUCCESS] * (3 * MAX_AWAITING)
-    assert server.stats.outcomes["deadline"] == 0
-    await server.stop(0)
+    assert responder.stats.outcomes["deadline"] == 0
+    await responder.stop(0)
     emulated.close()
 
 
@@ -146,13 +146,13 @@ async def test_groups_waiting_for_a_turn_get_the_deadline_code_in_time():
         async def decide(self, group):
             await asyncio.sleep(3600)
 
-    emulated, server = served(Never(), response_deadline=0.1, deadline_code=SUCCESS)
+    emulated, responder = served(Never(), response_deadline=0.1, deadline_code=SUCCESS)
     for i in range(MAX_AWAITING + 50):
         emulated.report(PageRequest(dev_id=1, addr=0x1000 * i, grpid=i % 512))
-    await settle(emulated, server)
-    assert server.stats.outcomes["deadline"] == MAX_AWAITING + 50
-    assert server.stats.latency.sum / (MAX_AWAITING + 50) < 0.5
-    await server.stop(0)
+    await settle(emulated, responder)
+    assert responder.stats.outcomes["deadline"] == MAX_AWAITING + 50
+    assert responder.stats.latency.sum / (MAX_AWAITING + 50) < 0.5
+    await responder.stop(0)
     emulated.close()
 
 
@@ -172,19 +172,19 @@ async def test_time_spent_unread_counts_against_the_deadline():
             return INVALID
 
     emulated = EmulatedFaultQueue()
-    server = QueueResponder(emulated.open(batch_records=2), BlocksOnce(),
+    responder = QueueResponder(emulated.open(batch_records=2), BlocksOnce(),
                          QueueConfig("q", response_deadline=0.1, deadline_code=SUCCESS))
-    server.start()
+    responder.start()
     for i in range(20):
         emulated.report(PageRequest(dev_id=1, addr=0x1000 * i, grpid=i))
-    await settle(emulated, server)
+    await settle(emulated, responder)
     # The first wakeup reads four reads (8 groups) before any decision starts; the 12 groups still
     # unread when the loop comes back are past their deadline when read.
     codes = [code for _, code in emulated.answers]
     assert len(codes) == 20 and codes[0] == INVALID and codes.count(SUCCESS) >= 12
-    assert server.stats.outcomes["deadline"] >= 12
-    assert server.stats.unread_wait.sum >= 12 * 0.2 and server.stats.unread_wait.count == 20
-    await server.stop(0)
+    assert responder.stats.outcomes["deadline"] >= 12
+    assert responder.stats.unread_wait.sum >= 12 * 0.2 and responder.stats.unread_wait.count == 20
+    await responder.stop(0)
     emulated.close()
 
 
@@ -217,18 +217,19 @@ async def test_a_storm_of_shed_groups_logs_a_line_a_second_not_a_line_a_read():
             await asyncio.sleep(3600)
 
     emulated = EmulatedFaultQueue()
-    server = QueueResponder(emulated.open(batch_records=8), Never(), QueueConfig("q", max_pending=8, response_deadline=0.4))
+    responder = QueueResponder(emulated.open(batch_records=8), Never(),
+                               QueueConfig("q", max_pending=8, response_deadline=0.4))
     with capture_logs() as logs:
-        server.start()
+        responder.start()
         for i in range(800):
             emulated.report(PageRequest(dev_id=1, addr=0x1000 * i, grpid=i % 512))
         async with asyncio.timeout(10):
             while emulated.undelivered:
                 await asyncio.sleep(0.001)
     shed_lines = [entry for entry in logs if entry["event"].startswith("queue full")]
-    assert server.stats.outcomes["shed"] == 792 and 1 <= len(shed_lines) <= 2
+    assert responder.stats.outcomes["shed"] == 792 and 1 <= len(shed_lines) <= 2
     assert shed_lines[0]["groups"] >= 8
-    await server.stop(0)
+    await responder.stop(0)
     emulated.close()
 
 
@@ -250,18 +251,18 @@ async def test_a_full_queue_leaves_groups_in_the_kernel_until_they_have_waited_h
             await asyncio.sleep(3600)
 
     emulated = EmulatedFaultQueue()
-    server = QueueResponder(emulated.open(batch_records=8), Hangs(),
+    responder = QueueResponder(emulated.open(batch_records=8), Hangs(),
                          QueueConfig("q", response_deadline=1.0, max_pending=16))
     for i in range(400):
         emulated.report(PageRequest(dev_id=1, addr=0x1000 * i, grpid=i % 512))
-    server.start()
+    responder.start()
     await asyncio.sleep(0.3)
     if block:
         async with asyncio.timeout(2):
             while emulated.undelivered:
                 await asyncio.sleep(0.01)
-        assert server.stats.outcomes["shed"] == 400 - 16 and server.stats.outcomes["deadline"] == 0
+        assert responder.stats.outcomes["shed"] == 400 - 16 and responder.stats.outcomes["deadline"] == 0
     else:
-        assert emulated.undelivered == 400 - 16 and server.stats.outcomes["shed"] == 0
-    await server.stop(0)
+        assert emulated.undelivered == 400 - 16 and responder.stats.outcomes["shed"] == 0
+    await responder.stop(0)
     emulated.close()

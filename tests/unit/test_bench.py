@@ -70,7 +70,8 @@ def test_the_issue_table_gives_rate_and_cpu_against_the_c_loop():
             _result("burst", "iopfd forward", 2.0, cpu=0.004, peer_cpu_seconds=0.001)]
     table = issue_table(rows).splitlines()
     assert table[2] == "| C loop (poll, read 256 records, one write per read) | 1,000 | 2.00 | 1.00× | 1.00 |"
-    assert table[3].startswith("| iopfd rules (accept below 0x8000_0000 and read/write, else reject) | 500 | 3.00 | 1.50× | 0.50 |")
+    assert table[3].startswith("| iopfd rules (accept below 0x8000_0000 and read/write, else reject) | 500 | 3.00 | "
+                               "1.50× | 0.50 |")
     assert "(+ peer 1.0)" in table[4]
 
 
@@ -88,7 +89,7 @@ def test_the_plan_alternates_responders_and_gives_seed_rows_their_threads():
 def test_seed_response_time_runs_from_the_raise_and_every_fault_needs_an_answer():
     raised = [(0x1000, 10.0), (0x2000, 10.5)]
     assert _worst(raised, [(0x2000, 10.6), (0x1000, 11.2)]) == pytest.approx(1.2)
-    with pytest.raises(RuntimeError, match="1 raised faults have no answer, e.g. address 0x2000"):
+    with pytest.raises(RuntimeError, match=r"1 raised faults have no answer, e\.g\. address 0x2000"):
         _worst(raised, [(0x1000, 11.0)])
 
 

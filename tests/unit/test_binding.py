@@ -6,8 +6,8 @@ import runpy
 import sys
 from pathlib import Path
 
-from iopfd.uapi_ffi import ffi
 from iopfd.iommufd.ioctl import lib, new
+from iopfd.uapi_ffi import ffi
 
 REPO = Path(__file__).resolve().parents[2]
 

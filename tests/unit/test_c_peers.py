@@ -12,12 +12,12 @@ from pathlib import Path
 
 import numpy
 import pytest
-from server_in_loop import servers_in_loop
 from test_peer_channel import Engine, until
 
 from iopfd.iommufd.fault import SUCCESS
 from iopfd.policies import ForwardPolicy
 from iopfd.service.peer_channel import FaultChannel
+from server_in_loop import servers_in_loop
 
 ROOT = Path(__file__).parents[2]
 pytestmark = pytest.mark.asyncio

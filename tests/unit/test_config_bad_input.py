@@ -49,7 +49,8 @@ DEFAULTS = {key: QUEUE[key] for key in ("response_deadline", "deadline_code", "m
 RULE = {"dev_id": st.lists(st.integers(-1, 2**32)), "pasid": st.lists(st.integers(-1, 3) | st.just("none")),
         "address": st.lists(st.integers(-1, 2**65), max_size=3), "perm": st.lists(st.sampled_from(["read", "fly"])),
         "queue": st.lists(names, max_size=2), "policy": policy_names}
-POLICY = {"type": st.sampled_from(["accept", "reject", "rules", "forward", "iopfd_dev.policies:DelayPolicy", "nope", ""]),
+POLICY = {"type": st.sampled_from(["accept", "reject", "rules", "forward", "iopfd_dev.policies:DelayPolicy", "nope",
+                                   ""]),
           "default": policy_names, "rules": st.lists(table(RULE), max_size=2), "seconds": numbers,
           "when_disconnected": st.sampled_from(["success", "invalid", "never"])}
 CONTROL = {"path": st.sampled_from(["off", "/run/x.sock"]), "mode": st.integers(-1, 0o1000),
@@ -100,7 +101,7 @@ def key_paths(value, prefix: str = "") -> set[str]:
 def names_a_field(path: str, message: str, paths: set[str]) -> bool:
     """``path`` is a key of the document, or a required key missing from a table in it."""
     path = path.lower()
-    return path in paths or message.startswith("required key is missing") and path.rpartition(".")[0] in paths
+    return path in paths or (message.startswith("required key is missing") and path.rpartition(".")[0] in paths)
 
 
 @contextlib.contextmanager

@@ -12,16 +12,15 @@ from pathlib import Path
 import numpy
 import pytest
 import pytest_asyncio
-from server_in_loop import servers_in_loop, start_server
-from iopfd_dev.daemon import AS_SYSTEMD
 
 from iopfd import protocol
 from iopfd.client import Client
 from iopfd.iommufd import INVALID, SUCCESS
-from iopfd_dev.emulated import EmulatedFaultQueue, PageRequest
 from iopfd.protocol import ProtocolError
 from iopfd.service.control.transport import bind_socket
-
+from iopfd_dev.daemon import AS_SYSTEMD
+from iopfd_dev.emulated import EmulatedFaultQueue, PageRequest
+from server_in_loop import servers_in_loop, start_server
 
 
 @pytest_asyncio.fixture
@@ -227,7 +226,8 @@ def test_socket_activation_uses_the_socket_systemd_passes(tmp_path):
             except ProtocolError:
                 raise
             except OSError:
-                assert time.monotonic() < deadline and daemon.poll() is None, daemon.stderr.read() if daemon.poll() else ""
+                assert time.monotonic() < deadline and daemon.poll() is None, \
+                    daemon.stderr.read() if daemon.poll() else ""
                 time.sleep(0.1)
         assert not os.path.exists(tmp_path / "never-bound.sock")
     finally:

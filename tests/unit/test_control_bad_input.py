@@ -17,7 +17,6 @@ import time
 import pytest
 import pytest_asyncio
 import structlog
-from server_in_loop import servers_in_loop
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
@@ -25,11 +24,12 @@ from structlog.testing import capture_logs
 from iopfd import protocol
 from iopfd.client import Client
 from iopfd.iommufd import FaultQueue
-from iopfd.iommufd.errors import IommufdUnavailable
 from iopfd.iommufd.context import describe_fd
+from iopfd.iommufd.errors import IommufdUnavailable
 from iopfd.service.control import ops
 from iopfd.service.control.transport import ControlSocket, bind_socket
 from iopfd.service.logging import configure_logging
+from server_in_loop import servers_in_loop
 
 CODES = {"bad-request", "unsupported-version", "unknown-op", "too-large", "too-many-fds", "missing-fd",
          "not-a-fault-fd", "queue-exists", "no-such-queue", "no-such-policy", "not-a-forward-policy",
@@ -173,14 +173,14 @@ def carried_out(message: dict, kinds: list[str]) -> bool:
     if op == "attach":
         policy, labels, devices = message.get("policy"), message.get("labels"), message.get("devices")
         return (isinstance(message.get("queue"), str) and NAME.fullmatch(message["queue"]) is not None
-                and (policy is None or isinstance(policy, str) and policy in POLICIES)
+                and (policy is None or (isinstance(policy, str) and policy in POLICIES))
                 and strings(labels) and "queue" not in (labels or {})
                 and strings(devices) and all(re.fullmatch("[0-9]{1,10}", key) for key in devices or {}))
     return False  # detach: nothing is served; broker: no iommufd
 
 
 def strings(value) -> bool:
-    return value is None or isinstance(value, dict) and all(isinstance(item, str) for item in value.values())
+    return value is None or (isinstance(value, dict) and all(isinstance(item, str) for item in value.values()))
 
 
 json_values = st.recursive(
@@ -190,7 +190,7 @@ json_values = st.recursive(
     max_leaves=10)
 names = st.from_regex(NAME, fullmatch=True) | st.sampled_from(["a" * 65, "", "no spaces", "vm1\n"]) \
     | st.text(max_size=70)
-policy_names = st.sampled_from(sorted(POLICIES) + ["nope", "", "a" * 100])
+policy_names = st.sampled_from([*sorted(POLICIES), "nope", "", "a" * 100])
 string_maps = st.dictionaries(st.sampled_from(["vm", "queue", "1", "42", "-1", "99999999999", "٣", ""])
                               | st.text(max_size=6), st.text(max_size=8), max_size=3)
 FIELDS = {
@@ -340,7 +340,8 @@ async def test_ids_nested_up_to_what_the_decoder_reads_get_a_reply(daemon):
     depths = [protocol.MAX_ID_DEPTH, protocol.MAX_ID_DEPTH + 1, *range(800, 1001)]
 
     def run():
-        return [exchange(path, b'{"v":%d,"op":"status","id":' % V + b"[" * depth + b"]" * depth + b"}") for depth in depths]
+        return [exchange(path, b'{"v":%d,"op":"status","id":' % V + b"[" * depth + b"]" * depth + b"}")
+                for depth in depths]
 
     replies = await asyncio.to_thread(run)
     assert replies[0]["ok"] and replies[0]["id"] == json.loads("[" * depths[0] + "]" * depths[0])
@@ -471,7 +472,8 @@ async def test_an_fd_of_the_wrong_kind_is_refused_naming_what_it_is_and_closed(d
 async def test_a_refused_peer_has_its_fds_closed_and_others_are_served(daemon, tmp_path):
     server, path = await daemon()
     refusing_path = str(tmp_path / "refusing.sock")
-    refusing = ControlSocket(server.control_state(), bind_socket(refusing_path, 0o660), allowed_uids=set(), allowed_gids=set(),
+    refusing = ControlSocket(server.control_state(), bind_socket(refusing_path, 0o660), allowed_uids=set(),
+                             allowed_gids=set(),
                              owns_path=refusing_path)
     refusing.start()
 

@@ -8,8 +8,8 @@ import select
 import pytest
 
 from iopfd.iommufd import INVALID, SUCCESS, parse_groups
-from iopfd_dev.emulated import EmulatedFaultQueue, PageRequest
 from iopfd.iommufd.fault import RECORD, RESPONSE
+from iopfd_dev.emulated import EmulatedFaultQueue, PageRequest
 
 
 @pytest.fixture

@@ -12,9 +12,9 @@ from structlog.testing import capture_logs
 
 from iopfd.engine import BatchPolicy, Engine, FixedPolicy, Policy, QueueConfig, QueueResponder
 from iopfd.iommufd import INVALID, SUCCESS
-from iopfd_dev.emulated import EmulatedFaultFd, EmulatedFaultQueue, PageRequest
 from iopfd.iommufd.fault import LAST_PAGE, RECORD, RESPONSE, FaultGroup, FaultQueue
 from iopfd.policies import Policies
+from iopfd_dev.emulated import EmulatedFaultFd, EmulatedFaultQueue, PageRequest
 
 pytestmark = pytest.mark.asyncio
 
@@ -42,7 +42,7 @@ class Gate(Policy):
 class Served:
     def __init__(self, policy: Policy, **config) -> None:
         self.emulated = EmulatedFaultQueue()
-        self.server = QueueResponder(self.emulated.open(), policy, QueueConfig("q", **config))
+        self.responder = QueueResponder(self.emulated.open(), policy, QueueConfig("q", **config))
 
     def report(self, count: int, *, dev_id: int = 1, start: int = 0) -> None:
         for i in range(start, start + count):
@@ -54,7 +54,7 @@ class Served:
     async def settle(self, timeout: float = 5.0) -> None:
         """Until the daemon has read everything and written every answer back."""
         async with asyncio.timeout(timeout):
-            while self.emulated.undelivered or self.server.pending:
+            while self.emulated.undelivered or self.responder.pending:
                 await asyncio.sleep(0.001)
 
     async def until(self, condition, timeout: float = 5.0) -> None:
@@ -69,12 +69,12 @@ async def served():
 
     def make(policy: Policy, **config) -> Served:
         made.append(Served(policy, **config))
-        made[-1].server.start()
+        made[-1].responder.start()
         return made[-1]
 
     yield make
     for s in made:
-        await s.server.stop(0)
+        await s.responder.stop(0)
         s.emulated.close()
 
 
@@ -84,16 +84,16 @@ async def test_accept_answers_every_group_success(served):
     await s.settle()
     assert s.codes() == [SUCCESS] * 1000
     assert s.emulated.pending_cookies == []
-    assert s.server.stats.outcomes["success"] == 1000 and s.server.stats.faults == 1000
-    assert s.server.stats.latency.count == 1000
-    assert s.server.stats.read_batches.sum == 1000
+    assert s.responder.stats.outcomes["success"] == 1000 and s.responder.stats.faults == 1000
+    assert s.responder.stats.latency.count == 1000
+    assert s.responder.stats.read_batches.sum == 1000
 
 
 async def test_reject_answers_invalid(served):
     s = served(FixedPolicy("reject", INVALID))
     s.report(10)
     await s.settle()
-    assert s.codes() == [INVALID] * 10 and s.server.stats.outcomes["invalid"] == 10
+    assert s.codes() == [INVALID] * 10 and s.responder.stats.outcomes["invalid"] == 10
 
 
 async def test_multi_record_groups_are_answered_once_each(served):
@@ -103,20 +103,20 @@ async def test_multi_record_groups_are_answered_once_each(served):
             s.emulated.report(PageRequest(dev_id=2, addr=0x1000 * i, grpid=grpid, last=i == 2))
     await s.settle()
     assert [len(group) for group, _ in s.emulated.answers] == [3] * 5
-    assert s.server.stats.faults == 15 and s.server.stats.outcomes["success"] == 5
+    assert s.responder.stats.faults == 15 and s.responder.stats.outcomes["success"] == 5
 
 
 async def test_a_group_larger_than_the_buffer_grows_it(served):
     emulated = EmulatedFaultQueue()
-    server = QueueResponder(emulated.open(batch_records=2), FixedPolicy("accept", SUCCESS), QueueConfig("q"))
-    server.start()
+    responder = QueueResponder(emulated.open(batch_records=2), FixedPolicy("accept", SUCCESS), QueueConfig("q"))
+    responder.start()
     for i in range(9):
         emulated.report(PageRequest(dev_id=1, addr=0x1000 * i, grpid=1, last=i == 8))
     async with asyncio.timeout(5):
         while not emulated.answers:
             await asyncio.sleep(0.001)
-    assert emulated.answers[0][1] == SUCCESS and server.source.buffer_records >= 9
-    await server.stop(0)
+    assert emulated.answers[0][1] == SUCCESS and responder.source.buffer_records >= 9
+    await responder.stop(0)
 
 
 async def test_a_kernel_that_returns_0_bytes_for_a_group_too_big_still_gets_it_read():
@@ -129,8 +129,8 @@ async def test_a_kernel_that_returns_0_bytes_for_a_group_too_big_still_gets_it_r
                 return 0
 
     emulated = EmulatedFaultQueue()
-    server = QueueResponder(OldKernel(emulated, batch_records=1), FixedPolicy("accept", SUCCESS), QueueConfig("q"))
-    server.start()
+    responder = QueueResponder(OldKernel(emulated, batch_records=1), FixedPolicy("accept", SUCCESS), QueueConfig("q"))
+    responder.start()
     emulated.report(PageRequest(dev_id=1, addr=0))
     for i in range(3):
         emulated.report(PageRequest(dev_id=1, addr=0x1000 * i, grpid=2, last=i == 2))
@@ -138,8 +138,8 @@ async def test_a_kernel_that_returns_0_bytes_for_a_group_too_big_still_gets_it_r
         while len(emulated.answers) < 2:
             await asyncio.sleep(0.001)
     assert [(len(group), code) for group, code in emulated.answers] == [(1, SUCCESS), (3, SUCCESS)]
-    assert server.source.buffer_records >= 3
-    await server.stop(0)
+    assert responder.source.buffer_records >= 3
+    await responder.stop(0)
     emulated.close()
 
 
@@ -171,7 +171,7 @@ async def test_a_broken_policy_costs_the_group_an_invalid_answer_and_a_log_line(
     with capture_logs() as logs:
         s.report(3)
         await s.settle()
-    assert s.codes() == [INVALID] * 3 and s.server.stats.outcomes["error"] == 3
+    assert s.codes() == [INVALID] * 3 and s.responder.stats.outcomes["error"] == 3
     errors = [entry for entry in logs if entry["log_level"] == "error"]  # a line per group, or per batch
     assert errors and sum(entry.get("groups", 1) for entry in errors) == 3
     s.report(1)  # the queue is still served
@@ -187,7 +187,7 @@ async def test_a_batch_policy_returning_the_wrong_number_of_codes_is_an_error(se
     s = served(Short())
     s.report(5)
     await s.settle()
-    assert s.codes() == [INVALID] * 5 and s.server.stats.outcomes["error"] == 5
+    assert s.codes() == [INVALID] * 5 and s.responder.stats.outcomes["error"] == 5
 
 
 @pytest.mark.parametrize("deadline_code", [INVALID, SUCCESS])
@@ -198,10 +198,10 @@ async def test_a_hanging_policy_is_abandoned_at_the_deadline(served, deadline_co
     await s.until(lambda: len(gate.waiting) == 4)
     assert s.codes() == []  # not before the deadline
     await s.settle()
-    assert s.codes() == [deadline_code] * 4 and s.server.stats.outcomes["deadline"] == 4
+    assert s.codes() == [deadline_code] * 4 and s.responder.stats.outcomes["deadline"] == 4
     await asyncio.sleep(0)
     assert all(future.cancelled() for future in gate.waiting.values())  # the policy calls were cancelled
-    assert min(s.server.stats.latency.sum / 4, 1) >= 0.05 - 1e-3
+    assert min(s.responder.stats.latency.sum / 4, 1) >= 0.05 - 1e-3
 
 
 async def test_a_late_decision_never_answers_the_group_that_reused_its_cookie(served):
@@ -246,7 +246,7 @@ async def test_a_cookie_reissued_after_a_detach_voids_the_old_decision(served):
     s.report(1, dev_id=2)
     await s.until(lambda: 1 in gate.waiting)  # the new group, same cookie
     assert old.cancelled()  # the void decision is not awaited any more
-    assert s.server.stats.outcomes["error"] == 1 and s.server.stats.write_errors == 1
+    assert s.responder.stats.outcomes["error"] == 1 and s.responder.stats.write_errors == 1
     assert s.emulated.pending_cookies == [1]
     gate.release(SUCCESS)
     await s.settle()
@@ -259,8 +259,8 @@ async def test_beyond_max_pending_groups_are_shed_at_once(served):
     with capture_logs() as logs:
         s.report(10)
         await s.until(lambda: len(s.codes()) == 6)
-    assert s.codes() == [INVALID] * 6 and s.server.stats.outcomes["shed"] == 6
-    assert len(gate.waiting) == 4 and s.server.pending == 4
+    assert s.codes() == [INVALID] * 6 and s.responder.stats.outcomes["shed"] == 6
+    assert len(gate.waiting) == 4 and s.responder.pending == 4
     assert any("shed" in entry["event"] for entry in logs)
     gate.release(SUCCESS)
     await s.settle()
@@ -275,9 +275,9 @@ async def test_memory_stays_bounded_in_a_storm(served):
     for _ in range(20):
         s.report(500)
         await s.until(lambda: s.emulated.undelivered == 0)
-        assert s.server.pending <= 64
+        assert s.responder.pending <= 64
     await s.settle()
-    outcomes = s.server.stats.outcomes
+    outcomes = s.responder.stats.outcomes
     assert len(s.codes()) == 10000 and outcomes["shed"] + outcomes["deadline"] == 10000 and outcomes["shed"]
 
 
@@ -291,17 +291,18 @@ async def test_beyond_max_pending_groups_wait_in_the_kernel_while_decisions_make
             return SUCCESS
 
     emulated = EmulatedFaultQueue()
-    server = QueueResponder(emulated.open(batch_records=16), Soon(), QueueConfig("q", max_pending=64, response_deadline=5))
-    server.start()
+    responder = QueueResponder(emulated.open(batch_records=16), Soon(),
+                               QueueConfig("q", max_pending=64, response_deadline=5))
+    responder.start()
     for i in range(1000):
         emulated.report(PageRequest(dev_id=1, addr=0x1000 * (i + 1), grpid=i % 512))
     async with asyncio.timeout(10):
-        while emulated.undelivered or server.pending:
-            assert server.pending <= 64
+        while emulated.undelivered or responder.pending:
+            assert responder.pending <= 64
             await asyncio.sleep(0.001)
     assert [code for _, code in emulated.answers] == [SUCCESS] * 1000
-    assert server.stats.outcomes["shed"] == 0
-    await server.stop(0)
+    assert responder.stats.outcomes["shed"] == 0
+    await responder.stop(0)
     emulated.close()
 
 
@@ -318,7 +319,7 @@ async def test_a_refused_response_is_skipped_and_counted_the_rest_written(served
         gate.release(SUCCESS)  # one write of 6 responses; entries 2 and 3 are refused
         await s.settle()
     assert s.codes() == [INVALID, INVALID] + [SUCCESS] * 4
-    assert s.server.stats.write_errors == 2
+    assert s.responder.stats.write_errors == 2
     assert sum("refused" in entry["event"] for entry in logs) == 2
 
 
@@ -350,15 +351,15 @@ def record(cookie: int, last: bool = True) -> bytes:
 async def test_malformed_groups_are_answered_invalid():
     emulated = EmulatedFaultQueue()
     source = Crafted(emulated, record(3, last=False) + record(4) + record(5) + record(0) + record(6, last=False))
-    server = QueueResponder(source, FixedPolicy("accept", SUCCESS), QueueConfig("q"))
-    server.start()
+    responder = QueueResponder(source, FixedPolicy("accept", SUCCESS), QueueConfig("q"))
+    responder.start()
     with capture_logs() as logs:
-        server._on_readable()
+        responder._on_readable()
         await asyncio.sleep(0.01)
     assert sorted(source.written) == [3, 4, 5, 6]
-    assert server.stats.outcomes == {"success": 1, "invalid": 0, "deadline": 0, "shed": 0, "error": 3}
+    assert responder.stats.outcomes == {"success": 1, "invalid": 0, "deadline": 0, "shed": 0, "error": 3}
     assert sum(entry["event"].startswith("malformed") for entry in logs) == 4  # incl. cookie 0
-    await server.stop(0)
+    await responder.stop(0)
     emulated.close()
 
 
@@ -377,20 +378,20 @@ class CountedAccept(FixedPolicy):
 async def test_a_fixed_answer_is_written_straight_from_the_cookie_column_of_each_read(policy, code, outcome):
     emulated = EmulatedFaultQueue()
     source = Crafted(emulated, record(7) + record(3) + record(9), record(4))
-    server = QueueResponder(source, policy(), QueueConfig("q"))
+    responder = QueueResponder(source, policy(), QueueConfig("q"))
     marks = []
-    server.cookie_mark_hook = lambda cookie: marks.append(cookie) or cookie
-    server.start()
-    server._on_readable()
+    responder.cookie_mark_hook = lambda cookie: marks.append(cookie) or cookie
+    responder.start()
+    responder._on_readable()
     # Each read's answers are written in one write() before the next read (the third finds nothing).
     assert source.writes == [RESPONSE.pack(7, code) + RESPONSE.pack(3, code) + RESPONSE.pack(9, code),
                              RESPONSE.pack(4, code)]
-    assert server.pending == 0
-    assert getattr(server.policy, "batches", 0) == 0  # the policy was never called
-    assert server.stats.outcomes[outcome] == 4 and server.stats.faults == 4 and server.stats.latency.count == 4
-    assert server.stats.read_batches.counts[0] == 1 and server.stats.read_batches.sum == 4
+    assert responder.pending == 0
+    assert getattr(responder.policy, "batches", 0) == 0  # the policy was never called
+    assert responder.stats.outcomes[outcome] == 4 and responder.stats.faults == 4 and responder.stats.latency.count == 4
+    assert responder.stats.read_batches.counts[0] == 1 and responder.stats.read_batches.sum == 4
     assert marks == [9]  # the highest cookie of the first read; the second stays below the mark
-    await server.stop(0)
+    await responder.stop(0)
     emulated.close()
 
 
@@ -400,14 +401,14 @@ async def test_a_fixed_answer_takes_the_batch_path_for_multi_record_groups_and_a
     emulated = EmulatedFaultQueue()
     source = Crafted(emulated, record(5, last=False) + record(5), record(5) + record(6))
     policy = CountedAccept()
-    server = QueueResponder(source, policy, QueueConfig("q"))
-    server.start()
-    server._on_readable()
+    responder = QueueResponder(source, policy, QueueConfig("q"))
+    responder.start()
+    responder._on_readable()
     assert source.writes == [RESPONSE.pack(5, SUCCESS), RESPONSE.pack(5, SUCCESS) + RESPONSE.pack(6, SUCCESS)]
-    assert policy.batches == 0 and server.pending == 0
-    assert server.stats.outcomes["success"] == 3 and server.stats.outcomes["error"] == 0
-    assert server.stats.faults == 4
-    await server.stop(0)
+    assert policy.batches == 0 and responder.pending == 0
+    assert responder.stats.outcomes["success"] == 3 and responder.stats.outcomes["error"] == 0
+    assert responder.stats.faults == 4
+    await responder.stop(0)
     emulated.close()
 
 
@@ -421,10 +422,10 @@ async def test_stop_gives_policies_grace_then_answers_the_rest(served):
     s.report(3, dev_id=1)
     s.report(2, dev_id=2)
     await s.until(lambda: s.emulated.undelivered == 0)
-    await s.server.stop(0.5)
+    await s.responder.stop(0.5)
     assert sorted((group[0].dev_id, code) for group, code in s.emulated.answers) == \
         [(1, SUCCESS)] * 3 + [(2, INVALID)] * 2
-    assert s.emulated.pending_cookies == [] and s.server.pending == 0
+    assert s.emulated.pending_cookies == [] and s.responder.pending == 0
     s.report(1)  # not read any more
     await asyncio.sleep(0.01)
     assert s.emulated.undelivered == 1
@@ -445,14 +446,15 @@ async def test_rules_route_groups_and_a_hanging_sub_policy_delays_only_its_group
         [(2, SUCCESS), (2, SUCCESS), (3, INVALID)]
     gate.release(INVALID)
     await s.settle()
-    assert s.server.stats.outcomes["invalid"] == 3 and s.server.stats.outcomes["success"] == 2
+    assert s.responder.stats.outcomes["invalid"] == 3 and s.responder.stats.outcomes["success"] == 2
 
 
 async def test_one_engine_serves_many_named_queues():
     engine = Engine()
     queues = {name: EmulatedFaultQueue() for name in ("vm1", "vm2")}
     for name, emulated in queues.items():
-        engine.add(QueueResponder(emulated.open(), FixedPolicy("accept", SUCCESS) if name == "vm1" else FixedPolicy("reject", INVALID),
+        policy = FixedPolicy("accept", SUCCESS) if name == "vm1" else FixedPolicy("reject", INVALID)
+        engine.add(QueueResponder(emulated.open(), policy,
                                QueueConfig(name)))
     with pytest.raises(ValueError, match="already served"):
         engine.add(QueueResponder(queues["vm1"].open(), FixedPolicy("accept", SUCCESS), QueueConfig("vm1")))

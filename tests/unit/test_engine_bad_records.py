@@ -144,7 +144,8 @@ def expected_codes(data: bytes, policy: Policy, shedding: bool) -> dict[int, set
             # accept answers a read of one-record groups from its cookie column (when nothing else is
             # pending) and leaves a cookie's second group to the kernel, which refuses its answer
             one_record_groups = all(record[0] & LAST_PAGE for record in unpacked)
-            codes[cookie] = {INVALID, policy.code} if isinstance(policy, FixedPolicy) and one_record_groups else {INVALID}
+            fixed = isinstance(policy, FixedPolicy) and one_record_groups
+            codes[cookie] = {INVALID, policy.code} if fixed else {INVALID}
         elif isinstance(policy, FixedPolicy):
             codes[cookie] = {policy.code}
         else:
@@ -161,24 +162,24 @@ async def serve(data: list[bytes], policy: Policy, pauses: list[int], max_pendin
     tasks: list[asyncio.Task] = []  # policy calls: none may end with an exception
     loop.set_task_factory(lambda loop, coro, **kw: tasks.append(asyncio.Task(coro, loop=loop, **kw)) or tasks[-1])
     kernel = ModelKernel(data)
-    server = QueueResponder(kernel, policy, QueueConfig("q", response_deadline=30, max_pending=max_pending))
+    responder = QueueResponder(kernel, policy, QueueConfig("q", response_deadline=30, max_pending=max_pending))
     if mark:
-        server.cookie_mark_hook = lambda cookie: cookie
-    server.start()
+        responder.cookie_mark_hook = lambda cookie: cookie
+    responder.start()
     try:
         for pause in [*pauses, 0]:
             if not kernel.reads:
                 break
-            server._on_readable()  # what the loop calls while the fd is readable; raises nothing
+            responder._on_readable()  # what the loop calls while the fd is readable; raises nothing
             for _ in range(pause):  # policies decide between wakeups, or not yet
                 await asyncio.sleep(0)
         while kernel.reads:  # a queue full under max_pending reads again as decisions make room
-            server._on_readable()
+            responder._on_readable()
             await asyncio.sleep(0)
         async with asyncio.timeout(2):  # every group answered and written back
-            while server.pending:
+            while responder.pending:
                 await asyncio.sleep(0.001)
-        assert server.failure is None and server.reading
+        assert responder.failure is None and responder.reading
         assert kernel.held == {}, "groups the kernel still holds"
         issued = [(index, cookie) for index, read in enumerate(data)
                   for cookie in dict.fromkeys(cookie for *_, cookie in RECORD.iter_unpack(read)) if cookie]
@@ -188,9 +189,9 @@ async def serve(data: list[bytes], policy: Policy, pauses: list[int], max_pendin
                 allowed = expected_codes(data[index], policy, shedding=max_pending < 1000)[cookie]
                 assert code in allowed, (index, cookie, code, allowed)
         if mark:
-            assert server.cookie_mark >= max((cookie for _, cookie in issued), default=0)
+            assert responder.cookie_mark >= max((cookie for _, cookie in issued), default=0)
     finally:
-        await server.stop(0)
+        await responder.stop(0)
         kernel.close()
     assert loop_errors == []
     assert [task.exception() for task in tasks if task.done() and not task.cancelled() and task.exception()] == []

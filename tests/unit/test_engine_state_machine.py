@@ -55,9 +55,9 @@ class EngineMachine(RuleBasedStateMachine):
         self.loop = asyncio.new_event_loop()
         self.emulated = EmulatedFaultQueue()
         self.policy = self.make_policy()
-        self.server = QueueResponder(self.emulated.open(batch_records=4), self.policy,
+        self.responder = QueueResponder(self.emulated.open(batch_records=4), self.policy,
                                   QueueConfig("sm", response_deadline=DEADLINE, max_pending=MAX_PENDING))
-        self.loop.run_until_complete(self._run(self.server.start))
+        self.loop.run_until_complete(self._run(self.responder.start))
         self.grpid = 0
 
     async def _run(self, function, *args):
@@ -102,22 +102,22 @@ class EngineMachine(RuleBasedStateMachine):
 
     @invariant()
     def pending_is_bounded(self):
-        assert self.server.deciding <= MAX_PENDING
+        assert self.responder.deciding <= MAX_PENDING
 
     @invariant()
     def every_group_read_is_pending_or_answered_once(self):
-        stats = self.server.stats
+        stats = self.responder.stats
         read = int(stats.read_batches.sum)
-        assert sum(stats.outcomes.values()) + self.server.pending == read
+        assert sum(stats.outcomes.values()) + self.responder.pending == read
         # The kernel side agrees: what the daemon has not answered is exactly what it still holds
         # (or what a detach answered for it).
-        assert len(self.emulated.pending_cookies) <= self.server.pending
+        assert len(self.emulated.pending_cookies) <= self.responder.pending
 
     def teardown(self):
         try:
-            self.loop.run_until_complete(self.server.stop(0))
+            self.loop.run_until_complete(self.responder.stop(0))
             assert self.emulated.pending_cookies == [], "a group read was left unanswered"
-            stats = self.server.stats
+            stats = self.responder.stats
             assert sum(stats.outcomes.values()) == stats.read_batches.sum
             assert stats.write_errors <= len([1 for _, code in self.emulated.answers if code == INVALID])
         finally:

@@ -8,7 +8,14 @@ import os
 import pytest
 
 from iopfd.iommufd import (
-    Busy, FaultQueue, IommufdError, IommufdUnavailable, Iommufd, NotFound, NotSupported, PermissionDenied,
+    Busy,
+    FaultQueue,
+    Iommufd,
+    IommufdError,
+    IommufdUnavailable,
+    NotFound,
+    NotSupported,
+    PermissionDenied,
 )
 from iopfd.iommufd.errors import error_for
 from iopfd.iommufd.selftest import NO_SELFTEST
@@ -23,7 +30,8 @@ def test_errno_selects_the_class(err, cls):
     exc = error_for("IOMMU_HWPT_ALLOC", err)
     assert type(exc) is cls
     assert exc.errno == err and exc.operation == "IOMMU_HWPT_ALLOC"
-    assert str(exc).startswith(f"IOMMU_HWPT_ALLOC failed: {'EOPNOTSUPP' if err == errno.EOPNOTSUPP else errno.errorcode[err]}")
+    name = "EOPNOTSUPP" if err == errno.EOPNOTSUPP else errno.errorcode[err]
+    assert str(exc).startswith(f"IOMMU_HWPT_ALLOC failed: {name}")
 
 
 def test_a_call_site_hint_wins_over_the_general_one():

@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-from iopfd.service.config import load_settings
 from iopfd.service.arguments import ForwardEventsFdArg, ForwardFdArg, UsageError
+from iopfd.service.config import load_settings
 from iopfd.service.prepare import prepare
 from iopfd.service.systemd import Notifier
 
@@ -29,7 +29,7 @@ def test_the_argument_syntax():
     assert ForwardFdArg.parse("5:vmm:100") == ForwardFdArg(5, "vmm", 100)
     assert ForwardEventsFdArg.parse("6:vmm") == ForwardEventsFdArg(6, "vmm")
     for bad in ("5", "x:vmm", "5:", "5:vmm:0", "5:vmm:4097", "5:vmm:ten", "5:vmm:1:2"):
-        with pytest.raises(ValueError, match="5:vmm|N:POLICY|RECORDS"):
+        with pytest.raises(ValueError, match=r"5:vmm|N:POLICY|RECORDS"):
             ForwardFdArg.parse(bad)
     with pytest.raises(ValueError, match="M:POLICY"):
         ForwardEventsFdArg.parse("6")

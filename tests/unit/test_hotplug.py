@@ -9,13 +9,13 @@ from pyroute2.netlink.uevent import MarshalUevent
 
 from iopfd.engine import Engine
 from iopfd.iommufd import INVALID
-from iopfd_dev.emulated import EmulatedFaultQueue, PageRequest
 from iopfd.policies import Policies
 from iopfd.service.config import load_settings
 from iopfd.service.hotplug import DeviceWatcher, removed_device
 from iopfd.service.metrics import registry_for
 from iopfd.service.server import Server
 from iopfd.service.systemd import Notifier
+from iopfd_dev.emulated import EmulatedFaultQueue, PageRequest
 
 
 def recorded(action: str, subsystem: str, name: str) -> dict:

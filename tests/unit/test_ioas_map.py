@@ -7,20 +7,19 @@ import ctypes
 import errno
 
 import pytest
-from server_in_loop import servers_in_loop
-
 from structlog.testing import capture_logs
 
 from iopfd.engine import Engine
 from iopfd.engine.batch import batch_of
 from iopfd.iommufd import INVALID, LAST_PAGE, PASID_VALID, SUCCESS, Iommufd, IommufdError
-from iopfd_dev.emulated import EmulatedFaultQueue
 from iopfd.iommufd.fault import RECORD, FaultGroup
-from iopfd.iommufd.probe import NO, PAGING_HWPT_FAULTS, UNKNOWN, Feature
 from iopfd.iommufd.ioctl import lib
+from iopfd.iommufd.probe import NO, PAGING_HWPT_FAULTS, UNKNOWN, Feature
 from iopfd.policies import IoasMapPolicy, Policies, PolicyError
 from iopfd.policies.ioas_map import IoasMapOptions
 from iopfd.service.metrics import registry_for
+from iopfd_dev.emulated import EmulatedFaultQueue
+from server_in_loop import servers_in_loop
 
 PAGE = 4096
 WINDOW = 0x1000000
@@ -73,7 +72,8 @@ def table_errors(file, **changes) -> list[tuple[str, str]]:
 
 def test_the_window_maps_to_the_backing_at_the_same_offset(backing):
     policy = build(backing)
-    assert [policy.page_of(a) for a in (WINDOW, WINDOW + 5, WINDOW + 3 * PAGE + 4095)] == [WINDOW, WINDOW, WINDOW + 3 * PAGE]
+    assert [policy.page_of(a) for a in (WINDOW, WINDOW + 5, WINDOW + 3 * PAGE + 4095)] == \
+        [WINDOW, WINDOW, WINDOW + 3 * PAGE]
     assert [policy.page_of(a) for a in (WINDOW - 1, WINDOW + 4 * PAGE, 0, (1 << 64) - 1)] == [None] * 4
     # The bytes at the user VA are the file's: page 3 of the window is page 2 + 3 of the backing.
     assert ctypes.string_at(policy.user_va_of(WINDOW + 3 * PAGE), PAGE) == bytes([5]) * PAGE
@@ -84,8 +84,9 @@ async def test_a_fault_in_the_window_maps_its_page_then_succeeds(backing):
     policy, ctx = build(backing), RecordingIommufd()
     policy.bind("vm1", ctx)
     assert await policy.decide(group(WINDOW + PAGE + 0x123)) == SUCCESS
-    assert ctx.maps == [{"flags": lib.IOMMU_IOAS_MAP_FIXED_IOVA | lib.IOMMU_IOAS_MAP_READABLE | lib.IOMMU_IOAS_MAP_WRITEABLE,
-                         "ioas_id": 2, "user_va": policy.user_va_of(WINDOW + PAGE), "length": PAGE, "iova": WINDOW + PAGE}]
+    flags = lib.IOMMU_IOAS_MAP_FIXED_IOVA | lib.IOMMU_IOAS_MAP_READABLE | lib.IOMMU_IOAS_MAP_WRITEABLE
+    assert ctx.maps == [{"flags": flags, "ioas_id": 2, "user_va": policy.user_va_of(WINDOW + PAGE), "length": PAGE,
+                         "iova": WINDOW + PAGE}]
     assert policy.counts == {"mapped": 1, "already_mapped": 0, "outside_window": 0}
 
 
@@ -235,7 +236,8 @@ async def test_the_daemon_binds_the_queue_and_refuses_one_it_holds_no_iommufd_fo
     async with servers_in_loop(tmp_path, watch_devices=False,
                                policies={"demand": {"type": "ioas-map", **options(backing)}}) as start:
         server, _ = await start()
-        with pytest.raises(PolicyError, match="queue 'vm1' policy: .*ask for queue 'vm1' with the control socket's broker"):
+        with pytest.raises(PolicyError, match=r"queue 'vm1' policy: .*ask for queue 'vm1' with the control socket's "
+                                              "broker"):
             server.queues.add("vm1", EmulatedFaultQueue().open(), policy="demand")
         assert server.engine.queues == {}  # nothing half-added
         ctx = RecordingIommufd()

@@ -11,13 +11,13 @@ import socket
 import urllib.request
 
 import pytest
-from server_in_loop import servers_in_loop
 from prometheus_client.parser import text_string_to_metric_families
 
 from iopfd import protocol
 from iopfd.client import Client
-from iopfd_dev.emulated import EmulatedFaultFd, EmulatedFaultQueue, PageRequest
 from iopfd.protocol import ProtocolError
+from iopfd_dev.emulated import EmulatedFaultFd, EmulatedFaultQueue, PageRequest
+from server_in_loop import servers_in_loop
 
 
 def scrape(server) -> dict[tuple[str, tuple], float]:

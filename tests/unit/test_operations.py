@@ -18,15 +18,11 @@ from pathlib import Path
 
 import pytest
 import structlog
-from server_in_loop import servers_in_loop
-from iopfd_dev.daemon import spawn_daemon
 
 from iopfd.cli import build_parser
 from iopfd.engine import Engine
 from iopfd.engine.stats import OUTCOMES
 from iopfd.iommufd import INVALID, SUCCESS
-from iopfd_dev.emulated import EmulatedFaultQueue, PageRequest
-from iopfd_dev.cli import build_parser as build_dev_parser
 from iopfd.iommufd.probe import probe
 from iopfd.policies import Policies
 from iopfd.policies.registry import unchanged
@@ -34,6 +30,10 @@ from iopfd.service.config import ConfigError, load_settings
 from iopfd.service.logging import configure_logging
 from iopfd.service.server import Server
 from iopfd.service.systemd import Notifier
+from iopfd_dev.cli import build_parser as build_dev_parser
+from iopfd_dev.daemon import spawn_daemon
+from iopfd_dev.emulated import EmulatedFaultQueue, PageRequest
+from server_in_loop import servers_in_loop
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -181,9 +181,9 @@ def exported_metric_names() -> set[str]:
     from collections import Counter
 
     from iopfd.engine import Engine, FixedPolicy, QueueConfig, QueueResponder
-    from iopfd_dev.emulated import EmulatedFaultQueue
     from iopfd.iommufd import SUCCESS
     from iopfd.service.metrics import registry_for
+    from iopfd_dev.emulated import EmulatedFaultQueue
 
     engine = Engine()
     emulated = EmulatedFaultQueue()

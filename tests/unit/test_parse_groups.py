@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from iopfd.iommufd import LAST_PAGE, PASID_VALID, MalformedFaultData, parse_groups
 from iopfd.engine.batch import whole_groups
+from iopfd.iommufd import LAST_PAGE, PASID_VALID, MalformedFaultData, parse_groups
 from iopfd.iommufd.fault import RECORD, assemble_groups
 
 
@@ -78,5 +78,6 @@ def test_the_engines_numpy_assembly_agrees_with_this_one(records):
     groups, malformed = assemble_groups(data, "q")
     raw, first, last, columnar_malformed = whole_groups(data)
     assert sorted(dict(columnar_malformed)) == sorted(dict(malformed))  # the same cookies (reasons may word it apart)
-    assert [raw[f * RECORD.size:(l + 1) * RECORD.size] for f, l in zip(first.tolist(), last.tolist())] == \
+    spans = zip(first.tolist(), last.tolist())
+    assert [raw[start * RECORD.size:(end + 1) * RECORD.size] for start, end in spans] == \
         [group.records for group in groups]

@@ -15,12 +15,12 @@ from iopfd import protocol
 from iopfd.engine import QueueConfig, QueueResponder
 from iopfd.engine.batch import Batch, Read, record_dtype, split_groups
 from iopfd.engine.events import Vevent
-from iopfd_dev.emulated import EmulatedFaultQueue, PageRequest
 from iopfd.iommufd.fault import INVALID, LAST_PAGE, SUCCESS
 from iopfd.policies import ForwardPolicy
 from iopfd.policies.forward import ForwardOptions
 from iopfd.service import peer_channel
 from iopfd.service.peer_channel import EventChannel, FaultChannel, check_channel_socket
+from iopfd_dev.emulated import EmulatedFaultQueue, PageRequest
 
 pytestmark = pytest.mark.asyncio
 RESPONSE = numpy.dtype([("cookie", "<u4"), ("code", "<u4")])
@@ -106,7 +106,7 @@ async def until(predicate, timeout: float = 5) -> None:
 async def test_groups_go_out_as_the_fault_fds_records_with_ids_and_answers_come_back(pair):
     ours, theirs = pair
     engine = Engine()
-    channel, policy = channel_on(ours)
+    _, policy = channel_on(ours)
     batch = engine.batch([1, 3, 1], first_cookie=40)
     assert policy.decide_batch(batch) is None
     records = receive(theirs)
@@ -401,14 +401,14 @@ async def served(pair):
         policy = ForwardPolicy("vmm")
         FaultChannel(pair[0], policy, read_records=read_records).start()
         emulated = EmulatedFaultQueue()
-        server = QueueResponder(emulated.open(), policy, QueueConfig("vm1", response_deadline=deadline))
-        server.start()
-        made.append((emulated, server, policy))
-        return emulated, server, policy
+        responder = QueueResponder(emulated.open(), policy, QueueConfig("vm1", response_deadline=deadline))
+        responder.start()
+        made.append((emulated, responder, policy))
+        return emulated, responder, policy
 
     yield serve
-    for emulated, server, policy in made:
-        await server.stop(0)
+    for emulated, responder, policy in made:
+        await responder.stop(0)
         if policy.channel is not None:
             policy.channel.close()
         emulated.close()
@@ -416,7 +416,7 @@ async def served(pair):
 
 async def test_the_engine_forwards_through_the_channel_and_its_deadline_holds(pair, served):
     _, theirs = pair
-    emulated, server, policy = served(0.3)
+    emulated, responder, policy = served(0.3)
     for i in range(6):
         emulated.report(PageRequest(dev_id=3, addr=0x1000 * (i + 1)))
     records = []
@@ -427,7 +427,7 @@ async def test_the_engine_forwards_through_the_channel_and_its_deadline_holds(pa
     respond(theirs, ids[:4], numpy.where(records["addr"][:4] < 0x3000, SUCCESS, INVALID))  # 2 left unanswered
     await until(lambda: len(emulated.answers) == 6)  # the last two at the deadline
     assert [code for _, code in emulated.answers] == [SUCCESS, SUCCESS, INVALID, INVALID, INVALID, INVALID]
-    assert server.stats.outcomes["deadline"] == 2
+    assert responder.stats.outcomes["deadline"] == 2
     respond(theirs, ids[4:], [SUCCESS, SUCCESS])  # too late
     await until(lambda: policy.stats.late_answers == 2)
     assert len(emulated.answers) == 6
@@ -435,7 +435,7 @@ async def test_the_engine_forwards_through_the_channel_and_its_deadline_holds(pa
 
 async def test_the_engine_answers_when_disconnected_once_the_peer_goes(pair, served):
     _, theirs = pair
-    emulated, server, policy = served(30)
+    emulated, responder, policy = served(30)
     for i in range(3):
         emulated.report(PageRequest(dev_id=3, addr=0x1000 * (i + 1)))
     ids = group_ids(await asyncio.to_thread(receive, theirs))
@@ -445,7 +445,7 @@ async def test_the_engine_answers_when_disconnected_once_the_peer_goes(pair, ser
     theirs.close()
     await until(lambda: len(emulated.answers) == 3)
     assert [code for _, code in emulated.answers] == [SUCCESS, INVALID, INVALID]
-    assert server.stats.outcomes["deadline"] == 0 and policy.channel is None
+    assert responder.stats.outcomes["deadline"] == 0 and policy.channel is None
     emulated.report(PageRequest(dev_id=3, addr=0x9000))
     await until(lambda: len(emulated.answers) == 4)
     assert emulated.answers[-1][1] == INVALID
@@ -453,7 +453,7 @@ async def test_the_engine_answers_when_disconnected_once_the_peer_goes(pair, ser
 
 async def test_the_engine_takes_an_answer_made_while_the_batch_is_handed_over(pair, served):
     _, theirs = pair
-    emulated, server, policy = served(30, read_records=2)
+    emulated, responder, policy = served(30, read_records=2)
     emulated.report(PageRequest(dev_id=3, addr=0x1000, grpid=1, last=False))  # a group of three records
     emulated.report(PageRequest(dev_id=3, addr=0x2000, grpid=1, last=False))
     emulated.report(PageRequest(dev_id=3, addr=0x3000, grpid=1))
@@ -463,12 +463,12 @@ async def test_the_engine_takes_an_answer_made_while_the_batch_is_handed_over(pa
     respond(theirs, group_ids(records), [SUCCESS])
     await until(lambda: len(emulated.answers) == 2)
     assert sorted((len(group), code) for group, code in emulated.answers) == [(1, SUCCESS), (3, INVALID)]
-    assert policy.stats.oversized == 1 and server.pending == 0
+    assert policy.stats.oversized == 1 and responder.pending == 0
 
 
 async def test_a_code_other_than_success_or_invalid_answers_that_group_invalid_as_an_error(pair, served):
     _, theirs = pair
-    emulated, server, policy = served(30)
+    emulated, responder, policy = served(30)
     for i in range(3):
         emulated.report(PageRequest(dev_id=3, addr=0x1000 * (i + 1)))
     ids = []
@@ -478,14 +478,14 @@ async def test_a_code_other_than_success_or_invalid_answers_that_group_invalid_a
     await until(lambda: len(emulated.answers) == 3)
     assert sorted((group[0].addr, code) for group, code in emulated.answers) == [
         (0x1000, SUCCESS), (0x2000, INVALID), (0x3000, SUCCESS)]
-    assert server.stats.outcomes["error"] == 1 and policy.stats.bad_codes == 1
+    assert responder.stats.outcomes["error"] == 1 and policy.stats.bad_codes == 1
 
 
 async def test_the_metrics_show_the_peer_and_the_groups_queued_for_it(pair):
     from iopfd.engine import Engine as RealEngine
     from iopfd.service.metrics import EngineCollector
 
-    ours, theirs = pair
+    ours, _ = pair
     policy = ForwardPolicy("vmm", ForwardOptions())
 
     def figures() -> dict[str, float]:

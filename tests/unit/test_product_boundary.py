@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+
 from iopfd_dev.daemon import spawn_daemon
 
 ROOT = Path(__file__).parents[2]

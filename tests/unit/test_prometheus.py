@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from iopfd_dev.daemon import DaemonProcess
 
 from iopfd.client import Client
 from iopfd.protocol import ProtocolError
+from iopfd_dev.daemon import DaemonProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -42,7 +42,8 @@ def test_alert_rules_pass_promtool_check_and_their_unit_tests():
     checked = subprocess.run([tool("promtool"), "check", "rules", str(DEPLOY / "alerts.yaml")],
                              capture_output=True, text=True, timeout=60)
     assert checked.returncode == 0, checked.stdout + checked.stderr
-    tested = subprocess.run([tool("promtool"), "test", "rules", str(ROOT / "tests" / "prometheus" / "alerts_test.yaml")],
+    alerts_test = ROOT / "tests" / "prometheus" / "alerts_test.yaml"
+    tested = subprocess.run([tool("promtool"), "test", "rules", str(alerts_test)],
                             capture_output=True, text=True, timeout=60)
     assert tested.returncode == 0 and "SUCCESS" in tested.stdout, tested.stdout + tested.stderr
 
@@ -168,7 +169,8 @@ def test_a_real_prometheus_gets_data_for_every_dashboard_query_and_evaluates_eve
         values = [float(series["value"][1]) for series in result]
         assert values and all(math.isfinite(value) for value in values), (title, expr, result)
         results[expr] = {tuple(sorted(series["metric"].items())): value for series, value in zip(result, values)}
-    assert {dict(labels)["queue"] for labels in results['sum by (queue) (iopfd_pending_groups{queue=~"vm1"})']} == {"vm1"}
+    pending = results['sum by (queue) (iopfd_pending_groups{queue=~"vm1"})']
+    assert {dict(labels)["queue"] for labels in pending} == {"vm1"}
     by_outcome = {dict(labels)["outcome"]: value for labels, value in
                   results['sum by (outcome) (rate(iopfd_fault_groups_total{queue=~".*"}[1m]))'].items()}
     assert set(by_outcome) == {"success", "invalid", "deadline", "shed", "error"}

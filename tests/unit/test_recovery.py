@@ -8,10 +8,10 @@ import os
 import socket
 
 from iopfd.iommufd import INVALID, SUCCESS
-from iopfd_dev.emulated import EmulatedFaultQueue, PageRequest
 from iopfd.iommufd.fault import RECORD, RESPONSE
 from iopfd.service.recovery import StateFile, sweep
 from iopfd.service.systemd import Notifier
+from iopfd_dev.emulated import EmulatedFaultQueue, PageRequest
 
 
 def test_the_mark_is_a_power_of_two_at_or_above_the_cookie_and_survives_a_new_life(tmp_path):

@@ -15,14 +15,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from iopfd.engine import Engine, Policy, QueueConfig, QueueResponder
 from iopfd.iommufd import INVALID, SUCCESS
-from iopfd_dev.emulated import EmulatedFaultQueue, PageRequest
 from iopfd.policies import Policies
+from iopfd.service.arguments import FaultFdArg, UsageError
 from iopfd.service.config import ConfigError, load_settings
 from iopfd.service.metrics import MetricsEndpoint, registry_for
-from iopfd.service.arguments import FaultFdArg, UsageError
 from iopfd.service.prepare import prepare, resolve_queues
 from iopfd.service.server import Server
 from iopfd.service.systemd import Notifier
+from iopfd_dev.emulated import EmulatedFaultQueue, PageRequest
 
 
 def iopfd(*args: str, **kwargs) -> subprocess.CompletedProcess:
@@ -48,7 +48,8 @@ def test_fault_fds_fill_config_queues_by_name_and_add_the_rest(tmp_path):
 def test_a_queue_without_fd_or_no_queue_at_all_is_refused(tmp_path):
     config = tmp_path / "c.toml"
     config.write_text('[[queues]]\nname = "vm1"\n')
-    with pytest.raises(ConfigError, match=r"queues\.0\.fd: queue 'vm1' has no fault fd; set fd or pass --fault-fd N:vm1"):
+    with pytest.raises(ConfigError,
+                       match=r"queues\.0\.fd: queue 'vm1' has no fault fd; set fd or pass --fault-fd N:vm1"):
         resolve_queues(load_settings(config), [])
     with pytest.raises(UsageError, match="no fault queue to serve"):
         resolve_queues(load_settings(None, control={"path": "off"}), [])

@@ -131,13 +131,14 @@ def test_watchdog_interval(environ, expected):
 def test_watchdog_interval_garbage(environ):
     with capture_logs() as logs:
         assert watchdog_interval(environ) is None
-    assert [(e["event"], e["log_level"]) for e in logs] == [("ignoring an invalid WATCHDOG_USEC or WATCHDOG_PID", "warning")]
+    assert [(e["event"], e["log_level"]) for e in logs] == \
+        [("ignoring an invalid WATCHDOG_USEC or WATCHDOG_PID", "warning")]
 
 
 async def _run_for(notifier: Notifier, healthy, seconds: float, block: float = 0) -> None:
     task = asyncio.create_task(run_watchdog(notifier, 0.02, healthy))
     await asyncio.sleep(0)  # let the watchdog start its first sleep
-    time.sleep(block)  # noqa: ASYNC251 -- deliberately stalls the event loop (when block > 0)
+    time.sleep(block)
     await asyncio.sleep(seconds)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):

@@ -11,17 +11,23 @@ import os
 import struct
 
 import pytest
-from server_in_loop import servers_in_loop
 
 from iopfd.client import Client
 from iopfd.engine import Engine, EventQueueReader, FixedPolicy, Policy, QueueConfig, QueueResponder
 from iopfd.iommufd import SUCCESS, IommufdError, SequenceTracker, VeventQueue, VeventRecord
-from iopfd_dev.emulated import EmulatedFaultQueue
 from iopfd.iommufd.viommu import (
-    ARM_SMMUV3, LOST_EVENTS, SELFTEST, SEQUENCE_MASK, TYPES, MalformedVevents, parse_vevents,
+    ARM_SMMUV3,
+    LOST_EVENTS,
+    SELFTEST,
+    SEQUENCE_MASK,
+    TYPES,
+    MalformedVevents,
+    parse_vevents,
 )
 from iopfd.protocol import ProtocolError
 from iopfd.service.metrics import registry_for
+from iopfd_dev.emulated import EmulatedFaultQueue
+from server_in_loop import servers_in_loop
 
 INT_MAX = 2**31 - 1
 
@@ -120,7 +126,8 @@ def test_metrics_have_queue_and_type_labels_only():
     }
     assert engine.totals()["vevents"] == 4 and engine.totals()["vevents_lost"] == 6
     with pytest.raises(ValueError, match="no fault queue named 'vm2'"):
-        engine.add_events(EventQueueReader(VeventQueue(None, 0, write_end, SELFTEST), FixedPolicy("accept", SUCCESS), "vm2"))
+        engine.add_events(EventQueueReader(VeventQueue(None, 0, write_end, SELFTEST), FixedPolicy("accept", SUCCESS),
+                                           "vm2"))
     os.close(read_end)
     os.close(write_end)
     emulated.close()
@@ -156,7 +163,7 @@ async def test_attach_with_a_veventq_fd_refuses_what_does_not_fit_the_protocol(t
                 ((a, b, c), {"veventq_type": "selftest"}, "missing-fd", "got 3 fds"),
                 ((a, b), {"veventq_type": "selftest"}, "not-a-fault-fd", "not an iommufd fault fd"),
             ]:
-                def run():
+                def run(fds=fds, fields=fields):
                     with Client(path, timeout=10) as client:
                         return client.request("attach", fds, queue="vm1", **fields)
 

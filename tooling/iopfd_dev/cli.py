@@ -21,7 +21,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from iopfd_dev.lab.kernel import KERNELS
 
     tools = Tools(*args.tools.split(":")) if args.tools else None
-    return bench.main(here=args.here, kernels=args.kernels or list(KERNELS), scenarios=args.scenarios or list(SCENARIOS),
+    return bench.main(here=args.here, kernels=args.kernels or list(KERNELS),
+                      scenarios=args.scenarios or list(SCENARIOS),
                       policies=args.policies or list(POLICIES), groups=args.groups, out=args.out, png=args.png,
                       emulated=args.emulated, guard=args.guard, tools=tools, repeat=args.repeat,
                       seed_faults=args.seed_faults)

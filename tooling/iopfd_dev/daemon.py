@@ -89,7 +89,7 @@ class DaemonProcess:
     def wait_answered(self, groups: int, timeout: float = 120.0) -> None:
         def enough(message: str) -> bool:
             found = STATUS_ANSWERED.search(message)
-            return bool(found) and int(found.group(1)) >= groups
+            return found is not None and int(found.group(1)) >= groups
         self.wait_message(enough, timeout)
 
     def terminate(self, timeout: float = 60.0) -> int:

@@ -17,6 +17,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from iopfd_dev.lab.guest import GUEST_ENV
 
@@ -142,11 +143,11 @@ def _wait_caught_up(port: int, triggered: int, timeout: float = 120) -> None:
         time.sleep(1)
 
 
-def _scrape(port: int) -> dict:
+def _scrape(port: int) -> dict[str, Any]:
     from prometheus_client.parser import text_string_to_metric_families
 
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    figures = {"outcomes": {}, "pending": 0, "buckets": []}
+    figures: dict[str, Any] = {"outcomes": {}, "pending": 0, "buckets": []}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if sample.name == "iopfd_fault_groups_total":

@@ -10,6 +10,7 @@ runs the same scenarios against this and the lab kernel and requires identical r
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 from collections import deque
@@ -51,7 +52,7 @@ class EmulatedFaultQueue:
         if not request.last:
             self._partials.append(request)
             return
-        group = tuple(p for p in self._partials if p.grpid == request.grpid) + (request,)
+        group = (*(p for p in self._partials if p.grpid == request.grpid), request)
         self._partials = [p for p in self._partials if p.grpid != request.grpid]
         self._deliver.append(group)
         self._update_readiness()
@@ -133,10 +134,8 @@ class EmulatedFaultQueue:
         self._free_below = min(self._free_below, cookie)
 
     def _update_readiness(self) -> None:
-        try:
+        with contextlib.suppress(BlockingIOError):
             os.eventfd_read(self._eventfd)  # clear
-        except BlockingIOError:
-            pass
         if self._deliver:
             os.eventfd_write(self._eventfd, 1)
 

@@ -5,6 +5,7 @@ through the ops table (``ops.OPS``). The protocol: docs/protocol.md."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import reprlib
@@ -34,17 +35,17 @@ RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 def open_control_socket(settings: ControlSettings, inherited: list[int] | None, state: ControlState) -> ControlSocket:
     """The socket systemd passed (iopfd.socket, FileDescriptorName=control), else bind [control] path.
     Raises UsageError when the path cannot be listened on."""
-    allowed = {"allowed_uids": {*settings.allowed_uids, os.getuid()}, "allowed_gids": set(settings.allowed_gids)}
+    uids, gids = {*settings.allowed_uids, os.getuid()}, set(settings.allowed_gids)
     if inherited:
         listener = socket.socket(fileno=inherited[0])
         log.info("control socket from systemd", fd=inherited[0])
-        return ControlSocket(state, listener, **allowed)
+        return ControlSocket(state, listener, allowed_uids=uids, allowed_gids=gids)
     try:
         listener = bind_socket(settings.path, settings.mode)
     except OSError as exc:
         raise UsageError(f"control socket {settings.path}: {exc}; set [control] path, or path = \"off\"") from None
     log.info("control socket", path=settings.path, mode=oct(settings.mode))
-    return ControlSocket(state, listener, owns_path=settings.path, **allowed)
+    return ControlSocket(state, listener, allowed_uids=uids, allowed_gids=gids, owns_path=settings.path)
 
 
 def bind_socket(path: str, mode: int) -> socket.socket:
@@ -94,10 +95,8 @@ class ControlSocket:
         await asyncio.gather(*tasks, return_exceptions=True)
         self.listener.close()
         if self._owns_path:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._owns_path)
-            except FileNotFoundError:
-                pass
 
     async def _accept(self) -> None:
         loop = asyncio.get_running_loop()
@@ -165,8 +164,9 @@ class Connection:
 
     async def handle(self, message: dict, fds: list[int]) -> None:
         name = message.get("op")
-        op = OPS.get(name) if isinstance(name, str) else None
-        counted = name if op is not None else "unknown"  # iopfd_control_requests_total{op}: known ops only
+        known = name if isinstance(name, str) and name in OPS else None
+        op = OPS[known] if known is not None else None
+        counted = known or "unknown"  # iopfd_control_requests_total{op}: known ops only
         request_id = message.get("id")
         reply = Reply({})
         try:
@@ -185,7 +185,7 @@ class Connection:
         except ProtocolError as exc:
             self.control.requests[counted, exc.code] += 1
             answer = {"ok": False, "error": {"code": exc.code, "message": exc.message}}
-            self.peer.log.warning("control request refused", op=name if op is not None else reprlib.repr(name),
+            self.peer.log.warning("control request refused", op=known or reprlib.repr(name),
                                   code=exc.code, reason=exc.message)
         finally:
             _close(fds)  # handlers take out of fds what they keep
@@ -226,7 +226,12 @@ async def _wait(sock: socket.socket, *, writable: bool) -> None:
     loop = asyncio.get_running_loop()
     future = loop.create_future()
     add, remove = (loop.add_writer, loop.remove_writer) if writable else (loop.add_reader, loop.remove_reader)
-    add(sock.fileno(), lambda: future.done() or future.set_result(None))
+
+    def ready() -> None:
+        if not future.done():
+            future.set_result(None)
+
+    add(sock.fileno(), ready)
     try:
         await future
     finally:

@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from iopfd_dev.bench.run import SEED_FAULTS_PER_THREAD, Result, Tools
 from iopfd_dev.lab.guest import GUEST_ENV
@@ -52,7 +53,7 @@ def main(*, here: bool, kernels: list[str], scenarios: list[str], policies: list
     if guard:
         scenarios, policies, groups = ["burst", "storm"], list(GUARD), min(groups, GUARD_GROUPS)
     out_path = Path(out or "bench-results.json").resolve()
-    machine = {"cpus": os.cpu_count(), "load": os.getloadavg()}
+    machine: dict[str, Any] = {"cpus": os.cpu_count(), "load": os.getloadavg()}
     results: list[Result] = []
     if here or os.environ.get(GUEST_ENV):
         from iopfd_dev.bench.run import run_bench
@@ -94,7 +95,8 @@ def _in_lab(kernel: str, scenarios: list[str], policies: list[str], groups: int,
         guest_out = Path(shared) / "results.json"
         argv = [sys.executable, "-m", "iopfd_dev", "bench", "--here", "--tools",
                 f"{tools.responder}:{tools.trigger}:{tools.peer}", "--groups", str(groups), "--repeat", str(repeat),
-                "--seed-faults", str(seed_faults), "--policies", ",".join(policies), "--out", str(guest_out), "--no-emulated",
+                "--seed-faults", str(seed_faults), "--policies", ",".join(policies), "--out", str(guest_out),
+                "--no-emulated",
                 *(["--guard"] if guard else []), *scenarios]
         try:
             status = vm.run(argv, kernel=kernel, shared_dir=Path(shared))
@@ -193,8 +195,8 @@ def runs_table(results: list[Result]) -> str:
         success = r.outcomes["success"] if r.outcomes else "-"
         lines.append(f"{r.scenario_label:<12} {r.source:<8} {r.label:<17} {r.answered:>8} {r.groups_per_second:>10.0f} "
                      f"{r.cpu_us_per_group:>10.2f} {r.maxrss_kb / 1024:>7.1f} {ms[0]:>7} {ms[1]:>7} {ms[2]:>8} "
-                     f"{ms[3]:>7} {r.late if r.late is not None else '-':>5} {r.shed if r.shed is not None else '-':>6} "
-                     f"{success:>8}")
+                     f"{ms[3]:>7} {r.late if r.late is not None else '-':>5} "
+                     f"{r.shed if r.shed is not None else '-':>6} {success:>8}")
     return "\n".join(lines)
 
 

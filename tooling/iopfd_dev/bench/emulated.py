@@ -17,9 +17,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from iopfd_dev.bench.run import MULTI_QUEUES, POLICY_TABLES, STORM, Result, shares
 from iopfd.engine import Engine
 from iopfd.iommufd import PERM_READ
+from iopfd_dev.bench.run import MULTI_QUEUES, POLICY_TABLES, STORM, Result, shares
 from iopfd_dev.emulated import EmulatedFaultQueue, PageRequest
 
 STEADY_TICK = 0.001  # the steady stream is raised in slices of a millisecond's worth
@@ -32,8 +32,8 @@ def _fault(i: int) -> PageRequest:
 
 
 async def _serve(scenario: str, groups: int, rate: float, report: Path) -> None:
-    from iopfd.service.config import load_settings
     from iopfd.policies import Policies
+    from iopfd.service.config import load_settings
     from iopfd.service.server import Server
 
     with tempfile.TemporaryDirectory(prefix="iopfd-bench-") as tmp:
@@ -83,7 +83,8 @@ def run_scenario(scenario: str, groups: int, *, rate: float = 0) -> Result:
 
     with tempfile.TemporaryDirectory(prefix="iopfd-bench-") as tmp:
         report = Path(tmp) / "report.json"
-        subprocess.run([sys.executable, "-m", "iopfd_dev.bench.emulated", scenario, str(groups), repr(rate), str(report)],
+        subprocess.run([sys.executable, "-m", "iopfd_dev.bench.emulated", scenario, str(groups), repr(rate),
+                        str(report)],
                        check=True, stdout=subprocess.DEVNULL, timeout=3600,
                        env={**os.environ, "IOPFD_CONTROL__PATH": "off", "IOPFD_WATCH_DEVICES": "false",
                             "IOPFD_LOG_LEVEL": "warning", "NOTIFY_SOCKET": ""})
@@ -92,8 +93,9 @@ def run_scenario(scenario: str, groups: int, *, rate: float = 0) -> Result:
     outcomes = {k: sum(q["outcomes"][k] for q in queues) for k in next(iter(queues))["outcomes"]}
     return Result(scenario, "iopfd", groups, sum(outcomes.values()),
                   max(q["last_write"] for q in queues) - min(q["first_read"] for q in queues),
-                  figures["cpu_seconds"], figures["maxrss_kb"], policy=STORM["policy"] if scenario == "storm" else "accept",
-                  source="emulated", kernel="emulated", queues=len(queues), offered_rate=rate if scenario == "steady" else None,
+                  figures["cpu_seconds"], figures["maxrss_kb"],
+                  policy=STORM["policy"] if scenario == "storm" else "accept", source="emulated", kernel="emulated",
+                  queues=len(queues), offered_rate=rate if scenario == "steady" else None,
                   latency=figures["overall"]["latency"], late=figures["overall"]["late"], shed=outcomes["shed"],
                   outcomes=outcomes)
 

@@ -50,7 +50,7 @@ def _burst(axis, rows: list[Result], kernel: str) -> None:
 
 def _steady(axis, rows: list[Result], kernel: str) -> None:
     for label in dict.fromkeys(r.label for r in rows):
-        points = sorted((r.offered_rate, r.latency["p99"]) for r in rows if r.label == label)
+        points = sorted((r.offered_rate or 0.0, (r.latency or {})["p99"]) for r in rows if r.label == label)
         axis.plot([p[0] / 1000 for p in points], [max(p[1], 1e-6) * 1e3 for p in points], marker="o", label=label)
     axis.axhline(1.0, color="red", linestyle=":", label="target for rules at 20k/s: 1 ms")
     axis.set_yscale("log")
@@ -64,7 +64,7 @@ def _steady(axis, rows: list[Result], kernel: str) -> None:
 
 def _seed(axis, rows: list[Result], kernel: str) -> None:
     for label in dict.fromkeys(r.label for r in rows):
-        points = sorted((r.threads, r.worst) for r in rows if r.label == label)
+        points = sorted((r.threads or 0, r.worst or 0.0) for r in rows if r.label == label)
         axis.plot([p[0] for p in points], [p[1] * 1e3 for p in points], marker="o", label=label)
     axis.axhline(1000, color="red", linestyle=":", label="iopfd's deadline: 1 s")
     axis.set_xscale("log", base=2)

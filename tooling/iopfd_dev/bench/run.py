@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from iopfd.iommufd import PERM_READ, FaultQueue, Iommufd
 from iopfd.iommufd.selftest import FaultingMockSetup
@@ -45,7 +46,7 @@ SEED_RESPONDERS = (("c-qemu", None), ("iopfd", "rules"), ("iopfd", "forward"))
 PEER_RECORDS = 256
 STOP_TIMEOUT = 1200
 LATE_SLACK = 0.05  # a group answered later than its deadline + this is late
-STORM = {"policy": "slow", "response_deadline": 1.0, "max_pending": 4096}
+STORM: dict[str, Any] = {"policy": "slow", "response_deadline": 1.0, "max_pending": 4096}
 # The policies of the bench's daemon. `rules` is the demo's: accept what lies below 0x8000_0000 and
 # asks for read/write only, reject the rest.
 POLICY_TABLES = f"""\
@@ -107,7 +108,9 @@ class Result:
 
     @property
     def scenario_label(self) -> str:
-        return f"{self.scenario} {self.offered_rate / 1000:.0f}k/s" if self.scenario == "steady" else self.scenario
+        if self.scenario == "steady" and self.offered_rate is not None:
+            return f"{self.scenario} {self.offered_rate / 1000:.0f}k/s"
+        return self.scenario
 
     @classmethod
     def from_dict(cls, data: dict) -> Result:
@@ -138,12 +141,18 @@ class Run:
     queues: list[FaultQueue] = field(default_factory=list)
     rigs: list[FaultingMockSetup] = field(default_factory=list)
     name: str = ""  # iopfd: the queues are NAME-0, NAME-1, ...
-    result: Result | None = None
-    raised: list | None = None  # seed: (addr, when raised) of every fault
+    result: Result | None = None  # made by execute()
+    raised: list[tuple[int, float]] = field(default_factory=list)  # seed: (addr, when raised) of every fault
 
     @property
     def names(self) -> list[str]:
         return [f"{self.name}-{i}" for i in range(len(self.queues))]
+
+    @property
+    def measured(self) -> Result:
+        """The run's result, once execute() has made it."""
+        assert self.result is not None
+        return self.result
 
 
 def plan(scenarios: list[str], policies: list[str], groups: int, repeat: int,
@@ -188,14 +197,16 @@ def run_bench(scenarios: list[str], policies: list[str], groups: int, tools: Too
         daemon = Daemon(served, Path(tmp), tools) if served else None
         try:
             for index, run in enumerate(runs, 1):
+                threads = f" {run.threads} threads" if run.scenario == "seed" else ""
                 print(f"[bench] {index}/{len(runs)} {run.scenario}"
-                      f"{f' {run.rate / 1000:g}k/s' if run.rate else ''}{f' {run.threads} threads' if run.scenario == 'seed' else ''}:"
+                      f"{f' {run.rate / 1000:g}k/s' if run.rate else ''}{threads}:"
                       f" {run.responder}{f' {run.policy}' if run.policy else ''} ...", file=sys.stderr, flush=True)
                 execute(run, ctx, tools, daemon, Path(tmp))
         finally:
             report = daemon.stop() if daemon else None
-        for run in served:
-            finish_iopfd(run, report)
+        if report is not None:  # there were iopfd runs
+            for run in served:
+                finish_iopfd(run, report)
         for run in runs:
             check_answered(run)
     release = os.uname().release
@@ -299,23 +310,25 @@ def execute(run: Run, ctx: Iommufd, tools: Tools, daemon: Daemon | None, tmp: Pa
     counts = shares(run.groups, len(run.queues))
     log = tmp / f"{run.name}.answers"
     if run.responder == "iopfd":
+        assert daemon is not None  # run_bench starts one when there are iopfd runs
         pid = daemon.proc.pid
     else:
-        loop = subprocess.Popen([tools.responder, *C_LOOPS[run.responder], *(["-l", str(log)] if run.scenario == "seed" else []),
+        answers_log = ["-l", str(log)] if run.scenario == "seed" else []
+        loop = subprocess.Popen([tools.responder, *C_LOOPS[run.responder], *answers_log,
                                  *(str(q.fd) for q in run.queues)],
                                 pass_fds=[q.fd for q in run.queues], stdout=subprocess.PIPE, text=True)
         pid = loop.pid
     peer = daemon.peer_pid(run.policy) if daemon and run.responder == "iopfd" else None
-    offered = None
+    offered: dict | None = None
     if run.scenario in ("burst", "storm", "multi"):
         # Queue the whole burst first, then let the responder at it: its own clock measures how
         # fast it drains, not how fast the trigger raises faults.
         with stopped(pid):
             for rig, count in zip(run.rigs, counts):
                 trigger(tools, ctx, rig, count)
-            cpu, peer_cpu = cpu_seconds(pid), peer and cpu_seconds(peer)
+            cpu, peer_cpu = cpu_seconds(pid), cpu_seconds(peer) if peer else 0.0
     else:
-        cpu, peer_cpu = cpu_seconds(pid), peer and cpu_seconds(peer)
+        cpu, peer_cpu = cpu_seconds(pid), cpu_seconds(peer) if peer else 0.0
         raised = tmp / f"{run.name}.raised"
         offered = trigger(tools, ctx, run.rigs[0], run.groups, run.rate, threads=run.threads,
                           log=raised if run.scenario == "seed" else None)
@@ -324,27 +337,28 @@ def execute(run: Run, ctx: Iommufd, tools: Tools, daemon: Daemon | None, tmp: Pa
     for queue in run.queues:
         _wait_drained(queue, settle=1.5 if run.scenario == "storm" else 0.3)
     cpu = cpu_seconds(pid) - cpu
-    run.result = Result(run.scenario, run.responder, run.groups, 0, 0.0, cpu, peak_rss_kb(pid), policy=run.policy,
-                        queues=len(run.queues), threads=run.threads if run.scenario == "seed" else None,
-                        offered_rate=run.groups / offered["seconds"] if run.scenario == "steady" else None,
-                        peer_cpu_seconds=cpu_seconds(peer) - peer_cpu if peer else None)
+    run.result = result = Result(
+        run.scenario, run.responder, run.groups, 0, 0.0, cpu, peak_rss_kb(pid), policy=run.policy,
+        queues=len(run.queues), threads=run.threads if run.scenario == "seed" else None,
+        offered_rate=run.groups / offered["seconds"] if run.scenario == "steady" and offered is not None else None,
+        peer_cpu_seconds=cpu_seconds(peer) - peer_cpu if peer else None)
     if run.responder != "iopfd":
         loop.send_signal(signal.SIGTERM)
         out, _ = loop.communicate(timeout=60)
         figures = json.loads(out)
         per_fd = figures["fds"]
-        run.result.answered = sum(f["groups"] for f in per_fd)
-        run.result.seconds = max(f["last_write"] for f in per_fd) - min(f["first_read"] for f in per_fd)
-        run.result.cpu_seconds = figures["cpu_seconds"]  # the loop's own accounting: exact, and only this run
-        run.result.maxrss_kb = figures["maxrss_kb"]
+        result.answered = sum(f["groups"] for f in per_fd)
+        result.seconds = max(f["last_write"] for f in per_fd) - min(f["first_read"] for f in per_fd)
+        result.cpu_seconds = figures["cpu_seconds"]  # the loop's own accounting: exact, and only this run
+        result.maxrss_kb = figures["maxrss_kb"]
         if run.scenario == "seed":
-            run.result.worst = _worst(run.raised, _pairs(log.read_bytes()))
+            result.worst = _worst(run.raised, _pairs(log.read_bytes()))
 
 
 def finish_iopfd(run: Run, report: dict) -> None:
     """The run's figures from the daemon's report: its queues' counts, clocks and latency."""
     queues = [report["queues"][name] for name in run.names]
-    r = run.result
+    r = run.measured
     r.answered = sum(sum(q["outcomes"].values()) for q in queues)
     r.seconds = max(q["last_write"] for q in queues) - min(q["first_read"] for q in queues)
     r.outcomes = {k: sum(q["outcomes"][k] for q in queues) for k in queues[0]["outcomes"]}
@@ -357,7 +371,7 @@ def finish_iopfd(run: Run, report: dict) -> None:
 
 
 def check_answered(run: Run) -> None:
-    r = run.result
+    r = run.measured
     if r.answered != run.groups:
         raise RuntimeError(f"{run.scenario} {r.label}: {r.answered} of {run.groups} groups answered")
 
@@ -366,7 +380,7 @@ def median_of_repeats(runs: list[Run]) -> list[Result]:
     """One result per (scenario, rate or threads, responder, policy): the repeat with the median groups/s."""
     groups: dict[tuple, list[Result]] = {}
     for run in runs:
-        groups.setdefault((run.scenario, run.rate, run.threads, run.responder, run.policy), []).append(run.result)
+        groups.setdefault((run.scenario, run.rate, run.threads, run.responder, run.policy), []).append(run.measured)
     results = []
     for repeats in groups.values():
         median = sorted(repeats, key=lambda r: r.groups_per_second)[len(repeats) // 2]

@@ -55,7 +55,8 @@ def run(argv: Sequence[str], *, kernel: str = lab_kernel.DEFAULT_KERNEL, timeout
         # The command travels in a file: virtme-ng passes --exec on the kernel command line,
         # which is limited to 2048 bytes (a long command silently loses root= and the boot panics).
         script = shared / "guest-command.sh"
-        script.write_text(shlex.join([sys.executable, "-m", "iopfd_dev.lab.guest", str(status_file), "--", *argv]) + "\n")
+        script.write_text(shlex.join([sys.executable, "-m", "iopfd_dev.lab.guest", str(status_file), "--", *argv])
+                          + "\n")
         command = [
             str(vng), "--run", str(built.bzimage), "--disable-kvm", "--force-9p", "--verbose",
             "--cpus", str(cpus), "--memory", memory, "--cwd", str(cwd), "--rwdir", str(shared),
@@ -90,7 +91,8 @@ def run(argv: Sequence[str], *, kernel: str = lab_kernel.DEFAULT_KERNEL, timeout
                     os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait()
         if time.monotonic() - started >= timeout:
-            raise LabError(f"lab guest did not finish within {timeout:.0f} s and was killed; console log: {console_log}")
+            raise LabError(f"lab guest did not finish within {timeout:.0f} s and was killed; console log: "
+                           f"{console_log}")
         if not status_file.exists():
             raise LabError(f"lab guest exited (vng status {proc.returncode}) without reporting the command's "
                            f"status: the kernel did not boot or the guest crashed; console log: {console_log}")

@@ -2,21 +2,22 @@
 
 The daemon is killed (SIGTERM, SIGKILL) at random moments of a 50 000-group stream raised by the C
 trigger, its loop is blocked by a policy, and the device's HWPT is replaced under groups it holds.
-Runs are seeded, so a failing run can be replayed by its index.
+Runs are seeded, so a failing run can be replayed by its index. The 60 daemons of the random-kill
+runs are forked from this process (iopfd_dev.forked: the same ``iopfd run`` without its start-up
+imports, which cost seconds each in the guest); the other tests exec the command.
 """
 
 from __future__ import annotations
 
 import random
 import signal
-import sys
 import time
 
 import pytest
 
 from iopfd_dev.bench.cli import build_tools
 from iopfd_dev.bench.run import finish_trigger, start_trigger
-from iopfd_dev.daemon import AS_SYSTEMD, spawn_daemon
+from iopfd_dev.daemon import spawn_daemon
 from test_daemon import assert_kernel_has_nothing_pending, assert_kernel_has_nothing_pending_read, trigger
 
 pytestmark = [pytest.mark.kernel, pytest.mark.guest, pytest.mark.timeout(600)]  # up to two daemon starts each
@@ -44,7 +45,7 @@ def _wait_delivered(queue, timeout: float = 120) -> None:
 
 @pytest.mark.parametrize("run", range(RUNS))
 def test_sigterm_at_a_random_moment_of_a_stream(run, tmp_path, ctx, queue, rig, tools):
-    iopfd = spawn_daemon(tmp_path, (queue.fd,), "--fault-fd", f"{queue.fd}:lab", env=QUIET)
+    iopfd = spawn_daemon(tmp_path, (queue.fd,), "--fault-fd", f"{queue.fd}:lab", env=QUIET, forked=True)
     try:
         stream = start_trigger(tools, ctx, rig, STREAM, STREAM_RATE)
         time.sleep(random.Random(run).uniform(0, STREAM / STREAM_RATE))
@@ -66,7 +67,7 @@ def test_kill_9_at_a_random_moment_then_restart_from_the_fd_store(run, tmp_path,
     responses are never refused (write_errors 0): it never answers a group someone else answered."""
     env = QUIET | {"IOPFD_RUNTIME_DIR": str(tmp_path / "run")}
     (tmp_path / "life1").mkdir()
-    first = spawn_daemon(tmp_path / "life1", (queue.fd,), "--fault-fd", f"{queue.fd}:lab", env=env)
+    first = spawn_daemon(tmp_path / "life1", (queue.fd,), "--fault-fd", f"{queue.fd}:lab", env=env, forked=True)
     second = None
     try:
         first.wait_message(lambda m: "FDSTORE=1" in m.splitlines())
@@ -78,7 +79,7 @@ def test_kill_9_at_a_random_moment_then_restart_from_the_fd_store(run, tmp_path,
         (tmp_path / "life2").mkdir()
         second = spawn_daemon(tmp_path / "life2", (stored_fd,),
                               env=env | {"LISTEN_FDS": "1", "LISTEN_FDNAMES": "queue-lab"},
-                              prefix=(sys.executable, "-c", AS_SYSTEMD, str(stored_fd)))
+                              systemd_fd=stored_fd, forked=True)
         finish_trigger(stream)
         _wait_delivered(queue)
         second.messages.clear()  # only a STATUS= sent from now on proves nothing is pending

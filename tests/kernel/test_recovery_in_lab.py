@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import json
 import signal
-import sys
 
 import pytest
 
-from iopfd_dev.daemon import AS_SYSTEMD, spawn_daemon
+from iopfd_dev.daemon import spawn_daemon
 from test_daemon import assert_kernel_has_nothing_pending, trigger
 
 # A daemon start takes 5-15 s in the TCG guest and several times that on a busy host (its wait is 180 s).
@@ -37,7 +36,7 @@ def test_kill_9_mid_stream_then_restart_on_the_stored_fd(tmp_path, rig, queue, p
         stored_fd = first.stored_fds["queue-lab"]
         second = spawn_daemon(tmp_path / "life2", (stored_fd,), env={**common, "LISTEN_FDS": "1",
                                                                     "LISTEN_FDNAMES": "queue-lab"},
-                              prefix=(sys.executable, "-c", AS_SYSTEMD, str(stored_fd)))
+                              systemd_fd=stored_fd)
         try:
             second.wait_answered(100)
             assert second.terminate() == 0

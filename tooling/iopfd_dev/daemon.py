@@ -14,10 +14,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 from iopfd.iommufd import FaultQueue
 from iopfd.service.recovery import sweep
+from iopfd_dev.forked import ForkedProcess, fork_iopfd
 
 STARTUP_TIMEOUT = 180  # seconds: 5-15 s in the TCG lab guest, several times that on a host busy with other guests
 STATUS_ANSWERED = re.compile(r"(\d+) groups answered")
@@ -33,9 +35,13 @@ class DaemonError(Exception):
 
 class DaemonProcess:
     def __init__(self, directory: Path, pass_fds: Sequence[int], *args: str, env: dict[str, str] | None = None,
-                 prefix: Sequence[str] = (), program: Sequence[str] = ("-m", "iopfd", "run")) -> None:
+                 program: Sequence[str] = ("-m", "iopfd", "run"), systemd_fd: int | None = None,
+                 forked: bool = False) -> None:
         """Start ``program`` (what the interpreter runs, default ``iopfd run``) with ``args`` and the
-        fds ``pass_fds`` inherited; its notify socket and log file are in ``directory``."""
+        fds ``pass_fds`` inherited; its notify socket and log file are in ``directory``.
+        ``systemd_fd``: one of ``pass_fds``, passed at fd 3 with LISTEN_PID set, as systemd passes fds
+        (the caller sets LISTEN_FDS and LISTEN_FDNAMES). ``forked``: ``iopfd run`` forked from this
+        process instead of exec'd (``iopfd_dev.forked``: the same daemon without start-up imports)."""
         self.notify_path = directory / "notify.sock"
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         self.notify.bind(str(self.notify_path))
@@ -45,6 +51,14 @@ class DaemonProcess:
         self._log = self.log_path.open("wb")
         # Unbuffered, so a daemon that fails to start has its log lines in output() all the same.
         environ = {**os.environ, "NOTIFY_SOCKET": str(self.notify_path), "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.proc: subprocess.Popen | ForkedProcess
+        if forked:
+            if tuple(program) != ("-m", "iopfd", "run"):
+                raise ValueError("only iopfd run can be forked")
+            self.proc = fork_iopfd(["run", *args], env=environ, pass_fds=pass_fds, output=self._log.fileno(),
+                                   before_main=None if systemd_fd is None else partial(_as_systemd, systemd_fd))
+            return
+        prefix = () if systemd_fd is None else (sys.executable, "-c", AS_SYSTEMD, str(systemd_fd))
         self.proc = subprocess.Popen([*prefix, sys.executable, *program, *args], pass_fds=pass_fds,
                                      env=environ, stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log)
 
@@ -134,6 +148,12 @@ class DaemonProcess:
             self.proc.wait()
         self.notify.close()
         self._log.close()
+
+
+def _as_systemd(fd: int) -> None:
+    """What AS_SYSTEMD does, in a forked child."""
+    os.dup2(fd, 3)
+    os.environ["LISTEN_PID"] = str(os.getpid())
 
 
 def spawn_daemon(directory: Path, pass_fds: Sequence[int], *args: str, **options) -> DaemonProcess:

@@ -101,9 +101,11 @@ def test_kill_9_at_a_random_moment_then_restart_from_the_fd_store(run, tmp_path,
 
 def test_a_policy_blocking_the_loop_for_2_s_costs_watchdog_pings_not_groups(tmp_path, queue, rig, plugin_path):
     """With WatchdogSec=1 (a ping due every 0.5 s) the daemon sends no ping for the stretch its loop
-    was blocked, so systemd would restart it; the groups are all answered once the loop runs again."""
+    was blocked, so systemd would restart it; the groups are all answered once the loop runs again.
+    (Their deadline is longer than the block: the groups read with the blocking one are decided after it.)"""
     config = tmp_path / "iopfd.toml"
-    config.write_text('policy = "blocking"\n[policies.blocking]\ntype = "lab-block"\n')
+    config.write_text('policy = "blocking"\n[defaults]\nresponse_deadline = 30\n'
+                      '[policies.blocking]\ntype = "lab-block"\n')
     iopfd = spawn_daemon(tmp_path, (queue.fd,), "--fault-fd", f"{queue.fd}:lab", "--config", str(config),
                          env=QUIET | {"PYTHONPATH": plugin_path, "WATCHDOG_USEC": "1000000"})
     try:

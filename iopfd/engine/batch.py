@@ -65,7 +65,7 @@ def split_groups(records: numpy.ndarray) -> tuple[numpy.ndarray, numpy.ndarray, 
         good = n.ones(len(last), bool)
         if wrong.any():
             owner = n.repeat(n.arange(len(last)), last - first + 1)
-            for index in n.unique(owner[wrong]).tolist():
+            for index in dict.fromkeys(owner[wrong].tolist()):  # not numpy.unique: see _void_reissued
                 run = cookies[first[index]:last[index] + 1].tolist()
                 reason = ("record with cookie 0 (the kernel never issues cookie 0)" if 0 in run else
                           f"group with cookie {run[0]} ends without LAST_PAGE before cookie {run[-1]}")

@@ -6,7 +6,7 @@ A fault's path, top to bottom of this file:
    groups' clock starts at the first readiness seen since the queue was last found empty, so time a
    group waits unread in the kernel counts against its deadline. Reading pauses while a whole read
    would not fit under ``max_pending`` (``_pause``), until decisions make room or the groups left in
-   the kernel have waited half their deadline; then it drains the kernel's queue in short turns.
+   the kernel have waited a quarter of their deadline; then it drains the kernel's queue in short turns.
 2. A read whose every group gets one code without a decision (a fixed policy's; the deadline code
    when already past its deadline; INVALID when shed) is answered straight from its cookie column
    (``_answer_read``). Otherwise ``_admit`` makes a ``Read`` of numpy columns, answers the malformed
@@ -59,7 +59,8 @@ MAX_READS_PER_WAKEUP = 4
 # MAX_WAKEUP_SECONDS so that deadline timers and answers are not held up behind the drain (a read
 # answered wholesale took 10-20 ms in the loaded TCG lab: a smaller turn drained one read per turn,
 # and the loop's other work between turns made the drain of a 50 000-group storm last seconds).
-BEHIND_FRACTION = 0.5
+# (A quarter: after half, the drain of a 50 000-group storm could not end inside the deadline there.)
+BEHIND_FRACTION = 0.25
 MAX_WAKEUP_SECONDS = 0.02
 # Per-group decide() calls that really await, in flight per queue; further groups wait their turn
 # inside their deadline. One loop turn resumes every call whose await has finished: 256 of them made
@@ -77,8 +78,10 @@ _RECORD_WORDS = RECORD.size // 4
 _COOKIE_WORD = 9  # struct iommu_hwpt_pgfault.cookie, the last u32
 _RECORD_QWORDS = RECORD.size // 8
 _ADDR_QWORD = 3  # struct iommu_hwpt_pgfault.addr
-# Timers may fire a hair early; answering 100 µs early is well inside any deadline.
-DEADLINE_SLACK = 1e-4
+# Deadline answers are due this early (at most a twentieth of the deadline): a timer waits for the
+# loop turn it falls in, which may be a drain turn of MAX_WAKEUP_SECONDS, and a deadline answer must
+# not be late by that much (it was, by 20-45 ms, in the storm of the loaded TCG lab).
+DEADLINE_EARLY = MAX_WAKEUP_SECONDS
 # Routing policies (rules) may select other routing policies; the config forbids cycles.
 MAX_ROUTING_DEPTH = 16
 # How long stop() waits for cancelled policy tasks to unwind.
@@ -221,13 +224,21 @@ class QueueResponder:
                 if self._answer_read(data, started, now, self._fixed_code,
                                      "success" if self._fixed_code == SUCCESS else "invalid"):
                     continue
-            elif now - started >= self.config.response_deadline - DEADLINE_SLACK:
+            elif now - started >= self._due():
                 if self._answer_read(data, started, now, self.config.deadline_code, "deadline"):
                     self._warn_overdue(len(data) // RECORD.size)
                     continue
-            elif self._open >= self.config.max_pending:  # noqa: SIM102 (one branch of the chain, as above)
-                if self._answer_read(data, started, now, INVALID, "shed"):
-                    self._warn_shed(len(data) // RECORD.size)
+            elif self._open + len(data) // RECORD.size > self.config.max_pending:
+                # What does not fit is shed from its cookie column. The rest is admitted only if a
+                # whole read's worth fits: admitting the few groups that decisions free meanwhile
+                # made each read of a storm's drain cost twice as much.
+                room = self.config.max_pending - self._open
+                room = room * RECORD.size if room >= self._read_size() else 0
+                if (not room or data[room - RECORD.size] & LAST_PAGE) and \
+                        self._answer_read(data[room:], started, now, INVALID, "shed"):
+                    self._warn_shed((len(data) - room) // RECORD.size)
+                    if room:
+                        self._admit(data[:room], started, now)
                     continue
             self._admit(data, started, now)
 
@@ -235,8 +246,10 @@ class QueueResponder:
         """A whole read (the buffer's worth of groups) fits under max_pending. With a max_pending
         below the read buffer, half of max_pending must be free: else one slow group open would keep
         every other group waiting in the kernel."""
-        read = min(self.source.buffer_records, self.config.max_pending // 2)
-        return self._open + read <= self.config.max_pending
+        return self._open + self._read_size() <= self.config.max_pending
+
+    def _read_size(self) -> int:
+        return min(self.source.buffer_records, self.config.max_pending // 2)
 
     def _pause(self, unread_since: float) -> None:
         """Stop reading until decisions make room for a whole read (``_close``) or until the groups
@@ -316,7 +329,7 @@ class QueueResponder:
         self._track_cookies(read)
         if self._log_groups:
             self._log_read(read)
-        if now - started >= self.config.response_deadline - DEADLINE_SLACK:
+        if now - started >= self._due():
             self._answer(read, n.arange(count), self.config.deadline_code, "deadline")
             self._warn_overdue(count)
             return
@@ -369,7 +382,8 @@ class QueueResponder:
         """The kernel answered these groups (of these reads) itself, INVALID on a detach or replace,
         and reissued their cookies: the decisions in flight are void. Counted as errors and response
         write errors."""
-        for serial in np().unique(serials).tolist():
+        # Not numpy.unique: its first call imports numpy.ma, half a second in the TCG lab, mid-storm.
+        for serial in dict.fromkeys(serials.tolist()):
             read = self._reads.get(serial)
             if read is None:
                 continue
@@ -565,12 +579,16 @@ class QueueResponder:
     def _arm_deadline(self) -> None:
         if self._deadline_timer is None and self._reads:
             oldest = next(iter(self._reads.values()))  # insertion order is read order
-            self._deadline_timer = self._loop.call_at(oldest.started_at + self.config.response_deadline,
+            self._deadline_timer = self._loop.call_at(oldest.started_at + self._due(),
                                                       self._on_deadline)
+
+    def _due(self) -> float:
+        """Seconds after its clock's start at which an undecided group gets the deadline code."""
+        return self.config.response_deadline - min(DEADLINE_EARLY, self.config.response_deadline / 20)
 
     def _on_deadline(self) -> None:
         self._deadline_timer = None
-        limit = self._loop.time() - self.config.response_deadline + DEADLINE_SLACK
+        limit = self._loop.time() - self._due()
         expired = []
         for read in self._reads.values():
             if read.started_at > limit:
@@ -643,14 +661,9 @@ class QueueResponder:
         read.open[index] = False
         read.left -= len(index)
         self._open -= len(index)
-        if self._resume_timer is not None and self._read_fits():
-            self._resume()
-        if read.left:
-            return
-        del self._reads[read.serial]
-        for task in read.tasks:  # every group is answered: nothing they decide can matter
-            task.cancel()
-        cookies = read.column("cookie")
+        # Their cookies are free for the kernel to reissue at once: forgotten now, not when the whole
+        # read is answered, or each read of a storm would look like a reissue (the slow path).
+        cookies = read.column("cookie")[index]
         if self._big_cookies:
             for cookie in cookies[cookies >= MAX_TRACKED_COOKIE].tolist():
                 if self._big_cookies.get(cookie, (0,))[0] == read.serial:
@@ -659,6 +672,13 @@ class QueueResponder:
             cookies = cookies[cookies < MAX_TRACKED_COOKIE]
             mine = self._cookie_read[cookies] == read.serial
             self._cookie_read[cookies[mine]] = 0
+        if self._resume_timer is not None and self._read_fits():
+            self._resume()
+        if read.left:
+            return
+        del self._reads[read.serial]
+        for task in read.tasks:  # every group is answered: nothing they decide can matter
+            task.cancel()
         if not self._reads and self._drained is not None:
             self._drained.set()
 

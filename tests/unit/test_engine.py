@@ -201,7 +201,8 @@ async def test_a_hanging_policy_is_abandoned_at_the_deadline(served, deadline_co
     assert s.codes() == [deadline_code] * 4 and s.responder.stats.outcomes["deadline"] == 4
     await asyncio.sleep(0)
     assert all(future.cancelled() for future in gate.waiting.values())  # the policy calls were cancelled
-    assert min(s.responder.stats.latency.sum / 4, 1) >= 0.05 - 1e-3
+    # due a twentieth of the deadline early at most, so that a loop turn cannot make it late
+    assert min(s.responder.stats.latency.sum / 4, 1) >= 0.05 * 19 / 20 - 1e-3
 
 
 async def test_a_late_decision_never_answers_the_group_that_reused_its_cookie(served):
@@ -268,8 +269,8 @@ async def test_beyond_max_pending_groups_are_shed_at_once(served):
 
 
 async def test_memory_stays_bounded_in_a_storm(served):
-    """Groups beyond max_pending wait in the kernel; once they have waited unread for half their
-    deadline, reads resume and shed what does not fit: iopfd never holds more than max_pending."""
+    """Groups beyond max_pending wait in the kernel; once they have waited unread for a quarter of
+    their deadline, reads resume and shed what does not fit: iopfd never holds more than max_pending."""
     gate = Gate()
     s = served(gate, max_pending=64, response_deadline=0.4)
     for _ in range(20):

@@ -10,7 +10,7 @@ of this process only. The emulated bench (``iopfd_dev.bench.emulated``) uses ``R
 way around its in-process ``Server``.
 
 While serving, a record only copies each read's cookie and address columns and each written run's
-cookies (no object per group); the figures are worked out at exit.
+responses (no object per group, about 20 bytes a group); the figures are worked out at exit.
 """
 
 from __future__ import annotations
@@ -24,13 +24,14 @@ from pathlib import Path
 from typing import Any
 
 from iopfd.engine import Engine, QueueResponder
-from iopfd.iommufd.fault import RECORD
+from iopfd.iommufd.fault import RECORD, RESPONSE
 
 LATE_SLACK = 0.05  # a group answered later than its deadline + this is late
 _RECORD_WORDS = RECORD.size // 4  # struct iommu_hwpt_pgfault: its cookie is the last u32 ...
 _COOKIE_WORD = 9
 _RECORD_QWORDS = RECORD.size // 8
 _ADDR_QWORD = 3  # ... and its faulting address the fourth u64
+_RESPONSE_WORDS = RESPONSE.size // 4  # struct iommu_hwpt_page_response: its cookie is the first u32
 
 
 class QueueRecord:
@@ -42,7 +43,7 @@ class QueueRecord:
         self.last_write: float | None = None
         self._events = 0  # reads and writes so far: orders them for answered_at()
         self._reads: list[tuple[int, bytes, bytes]] = []  # (event, cookies as u32, addresses as u64)
-        self._runs: list[tuple[int, bytes, float, float]] = []  # (event, cookies as u32, started_at, written at)
+        self._runs: list[tuple[int, bytes, float, float]] = []  # (event, the responses, started_at, written at)
 
     def read(self, data: memoryview, now: float) -> None:
         if self.first_read is None:
@@ -55,14 +56,13 @@ class QueueRecord:
         self.last_write = now
         self._events += 1
         for responses, started_at, _ in runs:
-            cookies = memoryview(responses).cast("B").cast("I")[0::2].tobytes()
-            self._runs.append((self._events, cookies, started_at, now))
+            self._runs.append((self._events, bytes(memoryview(responses).cast("B")), started_at, now))
 
     def latencies(self) -> Any:
         """Every answered group's latency, from its clock start to the write of its answer, sorted."""
         import numpy as n
 
-        counts = n.array([len(cookies) // 4 for _, cookies, _, _ in self._runs], n.int64)
+        counts = n.array([len(responses) // RESPONSE.size for _, responses, _, _ in self._runs], n.int64)
         each = n.array([at - started for _, _, started, at in self._runs], n.float64)
         return n.sort(n.repeat(each, counts))
 
@@ -75,17 +75,18 @@ class QueueRecord:
         if not self._runs or not self._reads:
             return []
 
-        def keys(events: list[int], cookies: list[bytes]) -> Any:
-            columns = [n.frombuffer(c, n.uint32).astype(n.uint64) for c in cookies]
-            order = n.repeat(n.array(events, n.uint64), [len(c) for c in columns])
-            return (n.concatenate(columns) << n.uint64(32)) | order
+        def keys(events: list[int], cookies: list[Any]) -> Any:
+            """cookie << 32 | event: sorted, a cookie's reads and writes in the order they happened."""
+            order = n.repeat(n.array(events, n.uint64), [len(c) for c in cookies])
+            return (n.concatenate(cookies).astype(n.uint64) << n.uint64(32)) | order
 
-        read_keys = keys([e for e, _, _ in self._reads], [c for _, c, _ in self._reads])
+        read_keys = keys([e for e, _, _ in self._reads], [n.frombuffer(c, n.uint32) for _, c, _ in self._reads])
         addresses = n.concatenate([n.frombuffer(a, n.uint64) for _, _, a in self._reads])
         order = n.argsort(read_keys, kind="stable")  # a cookie twice in one read: its last record wins
         read_keys, addresses = read_keys[order], addresses[order]
-        write_keys = keys([e for e, _, _, _ in self._runs], [c for _, c, _, _ in self._runs])
-        written = n.repeat(n.array([at for _, _, _, at in self._runs]), [len(c) // 4 for _, c, _, _ in self._runs])
+        cookies = [n.frombuffer(responses, n.uint32)[0::_RESPONSE_WORDS] for _, responses, _, _ in self._runs]
+        write_keys = keys([e for e, _, _, _ in self._runs], cookies)
+        written = n.repeat(n.array([at for _, _, _, at in self._runs]), [len(c) for c in cookies])
         found = n.searchsorted(read_keys, write_keys, side="right") - 1
         ok = found >= 0
         ok[ok] = (read_keys[found[ok]] >> n.uint64(32)) == (write_keys[ok] >> n.uint64(32))

@@ -41,7 +41,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     try:
         settings = load()
         configure_logging(settings.log_level, settings.log_format)
-        server = prepare(settings, args.fault_fd, args.report, reload_settings=load if args.config else None,
+        server = prepare(settings, args.fault_fd, reload_settings=load if args.config else None,
                          forward_fds=args.forward_fd, forward_events_fds=args.forward_events_fd)
         return asyncio.run(server.serve())  # ConfigError too: the metrics address cannot be listened on
     except (ConfigError, PolicyError) as exc:
@@ -220,8 +220,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", metavar="NAME", help="default policy for queues that name none (default: accept)")
     p.add_argument("--metrics-address", metavar="HOST:PORT|off",
                    help="Prometheus endpoint (default: 127.0.0.1:9769)")
-    p.add_argument("--report", metavar="FILE", help="at exit, write what each queue did (counts, latency "
-                   "percentiles, CPU time, peak RSS) as JSON; used by iopfd bench")
     p.set_defaults(func=_cmd_run)
 
     for name, func, help_text in (

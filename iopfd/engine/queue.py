@@ -42,7 +42,7 @@ import structlog
 
 from iopfd.engine.batch import Batch, Read, np, whole_groups
 from iopfd.engine.policy import BatchPolicy, FixedPolicy, Policy, RoutingPolicy
-from iopfd.engine.stats import QueueStats
+from iopfd.engine.stats import QueueObserver, QueueStats
 from iopfd.iommufd.errors import IommufdError
 from iopfd.iommufd.fault import INVALID, LAST_PAGE, RECORD, RESPONSE, SUCCESS, FaultGroup, FaultQueue, respond_packed
 
@@ -76,8 +76,6 @@ DECIDE_SLICE = 0.005
 _WITH_LAST_PAGE = bytes(b for b in range(256) if b & LAST_PAGE)
 _RECORD_WORDS = RECORD.size // 4
 _COOKIE_WORD = 9  # struct iommu_hwpt_pgfault.cookie, the last u32
-_RECORD_QWORDS = RECORD.size // 8
-_ADDR_QWORD = 3  # struct iommu_hwpt_pgfault.addr
 # Deadline answers are due this early (at most a twentieth of the deadline): a timer waits for the
 # loop turn it falls in, which may be a drain turn of MAX_WAKEUP_SECONDS, and a deadline answer must
 # not be late by that much (it was, by 20-45 ms, in the storm of the loaded TCG lab).
@@ -143,6 +141,7 @@ class QueueResponder:
         # new mark. The service records it so a restart can sweep what a crash left unanswered.
         self.cookie_mark_hook: Callable[[int], int] | None = None
         self.cookie_mark = 0
+        self.observer: QueueObserver | None = None  # sees every read and write (a benchmark's recorder)
         self._log_groups = _debug_enabled()
 
     def use_policy(self, policy: Policy) -> None:
@@ -214,8 +213,8 @@ class QueueResponder:
                 self._unread_since = None
                 return
             now = loop.time()
-            if self.stats.first_read is None:
-                self.stats.first_read = now
+            if self.observer is not None:
+                self.observer.read(data, now)
             started = self._unread_since
             # Reads whose every group gets one code without a decision are answered from their
             # cookie column: a fixed policy's, and in a storm, the deadline code or shedding, at a
@@ -293,8 +292,6 @@ class QueueResponder:
         stats.read_batches.observe(count)
         stats.unread_wait.observe(now - started, count)
         self._queue_run(responses, started, ((outcome, count),))
-        if stats.answer_log is not None:
-            stats.answer_log.append((data.cast("Q")[_ADDR_QWORD::_RECORD_QWORDS].tolist(), now))
         return True
 
     def _holds_any_cookie(self, data: memoryview) -> bool:
@@ -654,8 +651,6 @@ class QueueResponder:
             outcomes = (("success" if codes == SUCCESS else "invalid", count),)
         self._close(read, index)
         self._queue_run(responses.view(n.uint32), read.started_at, outcomes)
-        if self.stats.answer_log is not None:
-            self.stats.answer_log.append((read.column("addr_max")[index], self._loop.time()))
 
     def _close(self, read: Read, index: Any) -> None:
         read.open[index] = False
@@ -708,8 +703,9 @@ class QueueResponder:
             self._fail(f"cannot write the fault fd: {exc}")
             return
         now = self._loop.time()
+        if self.observer is not None:
+            self.observer.written(outgoing, now)
         stats = self.stats
-        stats.last_write = now
         counts = stats.outcomes
         run_started, run = 0.0, 0  # answers of one read share started_at: one histogram update per read
         for _, started_at, outcomes in outgoing:
@@ -724,9 +720,6 @@ class QueueResponder:
             run += total
         if run:
             stats.latency.observe(now - run_started, run)
-        if stats.latency_samples is not None:
-            for _, started_at, outcomes in outgoing:
-                stats.latency_samples.extend(array("d", (now - started_at,)) * sum(c for _, c in outcomes))
         if self._log_groups:
             self._log_answers(outgoing, now)
         for index in refused:

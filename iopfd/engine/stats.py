@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from array import array
 from bisect import bisect_left
-from typing import Any
+from typing import Any, Protocol
 
 OUTCOMES = ("success", "invalid", "deadline", "shed", "error")
 # Response latency, readiness to write(): 10 µs (a policy that answers at once) to 5 s (past any deadline).
@@ -52,12 +51,22 @@ class QueueStats:
         # From the first readiness since the queue was last seen empty to the read() that took the group.
         self.unread_wait = Histogram(LATENCY_BUCKETS)
         self.read_batches = Histogram(READ_BATCH_BUCKETS)
-        self.first_read: float | None = None  # loop.time() (CLOCK_MONOTONIC) of the first group read
-        self.last_write: float | None = None  # ... and of the last response written
-        self.latency_samples: array | None = None  # every latency, when a benchmark asks for them
-        # ... and (faulting addresses, loop.time()) of each run of answers, to time answers from the
-        # moment the benchmark's trigger raised each fault (its address says which)
-        self.answer_log: list[tuple[Any, float]] | None = None
+
+
+class QueueObserver(Protocol):
+    """Sees one queue's traffic as it happens, for a benchmark or a trace (``QueueResponder.observer``;
+    unset, it costs one ``is None`` test per read and per write). Called on the event loop, so it
+    must be quick and must not keep ``data``, a buffer the next read reuses. Times are ``loop.time()``
+    (CLOCK_MONOTONIC)."""
+
+    def read(self, data: memoryview, now: float) -> None:
+        """A read() returned ``data`` (whole ``struct iommu_hwpt_pgfault`` records) at ``now``."""
+
+    def written(self, runs: list[tuple[Any, float, tuple[tuple[str, int], ...]]], now: float) -> None:
+        """One write() at ``now`` sent these runs of answers: ``(responses, started_at, outcomes)``,
+        ``responses`` any buffer of ``struct iommu_hwpt_page_response`` (u32 cookie, u32 code), their
+        groups' clock start, and ``((outcome, count), ...)``. Entries the kernel refused are included
+        (it had answered those groups already)."""
 
 
 class EventStats:

@@ -19,15 +19,14 @@ from iopfd.service.server import Server
 from iopfd.service.systemd import listen_fds
 
 
-def prepare(settings: Settings, fault_fds: Sequence[FaultFdArg], report_path: str | None = None,
+def prepare(settings: Settings, fault_fds: Sequence[FaultFdArg],
             reload_settings: Callable[[], Settings] | None = None, *,
             forward_fds: Sequence[ForwardFdArg] = (), forward_events_fds: Sequence[ForwardEventsFdArg] = ()) -> Server:
     """Check and build everything; raises ConfigError, PolicyError or UsageError before serving.
     ``reload_settings`` loads the config again, for SIGHUP."""
     policies = Policies.build_all(settings.policy_tables, settings.policy)
     channels = forward_channels(policies, forward_fds, forward_events_fds, taken={arg.fd for arg in fault_fds})
-    server = Server(settings, Engine(), policies, report_path=report_path, reload_settings=reload_settings,
-                    channels=channels)
+    server = Server(settings, Engine(), policies, reload_settings=reload_settings, channels=channels)
     passed = listen_fds()  # what systemd passed: the control socket and the fd store's fault fds
     taken_back = server.queues.take_back(passed)
     queues = [queue for queue in resolve_queues(settings, fault_fds, allow_none=bool(taken_back))

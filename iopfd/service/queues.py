@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from array import array
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
@@ -57,13 +56,11 @@ class ServedQueue:
 class QueueRegistry:
     """Every served queue by name, with the settings and policies new queues get."""
 
-    def __init__(self, engine: Engine, settings: Settings, policies: Policies, notifier: Notifier, *,
-                 record_samples: bool = False) -> None:
+    def __init__(self, engine: Engine, settings: Settings, policies: Policies, notifier: Notifier) -> None:
         self.engine = engine
         self.settings = settings
         self.policies = policies
         self.notifier = notifier
-        self.record_samples = record_samples  # `iopfd run --report`: every latency and answer, for the bench
         # Crash recovery needs systemd's fd store, so it is on exactly when systemd (or whoever owns
         # NOTIFY_SOCKET) listens.
         self.state = StateFile(settings.runtime_dir) if notifier.enabled else None
@@ -114,9 +111,6 @@ class QueueRegistry:
         if events is not None:
             reader = EventQueueReader(events, chosen, name, labels)
             self.engine.add_events(reader)
-        if self.record_samples:
-            queue.stats.latency_samples = array("d")
-            queue.stats.answer_log = []
         state = self.state
         if state is not None:
             if not stored:

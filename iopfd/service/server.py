@@ -13,13 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import json
-import resource
 import signal
 import socket
-from bisect import bisect_right
 from collections.abc import Callable, Coroutine, Sequence
-from pathlib import Path
 from typing import Any
 
 import structlog
@@ -39,18 +35,16 @@ from iopfd.service.systemd import Notifier, run_watchdog, watchdog_interval
 log = structlog.get_logger("iopfd.server")
 
 STATUS_INTERVAL = 1.0  # seconds between STATUS= updates
-LATE_SLACK = 0.05  # seconds past response_deadline that --report counts as late
 
 
 class Server:
     def __init__(self, settings: Settings, engine: Engine, policies: Policies,
-                 notifier: Notifier | None = None, report_path: str | None = None,
-                 reload_settings: Callable[[], Settings] | None = None, channels: Sequence[FaultChannel] = ()) -> None:
+                 notifier: Notifier | None = None, reload_settings: Callable[[], Settings] | None = None,
+                 channels: Sequence[FaultChannel] = ()) -> None:
         self.reload_settings = reload_settings  # SIGHUP: the config again (None: nothing to reload)
-        self.report_path = report_path  # `iopfd run --report`: figures for `iopfd-dev bench`, written at exit
         self.engine = engine
         self.notifier = notifier or Notifier.from_environment()
-        self.queues = QueueRegistry(engine, settings, policies, self.notifier, record_samples=report_path is not None)
+        self.queues = QueueRegistry(engine, settings, policies, self.notifier)
         self.metrics: MetricsEndpoint | None = None
         self.control: ControlSocket | None = None
         self.failed_tasks: list[str] = []  # background tasks that raised: the watchdog is no longer pinged
@@ -59,8 +53,6 @@ class Server:
         self._inherited_channels = list(channels)  # from --forward-fd, connected by startup()
         self._helpers: list[asyncio.Task] = []  # status updates, device watcher, watchdog: cancelled at shutdown
         self._background: set[asyncio.Task] = set()  # detaches after a hot-unplug
-        self._cpu_at_ready = 0.0
-        self._cpu_serving = 0.0  # CPU seconds from READY=1 to the last answer written at stop
 
     @property
     def settings(self) -> Settings:
@@ -137,8 +129,6 @@ class Server:
         finally:
             await self.shutdown()
         log.info("stopped", **self.engine.totals())
-        if self.report_path is not None:
-            Path(self.report_path).write_text(json.dumps(self.report()))
         return 0
 
     async def startup(self) -> None:
@@ -164,7 +154,6 @@ class Server:
             self._helper(run_watchdog(self.notifier, interval, self.healthy), "watchdog")
         self.engine.start()
         self.notifier.ready()  # every queue is being read
-        self._cpu_at_ready = _cpu_seconds()
         log.info("ready", queues=sorted(self.engine.queues))
 
     async def main_loop(self) -> None:
@@ -176,7 +165,6 @@ class Server:
         if self.engine.running:
             self.notifier.stopping()
             await self.engine.stop(self.settings.shutdown_grace)
-            self._cpu_serving = _cpu_seconds() - self._cpu_at_ready
         for channel in list(self.channels):  # after the engine: every group is answered already
             channel.close()
         for task in self._helpers:
@@ -208,31 +196,6 @@ class Server:
         except OSError as exc:
             raise ConfigError([("metrics_address", _listen_problem(host, port, exc))]) from None
         log.info("metrics", address=f"http://{self.metrics.host}:{self.metrics.port}/metrics")
-
-    def report(self) -> dict:
-        """What each queue and all together did, with latency percentiles, this process's CPU time
-        while serving (from READY=1 to the last answer at stop: neither start-up imports nor this
-        report's own sorting) and peak RSS."""
-        queues = {}
-        every: list[float] = []
-        late = 0
-        for name, queue in self.engine.queues.items():
-            stats = queue.stats
-            samples = sorted(stats.latency_samples or ())
-            every += samples
-            # answered later than the deadline allows, with 50 ms for timer and write
-            queue_late = len(samples) - bisect_right(samples, queue.config.response_deadline + LATE_SLACK)
-            late += queue_late
-            queues[name] = {"outcomes": stats.outcomes, "faults": stats.faults, "write_errors": stats.write_errors,
-                            "first_read": stats.first_read, "last_write": stats.last_write, "late": queue_late,
-                            "latency": _percentiles(samples),
-                            "answered_at": [[int(addr), at] for addrs, at in stats.answer_log or ()
-                                            for addr in list(addrs)]}
-        every.sort()
-        return {"queues": queues, "cpu_seconds": self._cpu_serving,
-                "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-                "overall": {"late": late, "latency": _percentiles(every),
-                            "cdf": [every[int(i / 100 * (len(every) - 1))] for i in range(101)] if every else []}}
 
     def device_removed(self, device: str) -> None:
         """A VFIO device is gone: forget it; a queue left without devices is detached (its groups
@@ -279,15 +242,4 @@ def _listen_problem(host: str, port: int, exc: OSError) -> str:
     if exc.errno == errno.EACCES:
         return f"listening on {where} is not permitted (ports below 1024 need privileges); use a port from 1024 up"
     return f"cannot listen on {where}: {exc.strerror or exc}; fix the address, or off"
-
-
-def _percentiles(ordered: list[float]) -> dict:
-    return {f"p{q * 100:g}": ordered[int(q * (len(ordered) - 1))] if ordered else None
-            for q in (0.5, 0.99, 0.999, 1.0)} | {"count": len(ordered)}
-
-
-def _cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
 

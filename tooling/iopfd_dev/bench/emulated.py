@@ -1,6 +1,7 @@
 """The scenarios on the emulated fault queue, each in a process of its own (``python -m
 iopfd_dev.bench.emulated``): the daemon's own ``Server`` (config, policies, metrics endpoint, deadlines)
-serves ``EmulatedFaultQueue``s instead of kernel fds, so the figures need no lab and no kernel.
+serves ``EmulatedFaultQueue``s instead of kernel fds, so the figures need no lab and no kernel. The
+figures are the bench's recorder's (``iopfd_dev.bench.recorder``), as for the daemon in the lab.
 
 The emulation runs in the daemon's process, so its work (packing every record in Python) counts in
 the CPU figures: they bound the engine from above. Bursts are queued before READY=1, the steady
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from iopfd.engine import Engine
 from iopfd.iommufd import PERM_READ
+from iopfd_dev.bench.recorder import Recorder
 from iopfd_dev.bench.run import MULTI_QUEUES, POLICY_TABLES, STORM, Result, shares
 from iopfd_dev.emulated import EmulatedFaultQueue, PageRequest
 
@@ -31,7 +33,7 @@ def _fault(i: int) -> PageRequest:
     return PageRequest(dev_id=1, addr=0x1000 * (i + 1), grpid=i % 512, perm=PERM_READ)
 
 
-async def _serve(scenario: str, groups: int, rate: float, report: Path) -> None:
+async def _serve(scenario: str, groups: int, rate: float) -> None:
     from iopfd.policies import Policies
     from iopfd.service.config import load_settings
     from iopfd.service.server import Server
@@ -40,8 +42,7 @@ async def _serve(scenario: str, groups: int, rate: float, report: Path) -> None:
         config = Path(tmp) / "iopfd.toml"
         config.write_text(STORM_CONFIG if scenario == "storm" else "")  # else: accept
         settings = load_settings(config, metrics_address="127.0.0.1:0")
-    server = Server(settings, Engine(), Policies.build_all(settings.policy_tables, settings.policy),
-                    report_path=str(report))
+    server = Server(settings, Engine(), Policies.build_all(settings.policy_tables, settings.policy))
     counts = shares(groups, MULTI_QUEUES if scenario == "multi" else 1)
     emulated = [EmulatedFaultQueue() for _ in counts]
     for i, queue in enumerate(emulated):
@@ -110,7 +111,10 @@ def main() -> None:
     from iopfd.service.logging import configure_logging
 
     configure_logging("warning")
-    asyncio.run(_serve(args.scenario, args.groups, args.rate, args.report))
+    recorder = Recorder()
+    with recorder.installed():
+        asyncio.run(_serve(args.scenario, args.groups, args.rate))
+    args.report.write_text(json.dumps(recorder.report()))
 
 
 if __name__ == "__main__":

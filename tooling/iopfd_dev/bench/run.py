@@ -6,7 +6,8 @@ is one ``iopfd run`` for the whole bench: a daemon start takes 5-15 s in the TCG
 started once with every queue of every iopfd run in its config, each queue with the policy its run
 measures, and the forward peers on their channels; the runs then take turns. A run is observed from
 outside: iopfd's CPU time from /proc/PID/stat around the run, and at the end each queue's counts,
-clock and latency from ``iopfd run --report``. Every run must answer every group it raised.
+clock and latency from the report of ``iopfd_dev.bench.recorder``, which runs the daemon with an
+observer on every queue. Every run must answer every group it raised.
 """
 
 from __future__ import annotations
@@ -45,7 +46,6 @@ SEED_FAULTS_PER_THREAD = 200  # 512 threads: 102 400 faults, the shape of the or
 SEED_RESPONDERS = (("c-qemu", None), ("iopfd", "rules"), ("iopfd", "forward"))
 PEER_RECORDS = 256
 STOP_TIMEOUT = 1200
-LATE_SLACK = 0.05  # a group answered later than its deadline + this is late
 STORM: dict[str, Any] = {"policy": "slow", "response_deadline": 1.0, "max_pending": 4096}
 # The policies of the bench's daemon. `rules` is the demo's: accept what lies below 0x8000_0000 and
 # asks for read/write only, reject the rest.
@@ -217,7 +217,8 @@ def run_bench(scenarios: list[str], policies: list[str], groups: int, tools: Too
 
 
 class Daemon:
-    """``iopfd run`` serving the queues of every iopfd run, with the forward peers on their channels."""
+    """``iopfd run`` serving the queues of every iopfd run, with the forward peers on their channels,
+    under ``iopfd_dev.bench.recorder`` (which writes the report at exit)."""
 
     def __init__(self, runs: list[Run], tmp: Path, tools: Tools) -> None:
         self.report_path = tmp / "report.json"
@@ -246,7 +247,7 @@ class Daemon:
         try:
             self.daemon = spawn_daemon(
                 tmp, fds, "--config", str(config), *forward_args, "--metrics-address", "127.0.0.1:0",
-                "--report", str(self.report_path),
+                program=("-m", "iopfd_dev.bench.recorder", str(self.report_path), "run"),
                 env={"IOPFD_CONTROL__PATH": "off", "IOPFD_WATCH_DEVICES": "false", "IOPFD_RUNTIME_DIR": str(tmp),
                      "IOPFD_LOG_LEVEL": "error"})
         finally:

@@ -1,0 +1,185 @@
+"""``iopfd run`` with a recorder on every queue: the bench's figures, taken through the engine's observer.
+
+    python -m iopfd_dev.bench.recorder REPORT run [iopfd run's arguments]
+
+runs iopfd's own ``main`` in this process with a ``QueueRecord`` as the ``observer`` of each queue
+the engine is given (``QueueResponder.observer``, an ``iopfd.engine.stats.QueueObserver``) and,
+after a clean exit (status 0), writes REPORT as JSON (``Recorder.report``). The product has no
+option for this and imports nothing of it: the recorder wraps ``Engine.add``, ``start`` and ``stop``
+of this process only. The emulated bench (``iopfd_dev.bench.emulated``) uses ``Recorder`` the same
+way around its in-process ``Server``.
+
+While serving, a record only copies each read's cookie and address columns and each written run's
+responses (no object per group, about 20 bytes a group); the figures are worked out at exit.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from iopfd.engine import Engine, QueueResponder
+from iopfd.iommufd.fault import RECORD, RESPONSE
+
+LATE_SLACK = 0.05  # a group answered later than its deadline + this is late
+_RECORD_WORDS = RECORD.size // 4  # struct iommu_hwpt_pgfault: its cookie is the last u32 ...
+_COOKIE_WORD = 9
+_RECORD_QWORDS = RECORD.size // 8
+_ADDR_QWORD = 3  # ... and its faulting address the fourth u64
+_RESPONSE_WORDS = RESPONSE.size // 4  # struct iommu_hwpt_page_response: its cookie is the first u32
+
+
+class QueueRecord:
+    """What one queue read and wrote, and when (loop.time(), CLOCK_MONOTONIC)."""
+
+    def __init__(self, queue: QueueResponder) -> None:
+        self.queue = queue
+        self.first_read: float | None = None
+        self.last_write: float | None = None
+        self._events = 0  # reads and writes so far: orders them for answered_at()
+        self._reads: list[tuple[int, bytes, bytes]] = []  # (event, cookies as u32, addresses as u64)
+        self._runs: list[tuple[int, bytes, float, float]] = []  # (event, the responses, started_at, written at)
+
+    def read(self, data: memoryview, now: float) -> None:
+        if self.first_read is None:
+            self.first_read = now
+        self._events += 1
+        self._reads.append((self._events, data.cast("I")[_COOKIE_WORD::_RECORD_WORDS].tobytes(),
+                            data.cast("Q")[_ADDR_QWORD::_RECORD_QWORDS].tobytes()))
+
+    def written(self, runs: list[tuple[Any, float, tuple[tuple[str, int], ...]]], now: float) -> None:
+        self.last_write = now
+        self._events += 1
+        for responses, started_at, _ in runs:
+            self._runs.append((self._events, bytes(memoryview(responses).cast("B")), started_at, now))
+
+    def latencies(self) -> Any:
+        """Every answered group's latency, from its clock start to the write of its answer, sorted."""
+        import numpy as n
+
+        counts = n.array([len(responses) // RESPONSE.size for _, responses, _, _ in self._runs], n.int64)
+        each = n.array([at - started for _, _, started, at in self._runs], n.float64)
+        return n.sort(n.repeat(each, counts))
+
+    def answered_at(self) -> list[tuple[int, float]]:
+        """(faulting address, when its answer was written) of every group answered; a group of
+        several records by the address of its last one. A cookie names the group of the latest read
+        that carried it before the write (the kernel reissues a cookie only once it is answered)."""
+        import numpy as n
+
+        if not self._runs or not self._reads:
+            return []
+
+        def keys(events: list[int], cookies: list[Any]) -> Any:
+            """cookie << 32 | event: sorted, a cookie's reads and writes in the order they happened."""
+            order = n.repeat(n.array(events, n.uint64), [len(c) for c in cookies])
+            return (n.concatenate(cookies).astype(n.uint64) << n.uint64(32)) | order
+
+        read_keys = keys([e for e, _, _ in self._reads], [n.frombuffer(c, n.uint32) for _, c, _ in self._reads])
+        addresses = n.concatenate([n.frombuffer(a, n.uint64) for _, _, a in self._reads])
+        order = n.argsort(read_keys, kind="stable")  # a cookie twice in one read: its last record wins
+        read_keys, addresses = read_keys[order], addresses[order]
+        cookies = [n.frombuffer(responses, n.uint32)[0::_RESPONSE_WORDS] for _, responses, _, _ in self._runs]
+        write_keys = keys([e for e, _, _, _ in self._runs], cookies)
+        written = n.repeat(n.array([at for _, _, _, at in self._runs]), [len(c) for c in cookies])
+        found = n.searchsorted(read_keys, write_keys, side="right") - 1
+        ok = found >= 0
+        ok[ok] = (read_keys[found[ok]] >> n.uint64(32)) == (write_keys[ok] >> n.uint64(32))
+        return list(zip(addresses[found[ok]].tolist(), written[ok].tolist()))
+
+
+class Recorder:
+    """A ``QueueRecord`` on every queue the engine gets while ``installed()``, the CPU time from the
+    engine's start (READY=1) to the end of its stop (the last answer written), and the peak RSS then
+    (before the figures are worked out)."""
+
+    def __init__(self) -> None:
+        self.queues: dict[str, QueueRecord] = {}
+        self.cpu_seconds = 0.0
+        self.maxrss_kb = 0
+        self._cpu_at_start = 0.0
+
+    @contextmanager
+    def installed(self) -> Iterator[Recorder]:
+        add, start, stop = Engine.add, Engine.start, Engine.stop
+        recorder = self
+
+        def recording_add(self: Engine, queue: QueueResponder) -> None:
+            record = QueueRecord(queue)
+            queue.observer = record
+            add(self, queue)
+            recorder.queues[queue.name] = record
+
+        def recording_start(self: Engine) -> None:
+            start(self)
+            recorder._cpu_at_start = _cpu_seconds()
+
+        async def recording_stop(self: Engine, grace: float) -> None:
+            await stop(self, grace)
+            recorder.cpu_seconds = _cpu_seconds() - recorder._cpu_at_start
+            recorder.maxrss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+        Engine.add = recording_add  # type: ignore[method-assign]
+        Engine.start = recording_start  # type: ignore[method-assign]
+        Engine.stop = recording_stop  # type: ignore[method-assign]
+        try:
+            yield self
+        finally:
+            Engine.add = add  # type: ignore[method-assign]
+            Engine.start = start  # type: ignore[method-assign]
+            Engine.stop = stop  # type: ignore[method-assign]
+
+    def report(self) -> dict:
+        """Per queue: outcomes, first read, last write, latency percentiles, groups later than their
+        deadline + LATE_SLACK, and ``answered_at`` ([address, time] pairs); over all queues, latency
+        and late; the CPU time while serving and the peak RSS."""
+        import numpy as n
+
+        queues = {}
+        every: list[Any] = []
+        late = 0
+        for name, record in self.queues.items():
+            samples = record.latencies()
+            every.append(samples)
+            queue_late = int(n.count_nonzero(samples > record.queue.config.response_deadline + LATE_SLACK))
+            late += queue_late
+            queues[name] = {"outcomes": dict(record.queue.stats.outcomes), "first_read": record.first_read,
+                            "last_write": record.last_write, "late": queue_late, "latency": _percentiles(samples),
+                            "answered_at": record.answered_at()}
+        overall = n.sort(n.concatenate(every)) if every else n.array([])
+        return {"queues": queues, "cpu_seconds": self.cpu_seconds, "maxrss_kb": self.maxrss_kb,
+                "overall": {"late": late, "latency": _percentiles(overall)}}
+
+
+def _percentiles(ordered: Any) -> dict:
+    return {f"p{q * 100:g}": float(ordered[int(q * (len(ordered) - 1))]) if len(ordered) else None
+            for q in (0.5, 0.99, 0.999, 1.0)} | {"count": len(ordered)}
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) < 2:
+        print("usage: python -m iopfd_dev.bench.recorder REPORT run [iopfd run's arguments]", file=sys.stderr)
+        return 2
+    from iopfd.cli import main as iopfd_main
+
+    recorder = Recorder()
+    with recorder.installed():
+        status = iopfd_main(args[1:])
+    if status == 0:
+        Path(args[0]).write_text(json.dumps(recorder.report()))
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -42,3 +42,31 @@ def test_no_product_module_imports_the_tooling():
     importers = [str(path.relative_to(ROOT)) for path in (ROOT / "iopfd").rglob("*.py")
                  if re.search(r"^\s*(from|import) iopfd_dev\b", path.read_text(), re.M)]
     assert importers == []
+
+
+# The product's layers, lowest first (docs/architecture.md): a module may import its own layer and
+# the ones below it, never one above.
+LAYERS = (("iopfd.uapi_ffi",), ("iopfd.iommufd",), ("iopfd.engine",), ("iopfd.policies",),
+          ("iopfd.service", "iopfd.protocol"), ("iopfd.cli", "iopfd.client", "iopfd.__main__"))
+
+
+def _layer(module: str) -> int | None:
+    for level, prefixes in enumerate(LAYERS):
+        if any(module == p or module.startswith(p + ".") for p in prefixes):
+            return level
+    return None  # iopfd/__init__.py: the package itself
+
+
+def test_layers_import_only_downward():
+    wrong = []
+    for path in sorted((ROOT / "iopfd").rglob("*.py")):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        module = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        own = _layer(module)
+        if own is None:
+            continue
+        for imported in re.findall(r"^\s*(?:from|import)\s+(iopfd(?:\.\w+)*)", path.read_text(), re.M):
+            level = _layer(imported)
+            if level is not None and level > own:
+                wrong.append(f"{module} (layer {own + 1}) imports {imported} (layer {level + 1})")
+    assert not wrong, "\n".join(wrong)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import select
 from array import array
 from collections import deque
 from collections.abc import Callable, Generator, Mapping
@@ -133,6 +134,7 @@ class QueueResponder:
         self._reading = False
         self._resume_timer: asyncio.TimerHandle | None = None  # set while reading is paused (back-pressure)
         self._unread_since: float | None = None  # first readiness since the queue was last seen empty
+        self._readiness = select.poll()  # whether the kernel's queue is empty, without a read
         self._deadline_timer: asyncio.TimerHandle | None = None
         self._flush_handle: asyncio.Handle | None = None
         self._drained: asyncio.Event | None = None
@@ -169,6 +171,7 @@ class QueueResponder:
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(self.source.fileno(), self._on_readable)
+        self._readiness.register(self.source.fileno(), select.POLLIN)
         self._reading = True
         self._log.info("serving fault queue", fd=self.source.fileno(), policy=self.policy.name,
                        response_deadline=self.config.response_deadline, max_pending=self.config.max_pending)
@@ -196,12 +199,14 @@ class QueueResponder:
             now = loop.time()
             if now - self._unread_since < self.config.response_deadline * BEHIND_FRACTION:
                 if reads >= MAX_READS_PER_WAKEUP:
+                    self._end_turn()
                     return
                 if not self._read_fits():
                     self._pause(self._unread_since)
                     return
             elif reads and now - woke >= MAX_WAKEUP_SECONDS:
-                return  # behind: the drain goes on next turn, after the timers and answers due
+                self._end_turn()  # behind: the drain goes on next turn, after the timers and answers due
+                return
             try:
                 # Only the first read of a wakeup can meet an old 6.12 kernel's "0 bytes but POLLIN".
                 data = self.source.read_raw(confirm_empty=reads == 0)
@@ -240,6 +245,14 @@ class QueueResponder:
                         self._admit(data[:room], started, now)
                     continue
             self._admit(data, started, now)
+
+    def _end_turn(self) -> None:
+        """A wakeup ends after a read that may have emptied the kernel's queue. Readiness is
+        level-triggered, so the loop calls back only if groups are left; if none is, the next
+        group's clock must start at its own readiness, not at this one (a group raised 0.8 s later
+        was once answered at once, as if it had waited unread all that time)."""
+        if not self._readiness.poll(0):
+            self._unread_since = None
 
     def _read_fits(self) -> bool:
         """A whole read (the buffer's worth of groups) fits under max_pending. With a max_pending

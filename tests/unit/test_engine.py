@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import time
 
 import pytest
 import pytest_asyncio
 from structlog.testing import capture_logs
 
 from iopfd.engine import BatchPolicy, Engine, FixedPolicy, Policy, QueueConfig, QueueResponder
+from iopfd.engine.queue import MAX_READS_PER_WAKEUP
 from iopfd.iommufd import INVALID, SUCCESS
 from iopfd.iommufd.fault import LAST_PAGE, RECORD, RESPONSE, FaultGroup, FaultQueue
 from iopfd.policies import Policies
@@ -203,6 +205,29 @@ async def test_a_hanging_policy_is_abandoned_at_the_deadline(served, deadline_co
     assert all(future.cancelled() for future in gate.waiting.values())  # the policy calls were cancelled
     # due a twentieth of the deadline early at most, so that a loop turn cannot make it late
     assert min(s.responder.stats.latency.sum / 4, 1) >= 0.05 * 19 / 20 - 1e-3
+
+
+async def test_a_group_raised_after_the_queue_was_emptied_gets_a_clock_of_its_own():
+    """A wakeup that ends at its read limit with the kernel's queue just emptied gets no callback
+    after it: the next group's clock must still start at that group's own readiness. (It once
+    inherited the old one and was answered with the deadline code at once, in the lab.)"""
+    emulated = EmulatedFaultQueue()
+    responder = QueueResponder(emulated.open(batch_records=5), Gate(), QueueConfig("q", response_deadline=0.2))
+    responder.start()
+    for i in range(5 * MAX_READS_PER_WAKEUP):  # exactly one wakeup's reads
+        emulated.report(PageRequest(dev_id=1, addr=0x1000 * (i + 1), grpid=i))
+    async with asyncio.timeout(5):
+        while len(emulated.answers) < 5 * MAX_READS_PER_WAKEUP:
+            await asyncio.sleep(0.01)
+    await asyncio.sleep(0.5)
+    raised = time.monotonic()
+    emulated.report(PageRequest(dev_id=1, addr=0x100000, grpid=1))
+    async with asyncio.timeout(5):
+        while len(emulated.answers) < 5 * MAX_READS_PER_WAKEUP + 1:
+            await asyncio.sleep(0.001)
+    assert time.monotonic() - raised >= 0.15  # its own deadline, less DEADLINE_EARLY
+    await responder.stop(0)
+    emulated.close()
 
 
 async def test_a_late_decision_never_answers_the_group_that_reused_its_cookie(served):

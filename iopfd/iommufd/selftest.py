@@ -200,14 +200,14 @@ class FaultingMockSetup(Closing):
             self.ioas = self._keep(Ioas.alloc(ctx))
             self.device = self._keep(MockDevice.create(ctx, self.ioas.id))
             self._ioas_domain = self.device.hwpt_id
-            self.parent = self._keep(Hwpt.nest_parent(ctx, dev_id=self.device.dev_id, ioas_id=self.ioas.id))
             self._build(fault_id)
         except BaseException:
             self.close()
             raise
 
     def _build(self, fault_id: int) -> None:
-        """From the nesting parent on: the nested HWPT with the fault queue, and the device on it."""
+        """From the IOAS domain on: the nesting parent, the nested HWPT with the fault queue, and the device on it."""
+        self.parent = self._keep(Hwpt.nest_parent(self.ctx, dev_id=self.device.dev_id, ioas_id=self.ioas.id))
         self.nested = self._keep(Hwpt.nested(self.ctx, dev_id=self.device.dev_id, parent_id=self.parent.id,
                                              data_type=lib.IOMMU_HWPT_DATA_SELFTEST,
                                              data=SELFTEST_NESTED_DATA, fault_id=fault_id))
@@ -226,6 +226,18 @@ class FaultingMockSetup(Closing):
             self._stack.pop().destroy()
 
 
+class PagingMockSetup(FaultingMockSetup):
+    """Demand paging's rig (Linux 6.13+): faults on the IOAS's own IOVAs go to ``fault_id``.
+
+    IOAS -> mock device -> paging HWPT on the IOAS with the fault queue -> replace the device onto it.
+    """
+
+    def _build(self, fault_id: int) -> None:
+        self.paging = self._keep(Hwpt.alloc(self.ctx, dev_id=self.device.dev_id, pt_id=self.ioas.id,
+                                            fault_id=fault_id))
+        self.device.replace(self.paging.id)
+
+
 class ViommuMockSetup(FaultingMockSetup):
     """The vIOMMU rig (7.x): faults go to ``fault_id`` and the device's vEVENTs to ``self.events``.
 
@@ -241,6 +253,7 @@ class ViommuMockSetup(FaultingMockSetup):
 
     def _build(self, fault_id: int) -> None:
         ctx, virt_id, depth = self.ctx, self.virt_id, self.depth
+        self.parent = self._keep(Hwpt.nest_parent(ctx, dev_id=self.device.dev_id, ioas_id=self.ioas.id))
         self.viommu = self._keep(Viommu.alloc(ctx, dev_id=self.device.dev_id, hwpt_id=self.parent.id,
                                               viommu_type=lib.IOMMU_VIOMMU_TYPE_SELFTEST))
         self.vdevice = self._keep(Vdevice.alloc(ctx, viommu_id=self.viommu.id, dev_id=self.device.dev_id,

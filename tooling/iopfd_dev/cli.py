@@ -20,7 +20,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from iopfd_dev.bench.run import POLICIES, SCENARIOS, Tools
     from iopfd_dev.lab.kernel import KERNELS
 
-    tools = Tools(*args.tools.split(":")) if args.tools else None
+    tools = Tools.parse(args.tools) if args.tools else None
     return bench.main(here=args.here, kernels=args.kernels or list(KERNELS),
                       scenarios=args.scenarios or list(SCENARIOS),
                       policies=args.policies or list(POLICIES), groups=args.groups, out=args.out, png=args.png,
@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kernel", dest="kernels", action="append", choices=sorted(KERNELS),
                    help="lab kernel, repeatable (default: every lab kernel, one boot each)")
     p.add_argument("--policies", type=_policies, default=None, metavar="P,...",
-                   help="iopfd's policies to run (default: all of accept, reject, rules, plugin, forward, forward-py)")
+                   help="iopfd's policies to run (default: all of accept, reject, rules, plugin, forward, forward-py, "
+                        "ioas-map)")
     p.add_argument("--groups", type=_positive, default=50_000, help="fault groups per burst, storm and multi run, "
                    "and at most per steady run (default: %(default)s)")
     p.add_argument("--repeat", type=_positive, default=3, help="runs of burst and multi; the median run is reported "
@@ -107,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guard", action="store_true", help="the short CI run: burst of the C floor and of accept, rules "
                    "and forward, and the storm; exit 1 if a policy falls below its share of the C floor's throughput "
                    "or answers any group late")
-    p.add_argument("--tools", help=argparse.SUPPRESS)  # RESPONDER:TRIGGER:PEER, compiled on the host for the guest
+    # RESPONDER:TRIGGER:PEER:MAPPER, compiled on the host for the guest
+    p.add_argument("--tools", help=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("lab", help="the kernel lab: build the mock-IOMMU kernel, run commands inside it")

@@ -8,6 +8,13 @@ measures, and the forward peers on their channels; the runs then take turns. A r
 outside: iopfd's CPU time from /proc/PID/stat around the run, and at the end each queue's counts,
 clock and latency from the report of ``iopfd_dev.bench.recorder``, which runs the daemon with an
 observer on every queue. Every run must answer every group it raised.
+
+The ``ioas-map`` policy (demand paging) runs in the burst only, against its own C loop, ``c-map``
+(``bench/mapper.c``: one IOMMU_IOAS_MAP per fault), and only where paging HWPTs deliver faults (Linux
+6.13+; elsewhere the bench says it skips them). Its faults lie in a window of the mock IOMMU's
+aperture backed by one memfd. The policy maps into the IOAS of its queue's iommufd, which iopfd holds
+only for queues it brokered, so iopfd's ioas-map queues are brokered over the control socket and the
+bench builds their rigs in the iommufd iopfd hands back. After each ioas-map run its IOAS is unmapped.
 """
 
 from __future__ import annotations
@@ -21,23 +28,44 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from iopfd.client import Client
 from iopfd.iommufd import PERM_READ, FaultQueue, Iommufd
-from iopfd.iommufd.selftest import FaultingMockSetup
+from iopfd.iommufd.ioctl import lib, new
+from iopfd.iommufd.selftest import FaultingMockSetup, PagingMockSetup
+from iopfd.service.config import QueueDefaults
 from iopfd.uapi_ffi import ffi
 from iopfd_dev.daemon import spawn_daemon
 from iopfd_dev.policies import DelayPolicy, ImmediatePolicy, import_path
 
 SCENARIOS = ("burst", "steady", "storm", "multi", "seed")
-POLICIES = ("accept", "reject", "rules", "plugin", "forward", "forward-py")
+POLICIES = ("accept", "reject", "rules", "plugin", "forward", "forward-py", "ioas-map")
 # The C loops: the floor (poll, read 256 records until empty, one write per read), and a loop that
 # reads as QEMU's VT-d PRQ series does (one read of 100 records per wakeup, one write per group).
 C_LOOPS = {"c": ("-r", "256"), "c-qemu": ("-q", "-r", "100")}
+# ioas-map (demand paging) runs in the burst only, against the C loop that maps one fault at a time
+# (bench/mapper.c: read 256 records until empty, one IOMMU_IOAS_MAP per fault, one write per read).
+PAGING_POLICY = "ioas-map"
+C_MAP = "c-map"
+WINDOW = lib.MOCK_APERTURE_START  # fault i of an ioas-map run is at WINDOW + i pages
+PAGE = 4096
+# In an iommufd iopfd brokers the fault object is ID 1, so the first IOAS the bench makes in it is ID 2.
+BROKERED_IOAS_ID = 2
+# A brokered queue takes its settings from [defaults]. The burst queues every group at once and
+# their clocks start together: at the product's 1 s deadline, a burst that takes longer than that to
+# map is answered by the deadline (a 50 000-group burst in the TCG guest: all but the first read), and
+# then nothing is mapped to compare. The ioas-map runs measure CPU per mapped group, so their deadline
+# is this; every queue of the config states its own (the product's default), unchanged.
+IOAS_MAP_DEADLINE = 60.0  # the most iopfd accepts
+# Before ioas-map is measured, iopfd serves a burst of this many groups on a brokered queue of its own
+# (not reported): the policy's first batch pages its code paths in (numpy over 9p in the lab guest).
+WARM_UP = "warm-up"
+WARM_UP_GROUPS = 1000
 MULTI_QUEUES = 8
 STEADY_RATES = (5000, 20000, 50000)
 STEADY_SECONDS = 1.0  # a steady run offers its rate for this long
@@ -67,16 +95,38 @@ type = "forward"
 type = "{import_path(DelayPolicy)}"
 seconds = 0.005
 """
+# Added when a run uses it: the window spans the largest ioas-map run, backed by the bench's memfd.
+IOAS_MAP_TABLE = """\
+[defaults]
+response_deadline = {deadline}
+[policies.ioas-map]
+type = "ioas-map"
+ioas_id = {ioas_id}
+iova = {window:#x}
+length = {length:#x}
+backing = "{backing}"
+page_size = {page}
+"""
 FIRST_ADDR = 0x1000  # fault i of a run is at FIRST_ADDR + i pages
 
 
 @dataclass(frozen=True)
 class Tools:
-    """The compiled C programs: the C loop, the fault trigger and the forward peer."""
+    """The compiled C programs: the C loop, the fault trigger, the forward peer and the C map loop."""
 
     responder: str
     trigger: str
     peer: str
+    mapper: str
+
+    @classmethod
+    def parse(cls, spec: str) -> Tools:
+        """From ``spec``: how the host passes the programs it compiled to the lab guest."""
+        return cls(*spec.split(":"))
+
+    @property
+    def spec(self) -> str:
+        return ":".join((self.responder, self.trigger, self.peer, self.mapper))
 
 
 @dataclass
@@ -143,10 +193,25 @@ class Run:
     name: str = ""  # iopfd: the queues are NAME-0, NAME-1, ...
     result: Result | None = None  # made by execute()
     raised: list[tuple[int, float]] = field(default_factory=list)  # seed: (addr, when raised) of every fault
+    ctx: Iommufd | None = None  # brokered: the iommufd iopfd opened for the queue (else the bench's)
+
+    @property
+    def paging(self) -> bool:
+        """Demand paging: faults on a paging HWPT, in the window the backing memfd maps."""
+        return self.responder == C_MAP or self.policy == PAGING_POLICY
+
+    @property
+    def brokered(self) -> bool:
+        """iopfd brokers the queue (ioas-map maps into the queue's iommufd): the bench holds no fault fd."""
+        return self.responder == "iopfd" and self.policy == PAGING_POLICY
+
+    @property
+    def first_addr(self) -> int:
+        return WINDOW if self.paging else FIRST_ADDR
 
     @property
     def names(self) -> list[str]:
-        return [f"{self.name}-{i}" for i in range(len(self.queues))]
+        return [f"{self.name}-{i}" for i in range(MULTI_QUEUES if self.scenario == "multi" else 1)]
 
     @property
     def measured(self) -> Result:
@@ -159,12 +224,16 @@ def plan(scenarios: list[str], policies: list[str], groups: int, repeat: int,
          seed_faults: int = SEED_FAULTS_PER_THREAD) -> list[Run]:
     """Every run, in the order they take turns: C loops and iopfd alternate within each repeat, so a
     noisy stretch of the host hits both alike. A steady run offers its rate for STEADY_SECONDS (at
-    most ``groups``); each seed thread raises ``seed_faults``."""
+    most ``groups``); each seed thread raises ``seed_faults``. ioas-map runs in the burst only, with
+    its C map loop before it, and a warm-up run (not reported) before all."""
     runs: list[Run] = []
-    responders = [("c", None), ("c-qemu", None), *(("iopfd", p) for p in policies)]
+    responders = [("c", None), ("c-qemu", None), *(("iopfd", p) for p in policies if p != PAGING_POLICY)]
+    paging = [(C_MAP, None), ("iopfd", PAGING_POLICY)] if PAGING_POLICY in policies else []
+    if paging and "burst" in scenarios:
+        runs.append(Run(WARM_UP, "iopfd", PAGING_POLICY, min(groups, WARM_UP_GROUPS)))
     for scenario in scenarios:
         if scenario == "burst":
-            runs += [Run("burst", r, p, groups) for _ in range(repeat) for r, p in responders]
+            runs += [Run("burst", r, p, groups) for _ in range(repeat) for r, p in responders + paging]
         elif scenario == "steady":
             runs += [Run("steady", r, p, min(groups, int(rate * STEADY_SECONDS)), rate)
                      for rate in STEADY_RATES for r, p in responders if r != "c-qemu"]
@@ -186,22 +255,37 @@ def shares(groups: int, queues: int) -> list[int]:
 def run_bench(scenarios: list[str], policies: list[str], groups: int, tools: Tools, repeat: int,
               seed_faults: int = SEED_FAULTS_PER_THREAD) -> list[Result]:
     runs = plan(scenarios, policies, groups, repeat, seed_faults)
+    if any(run.paging for run in runs):
+        why = paging_unsupported()
+        if why:
+            print(f"[bench] ioas-map and {C_MAP}: SKIPPED on {os.uname().release}: {why}", file=sys.stderr, flush=True)
+            runs = [run for run in runs if not run.paging]
     with Iommufd.open() as ctx, ExitStack() as stack, tempfile.TemporaryDirectory(prefix="iopfd-bench-") as tmp:
+        backing = stack.enter_context(_backing(max((run.groups for run in runs if run.paging), default=0)))
         for index, run in enumerate(runs):
-            for _ in range(MULTI_QUEUES if run.scenario == "multi" else 1):
+            run.name = f"{run.scenario}-{index}"
+            if run.brokered:
+                continue  # iopfd makes its queue once it runs (Daemon.broker)
+            for _ in run.names:
                 queue = stack.enter_context(FaultQueue.alloc(ctx))
                 run.queues.append(queue)
-                run.rigs.append(stack.enter_context(FaultingMockSetup(ctx, queue.id)))
-            run.name = f"{run.scenario}-{index}"
+                rig = PagingMockSetup if run.paging else FaultingMockSetup
+                run.rigs.append(stack.enter_context(rig(ctx, queue.id)))
         served = [run for run in runs if run.responder == "iopfd"]
-        daemon = Daemon(served, Path(tmp), tools) if served else None
+        daemon = Daemon(served, Path(tmp), tools, backing) if served else None
         try:
+            for run in served:
+                if run.brokered:
+                    assert daemon is not None
+                    daemon.broker(run, stack)
             for index, run in enumerate(runs, 1):
                 threads = f" {run.threads} threads" if run.scenario == "seed" else ""
                 print(f"[bench] {index}/{len(runs)} {run.scenario}"
                       f"{f' {run.rate / 1000:g}k/s' if run.rate else ''}{threads}:"
                       f" {run.responder}{f' {run.policy}' if run.policy else ''} ...", file=sys.stderr, flush=True)
-                execute(run, ctx, tools, daemon, Path(tmp))
+                execute(run, ctx, tools, daemon, Path(tmp), backing)
+                if run.paging:  # its pages stay pinned until unmapped: the next run starts from nothing
+                    run.rigs[0].ioas.unmap()
         finally:
             report = daemon.stop() if daemon else None
         if report is not None:  # there were iopfd runs
@@ -210,24 +294,52 @@ def run_bench(scenarios: list[str], policies: list[str], groups: int, tools: Too
         for run in runs:
             check_answered(run)
     release = os.uname().release
-    results = median_of_repeats(runs)
+    results = median_of_repeats([run for run in runs if run.scenario != WARM_UP])
     for r in results:
         r.kernel = release
     return results
+
+
+def paging_unsupported() -> str | None:
+    """Why this kernel cannot run ioas-map (no faults from paging HWPTs), or None when it can."""
+    from iopfd.iommufd.probe import PAGING_HWPT_FAULTS, YES, probe
+
+    (feature,) = [f for f in probe() if f.name == PAGING_HWPT_FAULTS]
+    if feature.status == YES:
+        return None
+    return f"it delivers no faults from paging HWPTs (Linux 6.13+ does; iopfd probe: {feature.detail})"
+
+
+@contextmanager
+def _backing(pages: int) -> Iterator[int | None]:
+    """The memfd the ioas-map runs map from, ``pages`` pages long (None when no run maps)."""
+    if not pages:
+        yield None
+        return
+    fd = os.memfd_create("iopfd-bench-backing")
+    try:
+        os.ftruncate(fd, pages * PAGE)
+        yield fd
+    finally:
+        os.close(fd)
 
 
 class Daemon:
     """``iopfd run`` serving the queues of every iopfd run, with the forward peers on their channels,
     under ``iopfd_dev.bench.recorder`` (which writes the report at exit)."""
 
-    def __init__(self, runs: list[Run], tmp: Path, tools: Tools) -> None:
+    def __init__(self, runs: list[Run], tmp: Path, tools: Tools, backing: int | None = None) -> None:
         self.report_path = tmp / "report.json"
+        # The control socket is on only for brokering ioas-map's queues.
+        self.control_path = tmp / "control.sock" if any(run.brokered for run in runs) else None
         self.peers: dict[str, subprocess.Popen] = {}
         queues = []
         fds = []
         for run in runs:
             for name, queue in zip(run.names, run.queues):
                 queue_settings = STORM if run.scenario == "storm" else {"policy": run.policy}
+                if self.control_path is not None:  # [defaults] has ioas-map's deadline: this queue keeps its own
+                    queue_settings = {"response_deadline": QueueDefaults().response_deadline} | queue_settings
                 queues.append("[[queues]]\n" + f'name = "{name}"\nfd = {queue.fd}\n'
                               + "".join(f"{key} = {json.dumps(value)}\n" for key, value in queue_settings.items()))
                 fds.append(queue.fd)
@@ -241,19 +353,50 @@ class Daemon:
                                                       text=True)
                 forward_args += ["--forward-fd", f"{os.dup(ours.fileno())}:{policy}:{PEER_RECORDS}"]
                 fds.append(int(forward_args[-1].split(":")[0]))
+        tables = POLICY_TABLES
+        if self.control_path is not None:
+            assert backing is not None
+            tables = IOAS_MAP_TABLE.format(deadline=IOAS_MAP_DEADLINE, ioas_id=BROKERED_IOAS_ID, window=WINDOW,
+                                           page=PAGE, length=os.fstat(backing).st_size,
+                                           backing=f"/proc/{os.getpid()}/fd/{backing}") + tables
         config = tmp / "iopfd.toml"
-        config.write_text(POLICY_TABLES + "\n".join(queues))
+        config.write_text(tables + "\n".join(queues))
         print(f"[bench] starting iopfd run with {len(queues)} queues ...", file=sys.stderr, flush=True)
         try:
             self.daemon = spawn_daemon(
                 tmp, fds, "--config", str(config), *forward_args, "--metrics-address", "127.0.0.1:0",
                 program=("-m", "iopfd_dev.bench.recorder", str(self.report_path), "run"),
-                env={"IOPFD_CONTROL__PATH": "off", "IOPFD_WATCH_DEVICES": "false", "IOPFD_RUNTIME_DIR": str(tmp),
-                     "IOPFD_LOG_LEVEL": "error"})
+                env={"IOPFD_CONTROL__PATH": str(self.control_path or "off"), "IOPFD_WATCH_DEVICES": "false",
+                     "IOPFD_RUNTIME_DIR": str(tmp), "IOPFD_LOG_LEVEL": "error"})
         finally:
             for fd in fds[len(queues):]:
                 os.close(fd)  # the daemon's copies of the channel ends are its own now
         self.proc = self.daemon.proc
+
+    def broker(self, run: Run, stack: ExitStack) -> None:
+        """Have iopfd open ``run``'s queue and the iommufd it maps into, and build the paging rig in it."""
+        with Client(str(self.control_path)) as client:
+            fd, fault_id = client.broker(run.names[0], policy=run.policy)
+        run.ctx = stack.enter_context(Iommufd(fd))
+        rig = stack.enter_context(PagingMockSetup(run.ctx, fault_id))
+        if rig.ioas.id != BROKERED_IOAS_ID:
+            raise RuntimeError(f"the brokered iommufd's IOAS is {rig.ioas.id}, not the {BROKERED_IOAS_ID} the "
+                               "ioas-map policy maps into")
+        run.rigs.append(rig)
+
+    def wait_answered(self, run: Run, timeout: float = 600) -> None:
+        """Until iopfd has answered every group of ``run``: a brokered queue, the bench has no fd to poll.
+        Asks every 0.2 s (each status request is iopfd CPU time in the run's figure)."""
+        deadline = time.monotonic() + timeout
+        with Client(str(self.control_path)) as client:
+            while True:
+                (queue,) = [q for q in client.status()["queues"] if q["name"] == run.names[0]]
+                answered = sum(queue["outcomes"].values())
+                if answered >= run.groups:
+                    return
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"iopfd answered {answered} of {run.groups} groups of {run.name} in {timeout} s")
+                time.sleep(0.2)
 
     def peer_pid(self, policy: str | None) -> int | None:
         peer = self.peers.get(policy or "")
@@ -307,26 +450,32 @@ def stopped(pid: int) -> Iterator[None]:
         os.kill(pid, signal.SIGCONT)
 
 
-def execute(run: Run, ctx: Iommufd, tools: Tools, daemon: Daemon | None, tmp: Path) -> None:
-    counts = shares(run.groups, len(run.queues))
+def execute(run: Run, ctx: Iommufd, tools: Tools, daemon: Daemon | None, tmp: Path,
+            backing: int | None = None) -> None:
+    counts = shares(run.groups, len(run.rigs))
     log = tmp / f"{run.name}.answers"
+    ctx = run.ctx or ctx
     if run.responder == "iopfd":
         assert daemon is not None  # run_bench starts one when there are iopfd runs
         pid = daemon.proc.pid
     else:
-        answers_log = ["-l", str(log)] if run.scenario == "seed" else []
-        loop = subprocess.Popen([tools.responder, *C_LOOPS[run.responder], *answers_log,
-                                 *(str(q.fd) for q in run.queues)],
-                                pass_fds=[q.fd for q in run.queues], stdout=subprocess.PIPE, text=True)
+        if run.responder == C_MAP:
+            assert backing is not None
+            command, fds = mapper_command(tools, ctx, run.rigs[0], run.queues[0], backing), [ctx.fd, backing]
+        else:
+            answers_log = ["-l", str(log)] if run.scenario == "seed" else []
+            command, fds = [tools.responder, *C_LOOPS[run.responder], *answers_log], []
+        loop = subprocess.Popen([*command, *(str(q.fd) for q in run.queues if run.responder != C_MAP)],
+                                pass_fds=[*fds, *(q.fd for q in run.queues)], stdout=subprocess.PIPE, text=True)
         pid = loop.pid
     peer = daemon.peer_pid(run.policy) if daemon and run.responder == "iopfd" else None
     offered: dict | None = None
-    if run.scenario in ("burst", "storm", "multi"):
+    if run.scenario in ("burst", "storm", "multi", WARM_UP):
         # Queue the whole burst first, then let the responder at it: its own clock measures how
         # fast it drains, not how fast the trigger raises faults.
         with stopped(pid):
             for rig, count in zip(run.rigs, counts):
-                trigger(tools, ctx, rig, count)
+                trigger(tools, ctx, rig, count, first_addr=run.first_addr)
             cpu, peer_cpu = cpu_seconds(pid), cpu_seconds(peer) if peer else 0.0
     else:
         cpu, peer_cpu = cpu_seconds(pid), cpu_seconds(peer) if peer else 0.0
@@ -335,6 +484,10 @@ def execute(run: Run, ctx: Iommufd, tools: Tools, daemon: Daemon | None, tmp: Pa
                           log=raised if run.scenario == "seed" else None)
         if run.scenario == "seed":
             run.raised = _pairs(raised.read_bytes())
+    if run.brokered:
+        assert daemon is not None
+        daemon.wait_answered(run)
+        time.sleep(0.3)  # as _wait_drained settles
     for queue in run.queues:
         _wait_drained(queue, settle=1.5 if run.scenario == "storm" else 0.3)
     cpu = cpu_seconds(pid) - cpu
@@ -352,6 +505,11 @@ def execute(run: Run, ctx: Iommufd, tools: Tools, daemon: Daemon | None, tmp: Pa
         result.seconds = max(f["last_write"] for f in per_fd) - min(f["first_read"] for f in per_fd)
         result.cpu_seconds = figures["cpu_seconds"]  # the loop's own accounting: exact, and only this run
         result.maxrss_kb = figures["maxrss_kb"]
+        if figures.get("map_failures") or figures.get("outside_window"):
+            raise RuntimeError(f"the C map loop could not map {figures['map_failures']} faulting pages "
+                               f"({figures['outside_window']} outside its window)")
+        if run.responder == C_MAP:
+            result.outcomes = {"success": result.answered}
         if run.scenario == "seed":
             result.worst = _worst(run.raised, _pairs(log.read_bytes()))
 
@@ -369,6 +527,9 @@ def finish_iopfd(run: Run, report: dict) -> None:
         r.latency = queues[0]["latency"]
     if run.scenario == "seed":
         r.worst = _worst(run.raised, [(addr, at) for addr, at in queues[0]["answered_at"]])
+    if run.paging and r.outcomes["success"] != run.groups:
+        raise RuntimeError(f"ioas-map answered {r.outcomes['success']} of {run.groups} groups SUCCESS ({r.outcomes}): "
+                           "its CPU per group would not compare with the C map loop's, which maps every one")
 
 
 def check_answered(run: Run) -> None:
@@ -406,20 +567,20 @@ def _worst(raised: list[tuple[int, float]], answered: list[tuple[int, float]]) -
     return max(when[addr] - at for addr, at in raised)
 
 
-def trigger_argument(rig: FaultingMockSetup) -> tuple[int, bytes, int, int]:
-    """TRIGGER_IOPF's request and argument for the rig's device (read/write at FIRST_ADDR), and where
+def trigger_argument(rig: FaultingMockSetup, first_addr: int = FIRST_ADDR) -> tuple[int, bytes, int, int]:
+    """TRIGGER_IOPF's request and argument for the rig's device (a read at ``first_addr``), and where
     the address and the PASID lie in the argument."""
-    request, arg = rig.device.trigger_iopf_ioctl(addr=FIRST_ADDR, perm=PERM_READ)
+    request, arg = rig.device.trigger_iopf_ioctl(addr=first_addr, perm=PERM_READ)
     return (request, arg, ffi.offsetof("struct iommu_test_cmd", "trigger_iopf", "addr"),
             ffi.offsetof("struct iommu_test_cmd", "trigger_iopf", "pasid"))
 
 
 def start_trigger(tools: Tools, ctx: Iommufd, rig: FaultingMockSetup, count: int, rate: float = 0, *,
-                  threads: int = 1, log: Path | None = None) -> subprocess.Popen:
+                  threads: int = 1, log: Path | None = None, first_addr: int = FIRST_ADDR) -> subprocess.Popen:
     """Start raising ``count`` single-record faults on ``rig``'s device, each at its own page, at
     ``rate`` per second (0: at once), from ``threads`` threads (each at its own PASID); with ``log``,
     when each was raised goes there. Its stdout will be one JSON line of figures."""
-    request, arg, addr_offset, pasid_offset = trigger_argument(rig)
+    request, arg, addr_offset, pasid_offset = trigger_argument(rig, first_addr)
     options = ["-a", str(addr_offset)]
     if threads > 1:
         options += ["-t", str(threads), "-p", str(pasid_offset)]
@@ -439,6 +600,23 @@ def finish_trigger(started: subprocess.Popen, timeout: float = 3600) -> dict:
 
 def trigger(tools: Tools, ctx: Iommufd, rig: FaultingMockSetup, count: int, rate: float = 0, **options) -> dict:
     return finish_trigger(start_trigger(tools, ctx, rig, count, rate, **options))
+
+
+def mapper_argument(ioas_id: int) -> tuple[int, bytes, int, int]:
+    """IOMMU_IOAS_MAP's request and argument for the C map loop (FIXED_IOVA, read/write, one PAGE into
+    IOAS ``ioas_id``; built with iopfd's binding), and where the user address and the IOVA lie in it."""
+    cmd = new("struct iommu_ioas_map", ioas_id=ioas_id, length=PAGE, flags=lib.IOMMU_IOAS_MAP_FIXED_IOVA
+              | lib.IOMMU_IOAS_MAP_READABLE | lib.IOMMU_IOAS_MAP_WRITEABLE)
+    return (lib.IOMMU_IOAS_MAP, bytes(ffi.buffer(cmd)), ffi.offsetof("struct iommu_ioas_map", "user_va"),
+            ffi.offsetof("struct iommu_ioas_map", "iova"))
+
+
+def mapper_command(tools: Tools, ctx: Iommufd, rig: FaultingMockSetup, queue: FaultQueue, backing: int,
+                   records: int = 256) -> Sequence[str]:
+    """The C map loop on ``queue``, mapping from ``backing`` into ``rig``'s IOAS at WINDOW."""
+    request, arg, va_offset, iova_offset = mapper_argument(rig.ioas.id)
+    return [tools.mapper, "-r", str(records), str(ctx.fd), str(queue.fd), hex(request), arg.hex(), str(va_offset),
+            str(iova_offset), str(backing), hex(WINDOW), hex(os.fstat(backing).st_size), str(PAGE)]
 
 
 def _wait_drained(queue: FaultQueue, settle: float = 0.3, timeout: float = 600) -> None:

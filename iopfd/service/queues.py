@@ -167,7 +167,7 @@ class QueueRegistry:
                 continue
             remembered = self.state.queues.get(name, {})
             policy = self._policy_for_taken_back(name, remembered.get("policy"))
-            upto = remembered.get("cookie_mark") or FALLBACK_SWEEP
+            upto = StateFile.sweep_limit(remembered.get("cookie_mark") or FALLBACK_SWEEP, source.buffer_records)
             swept = sweep(source, upto)
             log.info("fault queue taken back from the fd store", queue=name, swept_cookies=upto,
                      answered_invalid=len(swept))

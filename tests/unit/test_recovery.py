@@ -60,3 +60,20 @@ def test_store_fd_sends_the_fd_with_its_name(tmp_path):
         for fd in (read_end, write_end, fds[0]):
             os.close(fd)
         notifier.close()
+
+
+def test_a_life_killed_between_a_read_and_its_mark_leaves_nothing_beyond_the_sweep():
+    """The mark is written after the read that raised it. Killed in between, a life leaves one
+    read's groups above the recorded mark; the restart's sweep still reaches every one of them."""
+    emulated = EmulatedFaultQueue()
+    source = emulated.open(batch_records=64)
+    for i in range(200):
+        emulated.report(PageRequest(dev_id=1, addr=0x1000 * i))
+    first = source.read_raw()
+    highest = max(RECORD.unpack_from(first, o)[-1] for o in range(0, len(first), RECORD.size))
+    recorded = 1 << max(highest - 1, 0).bit_length()  # what mark() writes for this read
+    source.read_raw()  # the next read: killed before its mark is written
+    assert max(emulated.pending_cookies) > recorded
+    swept = sweep(source, StateFile.sweep_limit(recorded, source.buffer_records))
+    assert len(swept) == 128 and emulated.pending_cookies == []
+    emulated.close()

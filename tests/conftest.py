@@ -4,9 +4,11 @@ On the host, every test marked ``guest`` is collected as usual and then stands i
 inside the lab, one per lab kernel selected with ``--lab-kernel`` (default: every lab kernel), the
 kernel in its id (``test_x[7.3]``). The first one of a kernel to run boots that kernel once and runs
 all selected guest tests in it; each then reports the guest's outcome (with the guest's traceback on
-failure) in the host's normal pytest summary. Host-side kernel tests that use the ``built`` fixture
-run once per selected kernel the same way. Inside the guest (IOPFD_LAB_GUEST set) the same tests run
-for real and their results are written to the file named by ``--lab-report``.
+failure) in the host's normal pytest summary. Tests marked ``systemd_guest`` do the same in a
+second boot per kernel, the systemd boot (systemd as PID 1, iopfd's wheel installed for its units to
+run). Host-side kernel tests that use the ``built`` fixture run once per selected kernel the same
+way. Inside the guest (IOPFD_LAB_GUEST set) the same tests run for real and their results are
+written to the file named by ``--lab-report``.
 """
 
 from __future__ import annotations
@@ -24,7 +26,10 @@ from iopfd_dev.lab.guest import GUEST_ENV
 
 IN_GUEST = bool(os.environ.get(GUEST_ENV))
 GUEST_TIMEOUT = 3600  # seconds for one lab boot running the whole guest suite (build excluded)
+# The two kinds of guest test, by marker: whether their boot has systemd as PID 1.
+BOOTS = {"guest": False, "systemd_guest": True}
 _RESULTS = pytest.StashKey[dict]()
+_WHEEL_VENV = pytest.StashKey[Path]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -34,6 +39,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--lab-kernel", action="append", choices=list(KERNELS),
                     help=f"run the kernel tests on this lab kernel; repeatable (default: all of {', '.join(KERNELS)})")
     group.addoption("--lab-report", default=None, help=argparse.SUPPRESS)
+    group.addoption("--lab-venv", default=None, help=argparse.SUPPRESS)  # systemd boot: the wheel's venv, packed
 
 
 def lab_kernels(config: pytest.Config) -> list[str]:
@@ -44,6 +50,8 @@ def lab_kernels(config: pytest.Config) -> list[str]:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "guest: runs inside the lab guest (mark it kernel as well)")
+    config.addinivalue_line("markers", "systemd_guest: runs inside the lab guest booted with systemd as PID 1 "
+                                       "(mark it kernel as well)")
     if IN_GUEST and config.getoption("--lab-report"):
         config.pluginmanager.register(_GuestReporter(Path(config.getoption("--lab-report"))), "iopfd-lab-report")
 
@@ -83,9 +91,12 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     kernels = lab_kernels(config)
     host_items: list[pytest.Item] = []
     for item in items:
-        if item.get_closest_marker("guest"):
+        boots = [marker for marker in BOOTS if item.get_closest_marker(marker)]
+        if len(boots) > 1:
+            raise pytest.UsageError(f"{item.nodeid} is marked {' and '.join(boots)}: a guest test runs in one boot")
+        if boots:
             host_items += [LabItem.from_parent(item.parent, name=_with_kernel(item.name, kernel), original=item,
-                                               kernel=kernel) for kernel in kernels]
+                                               kernel=kernel, systemd=BOOTS[boots[0]]) for kernel in kernels]
         else:
             host_items.append(item)
     items[:] = host_items
@@ -103,30 +114,32 @@ class LabTestFailure(Exception):
 class LabItem(pytest.Item):
     """Host-side stand-in for one guest test: reports the outcome the lab run gave it."""
 
-    def __init__(self, *, original: pytest.Item, kernel: str, **kwargs) -> None:
+    def __init__(self, *, original: pytest.Item, kernel: str, systemd: bool, **kwargs) -> None:
         super().__init__(**kwargs)
         self.own_markers = list(original.own_markers)
         self.add_marker(pytest.mark.timeout(0))  # the lab run has its own limit
         self.kernel = kernel
+        self.systemd = systemd
+        self.boot = f"{kernel}, systemd boot" if systemd else kernel
         self.guest_nodeid = original.nodeid
 
     def runtest(self) -> None:
-        by_kernel = self.session.stash.setdefault(_RESULTS, {})
-        if self.kernel not in by_kernel:
-            by_kernel[self.kernel] = _run_guest_suite(self.session, self.kernel)
-        results = by_kernel[self.kernel]
+        by_boot = self.session.stash.setdefault(_RESULTS, {})
+        if (self.kernel, self.systemd) not in by_boot:
+            by_boot[self.kernel, self.systemd] = _run_guest_suite(self.session, self.kernel, self.systemd)
+        results = by_boot[self.kernel, self.systemd]
         if isinstance(results, Exception):
-            raise LabTestFailure(f"the kernel lab ({self.kernel}) failed, so this test could not run: {results}")
+            raise LabTestFailure(f"the kernel lab ({self.boot}) failed, so this test could not run: {results}")
         phases = results.get(self.guest_nodeid)
         if not phases:
             raise LabTestFailure("the lab guest reported no result for this test (see the guest output above)")
         for phase in phases:
             if phase["outcome"] == "failed":
-                raise LabTestFailure(f"failed in the lab guest ({self.kernel}) during {phase['when']}:\n"
+                raise LabTestFailure(f"failed in the lab guest ({self.boot}) during {phase['when']}:\n"
                                      f"{phase['longrepr']}")
         for phase in phases:
             if phase["outcome"] == "skipped":
-                pytest.skip(f"skipped in the lab guest ({self.kernel}): {phase['longrepr']}")
+                pytest.skip(f"skipped in the lab guest ({self.boot}): {phase['longrepr']}")
 
     def repr_failure(self, excinfo, style=None):
         if isinstance(excinfo.value, LabTestFailure):
@@ -134,16 +147,17 @@ class LabItem(pytest.Item):
         return super().repr_failure(excinfo, style)
 
     def reportinfo(self):
-        return self.path, None, f"[lab {self.kernel}] {self.name}"
+        return self.path, None, f"[lab {self.boot}] {self.name}"
 
 
-def _run_guest_suite(session: pytest.Session, kernel: str) -> dict | Exception:
-    from iopfd_dev.lab import vm
+def _run_guest_suite(session: pytest.Session, kernel: str, systemd: bool) -> dict | Exception:
+    from iopfd_dev.lab import vm, wheel
     from iopfd_dev.lab.errors import LabError
     from iopfd_dev.lab.kernel import cache_root
 
-    nodeids = [item.guest_nodeid for item in session.items if isinstance(item, LabItem) and item.kernel == kernel]
-    shared = cache_root() / "runs" / f"pytest-{os.getpid()}-{kernel}"
+    nodeids = [item.guest_nodeid for item in session.items
+               if isinstance(item, LabItem) and item.kernel == kernel and item.systemd == systemd]
+    shared = cache_root() / "runs" / f"pytest-{os.getpid()}-{kernel}{'-systemd' if systemd else ''}"
     shared.mkdir(parents=True, exist_ok=True)
     report = shared / "report.jsonl"
     report.unlink(missing_ok=True)
@@ -153,8 +167,14 @@ def _run_guest_suite(session: pytest.Session, kernel: str) -> dict | Exception:
     writer = session.config.get_terminal_writer()
     try:
         with capture.global_and_fixture_disabled():
-            writer.line(f"\n[lab] running {len(nodeids)} kernel tests inside lab kernel {kernel}")
-            vm.run(argv, kernel=kernel, timeout=GUEST_TIMEOUT, shared_dir=shared,
+            if systemd:  # the units run iopfd as installed from its wheel (iopfd_dev/lab/wheel.py says why)
+                if _WHEEL_VENV not in session.stash:  # once for every systemd boot of the session
+                    venv = cache_root() / "runs" / f"pytest-{os.getpid()}-iopfd-venv.tar"
+                    session.stash[_WHEEL_VENV] = wheel.install(venv)
+                argv.append(f"--lab-venv={session.stash[_WHEEL_VENV]}")
+            writer.line(f"\n[lab] running {len(nodeids)} kernel tests inside lab kernel {kernel}"
+                        f"{' booted with systemd as PID 1' if systemd else ''}")
+            vm.run(argv, kernel=kernel, timeout=GUEST_TIMEOUT, shared_dir=shared, systemd=systemd,
                    on_line=lambda line: writer.write("[guest] " + line, flush=True))
     except LabError as exc:
         return exc
@@ -165,3 +185,8 @@ def _run_guest_suite(session: pytest.Session, kernel: str) -> dict | Exception:
             results.setdefault(entry["nodeid"], []).append(entry)
     shutil.rmtree(shared, ignore_errors=True)
     return results
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    if _WHEEL_VENV in session.stash:  # the venv the systemd boots' units ran iopfd from
+        session.stash[_WHEEL_VENV].unlink(missing_ok=True)

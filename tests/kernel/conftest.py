@@ -53,10 +53,10 @@ def require_not(features):
     return check
 
 
-@pytest.fixture
-def plugin_path(tmp_path):
-    """A third-party package providing two broken policies through the ``iopfd.policies`` entry points."""
-    root = tmp_path / "plugins"
+@pytest.fixture(scope="session")
+def plugin_path(tmp_path_factory):
+    """A third-party package providing broken policies through the ``iopfd.policies`` entry points."""
+    root = tmp_path_factory.mktemp("plugins")
     (root / "iopfd_lab_policies-1.0.dist-info").mkdir(parents=True)
     (root / "iopfd_lab_policies.py").write_text(textwrap.dedent("""
         import asyncio
@@ -90,10 +90,18 @@ def plugin_path(tmp_path):
                     self.blocked = True
                     time.sleep(2)
                 return 0
+
+        class Stalling(Policy):  # blocks the whole loop for an hour on any group: a hung sync call
+            def __init__(self, name):
+                self.name = name
+            async def decide(self, group):
+                time.sleep(3600)
+                return 0
     """))
     (root / "iopfd_lab_policies-1.0.dist-info" / "METADATA").write_text(
         "Metadata-Version: 2.1\nName: iopfd-lab-policies\nVersion: 1.0\n")
     (root / "iopfd_lab_policies-1.0.dist-info" / "entry_points.txt").write_text(
         "[iopfd.policies]\nlab-raise = iopfd_lab_policies:Raising\nlab-hang = iopfd_lab_policies:Hanging\n"
-        "lab-garbage = iopfd_lab_policies:Garbage\nlab-block = iopfd_lab_policies:Blocking\n")
+        "lab-garbage = iopfd_lab_policies:Garbage\nlab-block = iopfd_lab_policies:Blocking\n"
+        "lab-stall = iopfd_lab_policies:Stalling\n")
     return str(root)

@@ -20,8 +20,9 @@ def test_cache_key_changes_with_the_source_version_and_the_fragment(tmp_path, mo
     key = lab_kernel.cache_key(k)
     assert key.startswith("linux-6.12.117-1~deb12u1-")
     assert lab_kernel.cache_key(dataclasses.replace(k, package_version="6.12.999-1")) != key
-    fragment = tmp_path / "base.config"
-    fragment.write_text((lab_kernel.CONFIG_DIR / "base.config").read_text() + "CONFIG_EXTRA=y\n")
+    for name in k.fragments:
+        (tmp_path / name).write_text((lab_kernel.CONFIG_DIR / name).read_text())
+    (tmp_path / "base.config").write_text((lab_kernel.CONFIG_DIR / "base.config").read_text() + "CONFIG_EXTRA=y\n")
     monkeypatch.setattr(lab_kernel, "CONFIG_DIR", tmp_path)
     assert lab_kernel.cache_key(k) != key
 
@@ -33,9 +34,18 @@ def test_fragments_ask_for_the_fault_path_options(name):
         assert option in text
 
 
+@pytest.mark.parametrize("name", sorted(lab_kernel.KERNELS))
+def test_every_lab_kernel_can_boot_systemd_and_apply_the_units_sandbox(name):
+    assert lab_kernel.KERNELS[name].fragments[:2] == ("base.config", "systemd.config")  # one kernel for both boots
+    text = (lab_kernel.CONFIG_DIR / "systemd.config").read_text()
+    for option in ("FHANDLE", "INOTIFY_USER", "AUTOFS_FS", "TMPFS_POSIX_ACL", "CGROUPS", "MEMCG", "CGROUP_PIDS",
+                   "SECCOMP_FILTER", "BPF_SYSCALL", "CGROUP_BPF", "UTS_NS"):
+        assert f"CONFIG_{option}=y\n" in text
+
+
 def test_the_7_kernel_adds_what_its_mock_iommu_depends_on():
     k = lab_kernel.KERNELS["7.3"]
-    assert k.fragments == ("base.config", "mock-iommu-7.config")
+    assert k.fragments == ("base.config", "systemd.config", "mock-iommu-7.config")
     text = (lab_kernel.CONFIG_DIR / "mock-iommu-7.config").read_text()
     for option in ("CONFIG_AMD_IOMMU=y", "CONFIG_IOMMU_PT=y", "CONFIG_IOMMU_PT_AMDV1=y"):
         assert option in text

@@ -37,7 +37,7 @@ def _cmd_lab(args: argparse.Namespace) -> int:
             built = kernel.ensure_built(args.kernel)
             print(built.directory)
             return 0
-        return vm.run(args.argv, kernel=args.kernel, timeout=args.timeout)
+        return vm.run(args.argv, kernel=args.kernel, timeout=args.timeout, systemd=args.systemd)
     except LabError as exc:
         print(f"iopfd-dev lab: {exc}", file=sys.stderr)
         return 1
@@ -119,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = lab_sub.add_parser("run", help="boot a lab kernel and run a command in it (this checkout as cwd)")
     add_kernel(r)
     r.add_argument("--timeout", type=positive_number, default=1800, help="seconds before the guest is killed")
+    r.add_argument("--systemd", action="store_true",
+                   help="boot with the host's systemd as PID 1 and run the command as a service of it")
     r.add_argument("argv", nargs="+", metavar="COMMAND", help="the command and its arguments")
     p.set_defaults(func=_cmd_lab)
     return parser

@@ -25,7 +25,7 @@ from iopfd_dev.lab.errors import LabError
 
 CONFIG_DIR = Path(__file__).with_name("configs")
 # Bump when the build steps change in a way that changes the artefacts.
-RECIPE_VERSION = "1"
+RECIPE_VERSION = "2"
 # Build tools the kernel's own Makefiles need on a fresh Debian machine.
 BUILD_PACKAGES = ("build-essential", "flex", "bison", "bc", "libelf-dev", "cpio", "xz-utils", "kmod")
 
@@ -65,14 +65,14 @@ KERNELS: dict[str, LabKernel] = {
         name="6.12",
         package="linux-source-6.12",
         package_version="6.12.117-1~deb12u1",
-        fragments=("base.config",),
+        fragments=("base.config", "systemd.config"),
         features=FAULT_PATH,
     ),
     "7.3": LabKernel(
         name="7.3",
         package="linux-source-7.3",
         package_version="7.3.4-1~bpo13+1",
-        fragments=("base.config", "mock-iommu-7.config"),
+        fragments=("base.config", "systemd.config", "mock-iommu-7.config"),
         suite="trixie-backports",
         features=FAULT_PATH | {probe.PAGING_HWPT_FAULTS, probe.PASID_ATTACH, probe.VIOMMU, probe.VEVENTQ},
     ),
@@ -179,9 +179,11 @@ def _build(kernel: LabKernel, directory: Path) -> None:
             _run_logged(list(argv), source, log, log_path, progress)
 
         run("make", "tinyconfig")
+        # virtme-ng's options first, then the fragments: where they differ (virtme-configkernel turns
+        # AUTOFS_FS off, systemd.config needs it), the lab's fragments win.
+        run(str(Path(sys.executable).with_name("virtme-configkernel")), "--update")
         fragments = [str(CONFIG_DIR / f) for f in kernel.fragments]
         run("scripts/kconfig/merge_config.sh", "-m", ".config", *fragments)
-        run(str(Path(sys.executable).with_name("virtme-configkernel")), "--update")
         run("make", "olddefconfig")
         _check_config(kernel, source / ".config", fragments)
         run("make", f"-j{os.cpu_count() or 1}", "bzImage", progress="compiling")

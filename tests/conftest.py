@@ -161,7 +161,7 @@ def _run_guest_suite(session: pytest.Session, kernel: str, systemd: bool) -> dic
     shared.mkdir(parents=True, exist_ok=True)
     report = shared / "report.jsonl"
     report.unlink(missing_ok=True)
-    argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rfEs", "--color=no",
+    argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rfEs", "--color=no", "--durations=25",
             f"--lab-report={report}", f"--lab-kernel={kernel}", "--rootdir", str(session.config.rootpath), *nodeids]
     capture = session.config.pluginmanager.getplugin("capturemanager")
     writer = session.config.get_terminal_writer()

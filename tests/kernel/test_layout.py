@@ -42,6 +42,8 @@ ABSENT = {
     # The mock's HUGE_IOVA device flag gave way to iommu_hwpt_selftest.pagetable_type.
     "7.3": {"structs": set(), "fields": {}, "constants": {"MOCK_FLAGS_DEVICE_HUGE_IOVA"}},
 }
+# The bench's C programs' own layouts (the only header in the repository).
+BENCH_HEADER = Path(__file__).resolve().parents[2] / "tooling" / "iopfd_dev" / "bench" / "c" / "bench.h"
 INCLUDES = "#include <stddef.h>\n#include <stdio.h>\n#include <linux/iommufd.h>\n"
 
 
@@ -121,6 +123,33 @@ def test_the_numpy_record_dtype_matches_the_kernel_headers(built, tmp_path):
     assert [dtype.fields[name][1] for name in dtype.names] == sorted(dtype.fields[name][1] for name in dtype.names)
 
 
+def test_the_bench_c_programs_layouts_match_the_kernel_headers(built, tmp_path):
+    """bench.h declares the fault record, the page response and their constants itself: field by
+    field and value by value they are the kernel's."""
+    fields = [name for name in record_dtype().names if name != "reserved"]
+    pairs = [("struct pgfault", "struct iommu_hwpt_pgfault", fields),
+             ("struct page_response", "struct iommu_hwpt_page_response", ["cookie", "code"])]
+    lines = []
+    for ours, theirs, names in pairs:
+        label = ours.removeprefix("struct ")
+        lines.append(f'printf("{label} %d\\n", sizeof({ours}) == sizeof({theirs}));')
+        lines += [f'printf("{label}.{name} %d\\n", offsetof({ours}, {name}) == offsetof({theirs}, {name}) && '
+                  f'sizeof((({ours} *)0)->{name}) == sizeof((({theirs} *)0)->{name}));' for name in names]
+    constants = {"LAST_PAGE": "IOMMU_PGFAULT_FLAGS_LAST_PAGE", "SUCCESS": "IOMMUFD_PAGE_RESP_SUCCESS",
+                 "INVALID": "IOMMUFD_PAGE_RESP_INVALID"}
+    lines += [f'printf("{ours} %d\\n", {ours} == {theirs});' for ours, theirs in constants.items()]
+    source = tmp_path / "bench_layout.c"
+    source.write_text(f'#include "{BENCH_HEADER}"\n{INCLUDES}int main(void) {{\n' + "\n".join(lines)
+                      + "\nreturn 0;\n}\n")
+    result = subprocess.run(["gcc", "-std=gnu11", "-Wall", "-Werror", "-I", str(built.headers), "-o",
+                             str(tmp_path / "bench_layout"), str(source)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    checked = dict(line.split() for line in subprocess.run([str(tmp_path / "bench_layout")], capture_output=True,
+                                                            text=True, check=True).stdout.splitlines())
+    assert len(checked) == 2 + len(fields) + 2 + len(constants)
+    assert [what for what, same in checked.items() if same != "1"] == []
+
+
 def test_constants_match_the_kernel_headers(built, absent, tmp_path):
     names = [name for name in dir(lib) if name not in absent["constants"]]
     body = "\n".join(f'printf("{n} %llu\\n", (unsigned long long)({n}));' for n in names)
@@ -142,6 +171,9 @@ def test_declarations_listed_as_absent_are_really_absent_from_this_kernel(built,
 
 
 def test_no_kernel_header_is_in_the_repository():
+    """The one header tracked is the bench's own (its layouts are checked above), and it includes no
+    kernel text."""
     repo = Path(__file__).resolve().parents[2]
     tracked = subprocess.run(["git", "ls-files"], cwd=repo, capture_output=True, text=True, check=True).stdout.split()
-    assert not [p for p in tracked if p.endswith(".h")]
+    assert [p for p in tracked if p.endswith(".h")] == [str(BENCH_HEADER.relative_to(repo))]
+    assert "SPDX" not in BENCH_HEADER.read_text() and "Linux-syscall-note" not in BENCH_HEADER.read_text()

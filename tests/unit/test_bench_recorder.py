@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import pstats
 
 import pytest
 
 from iopfd.engine import Engine, FixedPolicy, Policy, QueueConfig, QueueResponder
 from iopfd.iommufd import SUCCESS
 from iopfd.iommufd.fault import FaultGroup
-from iopfd_dev.bench.recorder import LATE_SLACK, Recorder
+from iopfd_dev.bench.recorder import LATE_SLACK, PROFILE_ENV, Recorder
 from iopfd_dev.daemon import spawn_daemon
 from iopfd_dev.emulated import EmulatedFaultQueue, PageRequest
 
@@ -62,15 +63,18 @@ async def test_every_group_answered_is_recorded_once_with_its_address():
 
 
 @pytest.mark.timeout(200)
-def test_the_recorder_runs_iopfd_and_writes_the_report_at_a_clean_exit(tmp_path):
-    report = tmp_path / "report.json"
+def test_the_recorder_runs_iopfd_and_writes_the_report_and_profile_at_a_clean_exit(tmp_path):
+    report, profile = tmp_path / "report.json", tmp_path / "iopfd.pstats"
     daemon = spawn_daemon(tmp_path, (), "--metrics-address", "127.0.0.1:0",
                           program=("-m", "iopfd_dev.bench.recorder", str(report), "run"),
                           env={"IOPFD_CONTROL__PATH": f"{tmp_path}/control.sock", "IOPFD_RUNTIME_DIR": str(tmp_path),
-                               "IOPFD_WATCH_DEVICES": "false"})
+                               "IOPFD_WATCH_DEVICES": "false", PROFILE_ENV: str(profile)})
     try:
         assert daemon.terminate() == 0
     finally:
         daemon.close()
     figures = json.loads(report.read_text())
     assert figures["queues"] == {} and figures["overall"]["latency"]["count"] == 0 and figures["maxrss_kb"] > 0
+    # profiled from READY=1 to the end of the stop: the engine's stop is in it, its start-up is not
+    profiled = {function for _, _, function in pstats.Stats(str(profile)).stats}  # type: ignore[attr-defined]
+    assert "stop" in profiled and "load_settings" not in profiled

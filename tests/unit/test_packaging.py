@@ -113,7 +113,7 @@ def test_the_wheel_installed_outside_the_checkout_runs_and_installs_its_units(tm
     (wheel,) = (tmp_path / "dist").glob("iopfd-*.whl")
     shipped = zipfile.ZipFile(wheel).namelist()
     tooling = [n for n in shipped if n.startswith(("iopfd_dev/", "iopfd/lab/", "iopfd/bench/"))
-               or n.endswith(("/demo.py", "/emulated.py", ".c"))]
+               or n.endswith(("/demo.py", "/emulated.py", ".c", ".h"))]
     assert not tooling, f"the wheel ships development tooling: {tooling}"
     carried = {"systemd/iopfd.service", "systemd/iopfd.socket", "man/iopfd.8", *(f"config/{n}" for n in EXAMPLES)}
     assert {f"iopfd/data/{path}" for path in carried} <= set(shipped)

@@ -25,7 +25,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                       scenarios=args.scenarios or list(SCENARIOS),
                       policies=args.policies or list(POLICIES), groups=args.groups, out=args.out, png=args.png,
                       emulated=args.emulated, guard=args.guard, tools=tools, repeat=args.repeat,
-                      seed_faults=args.seed_faults)
+                      seed_faults=args.seed_faults, profile=args.profile)
 
 
 def _cmd_lab(args: argparse.Namespace) -> int:
@@ -108,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guard", action="store_true", help="the short CI run: burst of the C floor and of accept, rules "
                    "and forward, and the storm; exit 1 if a policy falls below its share of the C floor's throughput "
                    "or answers any group late")
+    p.add_argument("--profile", metavar="FILE", help="profile iopfd's daemon with cProfile from READY=1 to its stop, "
+                   "write the stats to FILE (one file per kernel: FILE-KERNEL) and print its costliest functions")
     # RESPONDER:TRIGGER:PEER:MAPPER, compiled on the host for the guest
     p.add_argument("--tools", help=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_bench)

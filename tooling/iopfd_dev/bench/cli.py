@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -37,11 +38,13 @@ REPEATS = 3
 
 
 def build_tools(directory: Path) -> Tools:
-    """Compile the C programs (responder.c, trigger.c, peer.c, mapper.c; cached by their content)."""
+    """Compile the C programs (responder.c, trigger.c, peer.c, mapper.c, each with the bench.h they
+    share; cached by their content)."""
     built = {}
+    shared = (SOURCES / "bench.h").read_bytes()
     for name in ("responder", "trigger", "peer", "mapper"):
         source = SOURCES / f"{name}.c"
-        binary = directory / f"{name}-{hashlib.sha256(source.read_bytes()).hexdigest()[:12]}"
+        binary = directory / f"{name}-{hashlib.sha256(shared + source.read_bytes()).hexdigest()[:12]}"
         if not binary.exists():
             directory.mkdir(parents=True, exist_ok=True)
             print(f"[bench] compiling {source.name}", file=sys.stderr)
@@ -53,7 +56,7 @@ def build_tools(directory: Path) -> Tools:
 
 def main(*, here: bool, kernels: list[str], scenarios: list[str], policies: list[str], groups: int,
          out: str | None, png: str | None, emulated: bool, guard: bool, tools: Tools | None = None,
-         repeat: int = REPEATS, seed_faults: int = SEED_FAULTS_PER_THREAD) -> int:
+         repeat: int = REPEATS, seed_faults: int = SEED_FAULTS_PER_THREAD, profile: str | None = None) -> int:
     if tools is None:  # built on the host when the lab runs, and passed in: the guest sees the cache read-only
         tools = build_tools(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "iopfd" / "bench")
     if guard:
@@ -64,12 +67,22 @@ def main(*, here: bool, kernels: list[str], scenarios: list[str], policies: list
     if here or os.environ.get(GUEST_ENV):
         from iopfd_dev.bench.run import run_bench
 
-        results = run_bench(scenarios, policies, groups, tools, repeat, seed_faults)
+        results = run_bench(scenarios, policies, groups, tools, repeat, seed_faults,
+                            profile=str(Path(profile).resolve()) if profile else None)
+        if profile:
+            print_profile(Path(profile))
     else:
         for kernel in kernels:
-            status = _in_lab(kernel, scenarios, policies, groups, tools, repeat, seed_faults, guard, results)
+            kernel_profile = None
+            if profile:
+                kernel_profile = Path(profile if len(kernels) == 1 else f"{profile}-{kernel}").resolve()
+            status = _in_lab(kernel, scenarios, policies, groups, tools, repeat, seed_faults, guard, results,
+                             kernel_profile)
             if status:
                 return status
+            if kernel_profile:
+                print(f"[bench] profile of iopfd on {kernel}: {kernel_profile}", file=sys.stderr)
+                print_profile(kernel_profile)
     if emulated and not guard:
         results += run_emulated([s for s in scenarios if s != "seed"], groups)
         from iopfd_dev.bench.run import startup_seconds
@@ -90,7 +103,7 @@ def main(*, here: bool, kernels: list[str], scenarios: list[str], policies: list
 
 
 def _in_lab(kernel: str, scenarios: list[str], policies: list[str], groups: int, tools: Tools, repeat: int,
-            seed_faults: int, guard: bool, results: list[Result]) -> int:
+            seed_faults: int, guard: bool, results: list[Result], profile: Path | None = None) -> int:
     """One lab boot on ``kernel`` running the kernel scenarios; its results are added to ``results``."""
     import tempfile
 
@@ -99,10 +112,11 @@ def _in_lab(kernel: str, scenarios: list[str], policies: list[str], groups: int,
 
     with tempfile.TemporaryDirectory(prefix="iopfd-bench-") as shared:  # writable in the guest
         guest_out = Path(shared) / "results.json"
+        guest_profile = Path(shared) / "iopfd.pstats"
         argv = [sys.executable, "-m", "iopfd_dev", "bench", "--here", "--tools",
                 tools.spec, "--groups", str(groups), "--repeat", str(repeat),
                 "--seed-faults", str(seed_faults), "--policies", ",".join(policies), "--out", str(guest_out),
-                "--no-emulated",
+                "--no-emulated", *(["--profile", str(guest_profile)] if profile else []),
                 *(["--guard"] if guard else []), *scenarios]
         try:
             status = vm.run(argv, kernel=kernel, shared_dir=Path(shared))
@@ -112,7 +126,19 @@ def _in_lab(kernel: str, scenarios: list[str], policies: list[str], groups: int,
         if status not in (0, 1) or not guest_out.exists():
             return status or 1
         results += [Result.from_dict(r) for r in json.loads(guest_out.read_text())["results"]]
+        if profile:
+            if not guest_profile.exists():
+                print(f"iopfd-dev bench: the guest wrote no profile ({guest_profile})", file=sys.stderr)
+                return 1
+            shutil.copyfile(guest_profile, profile)
         return 0
+
+
+def print_profile(path: Path, rows: int = 25) -> None:
+    """The functions that cost iopfd most CPU time of their own."""
+    import pstats
+
+    pstats.Stats(str(path), stream=sys.stderr).sort_stats("tottime").print_stats(rows)
 
 
 def run_emulated(scenarios: list[str], groups: int) -> list[Result]:

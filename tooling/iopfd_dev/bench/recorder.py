@@ -15,7 +15,9 @@ responses (no object per group, about 20 bytes a group); the figures are worked 
 
 from __future__ import annotations
 
+import cProfile
 import json
+import os
 import resource
 import sys
 from collections.abc import Iterator
@@ -26,6 +28,9 @@ from typing import Any
 from iopfd.engine import Engine, QueueResponder
 from iopfd.iommufd.fault import RECORD, RESPONSE
 
+# Set to a path, the daemon runs under cProfile from READY=1 to the end of its stop, and the stats
+# are written there (``iopfd-dev bench --profile``).
+PROFILE_ENV = "IOPFD_DEV_PROFILE"
 LATE_SLACK = 0.05  # a group answered later than its deadline + this is late
 _RECORD_WORDS = RECORD.size // 4  # struct iommu_hwpt_pgfault: its cookie is the last u32 ...
 _COOKIE_WORD = 9
@@ -103,6 +108,8 @@ class Recorder:
         self.cpu_seconds = 0.0
         self.maxrss_kb = 0
         self._cpu_at_start = 0.0
+        profile_path = os.environ.get(PROFILE_ENV)
+        self._profile = (cProfile.Profile(), profile_path) if profile_path else None
 
     @contextmanager
     def installed(self) -> Iterator[Recorder]:
@@ -118,9 +125,15 @@ class Recorder:
         def recording_start(self: Engine) -> None:
             start(self)
             recorder._cpu_at_start = _cpu_seconds()
+            if recorder._profile is not None:
+                recorder._profile[0].enable()
 
         async def recording_stop(self: Engine, grace: float) -> None:
             await stop(self, grace)
+            if recorder._profile is not None:
+                profile, path = recorder._profile
+                profile.disable()
+                profile.dump_stats(path)
             recorder.cpu_seconds = _cpu_seconds() - recorder._cpu_at_start
             recorder.maxrss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 

@@ -40,6 +40,7 @@ from iopfd.iommufd.ioctl import lib, new
 from iopfd.iommufd.selftest import FaultingMockSetup, PagingMockSetup
 from iopfd.service.config import QueueDefaults
 from iopfd.uapi_ffi import ffi
+from iopfd_dev.bench.recorder import PROFILE_ENV
 from iopfd_dev.daemon import spawn_daemon
 from iopfd_dev.policies import DelayPolicy, ImmediatePolicy, import_path
 
@@ -253,7 +254,7 @@ def shares(groups: int, queues: int) -> list[int]:
 
 
 def run_bench(scenarios: list[str], policies: list[str], groups: int, tools: Tools, repeat: int,
-              seed_faults: int = SEED_FAULTS_PER_THREAD) -> list[Result]:
+              seed_faults: int = SEED_FAULTS_PER_THREAD, profile: str | None = None) -> list[Result]:
     runs = plan(scenarios, policies, groups, repeat, seed_faults)
     if any(run.paging for run in runs):
         why = paging_unsupported()
@@ -272,7 +273,7 @@ def run_bench(scenarios: list[str], policies: list[str], groups: int, tools: Too
                 rig = PagingMockSetup if run.paging else FaultingMockSetup
                 run.rigs.append(stack.enter_context(rig(ctx, queue.id)))
         served = [run for run in runs if run.responder == "iopfd"]
-        daemon = Daemon(served, Path(tmp), tools, backing) if served else None
+        daemon = Daemon(served, Path(tmp), tools, backing, profile) if served else None
         try:
             for run in served:
                 if run.brokered:
@@ -328,7 +329,8 @@ class Daemon:
     """``iopfd run`` serving the queues of every iopfd run, with the forward peers on their channels,
     under ``iopfd_dev.bench.recorder`` (which writes the report at exit)."""
 
-    def __init__(self, runs: list[Run], tmp: Path, tools: Tools, backing: int | None = None) -> None:
+    def __init__(self, runs: list[Run], tmp: Path, tools: Tools, backing: int | None = None,
+                 profile: str | None = None) -> None:
         self.report_path = tmp / "report.json"
         # The control socket is on only for brokering ioas-map's queues.
         self.control_path = tmp / "control.sock" if any(run.brokered for run in runs) else None
@@ -367,7 +369,8 @@ class Daemon:
                 tmp, fds, "--config", str(config), *forward_args, "--metrics-address", "127.0.0.1:0",
                 program=("-m", "iopfd_dev.bench.recorder", str(self.report_path), "run"),
                 env={"IOPFD_CONTROL__PATH": str(self.control_path or "off"), "IOPFD_WATCH_DEVICES": "false",
-                     "IOPFD_RUNTIME_DIR": str(tmp), "IOPFD_LOG_LEVEL": "error"})
+                     "IOPFD_RUNTIME_DIR": str(tmp), "IOPFD_LOG_LEVEL": "error"}
+                | ({PROFILE_ENV: profile} if profile else {}))
         finally:
             for fd in fds[len(queues):]:
                 os.close(fd)  # the daemon's copies of the channel ends are its own now

@@ -9,7 +9,7 @@
  * The bench passes IOMMU_IOAS_MAP's request number and argument bytes (struct iommu_ioas_map with
  * size, flags, ioas_id and length filled in, built with iopfd's layout-checked cffi binding) and
  * where in those bytes the user address and the IOVA lie, so this program knows no iommufd struct
- * but the fault record and the response (this project's own layouts, as in responder.c).
+ * but the fault record and the response (this project's own layouts, in bench.h).
  *
  *   mapper [-r RECORDS] IOMMUFD FAULT_FD REQUEST HEXARG USER_VA_OFFSET IOVA_OFFSET MEMFD WINDOW LENGTH PAGE
  *
@@ -31,31 +31,7 @@
 #include <time.h>
 #include <unistd.h>
 
-struct pgfault {            /* struct iommu_hwpt_pgfault, 40 bytes */
-	uint32_t flags, dev_id, pasid, grpid, perm, reserved;
-	uint64_t addr;
-	uint32_t length, cookie;
-};
-struct page_response {      /* struct iommu_hwpt_page_response, 8 bytes */
-	uint32_t cookie, code;
-};
-_Static_assert(sizeof(struct pgfault) == 40, "iommu_hwpt_pgfault is 40 bytes");
-_Static_assert(sizeof(struct page_response) == 8, "iommu_hwpt_page_response is 8 bytes");
-
-#define LAST_PAGE 2u
-#define SUCCESS 0u
-#define INVALID 1u
-#define MAX_RECORDS 4096
-
-static volatile sig_atomic_t stopping;
-static void on_term(int sig) { (void)sig; stopping = 1; }
-
-static double now(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return ts.tv_sec + ts.tv_nsec / 1e9;
-}
+#include "bench.h"
 
 static struct pgfault records[MAX_RECORDS];
 static struct page_response responses[MAX_RECORDS];
@@ -94,20 +70,6 @@ static int map_page(uint64_t addr)
 	return -1;
 }
 
-/* Write count responses: the kernel stops at the first refused entry, which is skipped. */
-static void respond(int fd, size_t count)
-{
-	for (size_t done = 0; done < count;) {
-		ssize_t w = write(fd, responses + done, (count - done) * sizeof(responses[0]));
-		size_t taken = w > 0 ? (size_t)w / sizeof(responses[0]) : 0;
-		done += taken;
-		if (done < count && taken == 0) {
-			refused++;
-			done++;
-		}
-	}
-}
-
 /* Read, map and answer until the fd has nothing more; -1 on a read error. */
 static int serve(int fd, size_t records_per_read)
 {
@@ -129,7 +91,7 @@ static int serve(int fd, size_t records_per_read)
 				code = SUCCESS;
 			}
 		}
-		respond(fd, count);
+		refused += write_responses(fd, responses, count);
 		groups += count;
 		last_write = now();
 	}

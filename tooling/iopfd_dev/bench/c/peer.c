@@ -2,8 +2,7 @@
  * A forward peer at the floor, for `iopfd-dev bench` and the tests: it waits with poll(), receives
  * packets of fault records on a peer channel (docs/protocol.md), and answers every group SUCCESS
  * in one send() per packet. When iopfd closes the channel, or on SIGTERM, it prints what it did as
- * one JSON line. Layouts are this project's own (checked against the lab kernel's uapi by
- * tests/kernel/test_layout.py through the cffi binding), not copied headers.
+ * one JSON line. Layouts are this project's own, in bench.h.
  *
  *   peer FD [RECORDS]   FD: the peer's end of the channel (a SOCK_SEQPACKET socket: --forward-fd's
  *                       socketpair, or the fd a `forward` reply carried); RECORDS: records per
@@ -19,22 +18,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-struct pgfault {            /* struct iommu_hwpt_pgfault, 40 bytes */
-	uint32_t flags, dev_id, pasid, grpid, perm, reserved;
-	uint64_t addr;
-	uint32_t length, cookie;
-};
-struct page_response {      /* struct iommu_hwpt_page_response, 8 bytes */
-	uint32_t cookie, code;
-};
-_Static_assert(sizeof(struct pgfault) == 40, "iommu_hwpt_pgfault is 40 bytes");
-_Static_assert(sizeof(struct page_response) == 8, "iommu_hwpt_page_response is 8 bytes");
-
-#define LAST_PAGE 2u
-#define MAX_RECORDS 4096    /* what iopfd accepts as a peer's read size */
-
-static volatile sig_atomic_t stopping;
-static void on_term(int sig) { (void)sig; stopping = 1; }
+#include "bench.h"
 
 int main(int argc, char **argv)
 {

@@ -2,8 +2,7 @@
  * The floor for `iopfd-dev bench`: the least a fault-queue responder can do. It waits with poll(), reads
  * whole groups and answers every group SUCCESS, and on SIGTERM prints what it did as one JSON line:
  * its CPU time and peak RSS, and per fd the groups, the first read and the last write. Layouts are
- * this project's own (checked against the lab kernel's uapi by tests/kernel/test_layout.py through
- * the cffi binding), not copied headers.
+ * this project's own, in bench.h.
  *
  *   responder [-r RECORDS] [-q] [-l LOG] FD...
  *
@@ -26,32 +25,11 @@
 #include <time.h>
 #include <unistd.h>
 
-struct pgfault {            /* struct iommu_hwpt_pgfault, 40 bytes */
-	uint32_t flags, dev_id, pasid, grpid, perm, reserved;
-	uint64_t addr;
-	uint32_t length, cookie;
-};
-struct page_response {      /* struct iommu_hwpt_page_response, 8 bytes */
-	uint32_t cookie, code;
-};
-_Static_assert(sizeof(struct pgfault) == 40, "iommu_hwpt_pgfault is 40 bytes");
-_Static_assert(sizeof(struct page_response) == 8, "iommu_hwpt_page_response is 8 bytes");
+#include "bench.h"
 
-#define LAST_PAGE 2u
 #define MAX_FDS 256
-#define MAX_RECORDS 4096
 
 struct answered { uint64_t addr; double at; };
-
-static volatile sig_atomic_t stopping;
-static void on_term(int sig) { (void)sig; stopping = 1; }
-
-static double now(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return ts.tv_sec + ts.tv_nsec / 1e9;
-}
 
 static struct pgfault records[MAX_RECORDS];
 static struct page_response responses[MAX_RECORDS];
@@ -77,20 +55,6 @@ static void log_answers(const uint64_t *addr, size_t count, double at)
 		log_entries[logged++] = (struct answered){ addr[i], at };
 }
 
-/* Write count responses: the kernel stops at the first refused entry, which is skipped. */
-static void respond(int fd, int slot, const struct page_response *answers, size_t count)
-{
-	for (size_t done = 0; done < count;) {
-		ssize_t w = write(fd, answers + done, (count - done) * sizeof(answers[0]));
-		size_t taken = w > 0 ? (size_t)w / sizeof(responses[0]) : 0;
-		done += taken;
-		if (done < count && taken == 0) {
-			figures[slot].refused++;
-			done++;
-		}
-	}
-}
-
 /* Read and answer once, or (unless per_group) until the fd has nothing more; -1 on a read error. */
 static int serve(int fd, int slot, int logging)
 {
@@ -110,12 +74,12 @@ static int serve(int fd, int slot, int logging)
 			}
 		if (per_group) {
 			for (size_t i = 0; i < count; i++) {
-				respond(fd, slot, responses + i, 1);
+				figures[slot].refused += write_responses(fd, responses + i, 1);
 				if (logging)
 					log_answers(addrs + i, 1, now());
 			}
 		} else {
-			respond(fd, slot, responses, count);
+			figures[slot].refused += write_responses(fd, responses, count);
 			if (logging)
 				log_answers(addrs, count, now());
 		}

@@ -78,10 +78,12 @@ def split_groups(records: numpy.ndarray) -> tuple[numpy.ndarray, numpy.ndarray, 
                       if 0 not in tail else "record with cookie 0 (the kernel never issues cookie 0)")
             for cookie in dict.fromkeys(tail):
                 malformed.setdefault(cookie, reason)
-    good_cookies = cookies[last[good]] if len(last) else cookies[:0]
-    unique, counts = n.unique(good_cookies, return_counts=True)
-    for cookie, count in zip(unique[counts > 1].tolist(), counts[counts > 1].tolist()):
-        malformed.setdefault(cookie, f"cookie {cookie} used by {count} groups of one read")
+    ordered = n.sort(cookies[last[good]] if len(last) else cookies[:0])
+    repeated = ordered[1:][ordered[1:] == ordered[:-1]]  # not numpy.unique: a third of the cost, on every read
+    if len(repeated):
+        for cookie in dict.fromkeys(repeated.tolist()):
+            count = int(n.count_nonzero(ordered == cookie))
+            malformed.setdefault(cookie, f"cookie {cookie} used by {count} groups of one read")
     if malformed:
         good &= ~n.isin(cookies[last], n.fromiter(malformed, n.uint32, len(malformed)))
     return first[good], last[good], list(malformed.items())

@@ -175,6 +175,31 @@ async def test_late_duplicate_and_unsent_ids_are_counted_and_ignored(pair):
     assert engine.answers[3] == SUCCESS and policy.stats.answered == 1
 
 
+async def test_answer_packets_received_back_to_back_are_taken_together_as_if_one_by_one(pair, monkeypatch):
+    """Answer packets that arrived together are taken in one pass per buffer's worth (numpy's cost is
+    per call), and count as if taken one by one: across batches, out of order, the first answer of
+    an id counts and a malformed packet's whole responses count."""
+    monkeypatch.setattr(peer_channel, "PACKET_ROOM", 3 * 8)  # packets of at most 3 responses ...
+    monkeypatch.setattr(peer_channel, "PACKETS_AT_ONCE", 2)  # ... in a buffer of 6
+    ours, theirs = pair
+    engine = Engine()
+    channel, policy = channel_on(ours)
+    taken: list[int] = []
+    answers = channel._answers
+    monkeypatch.setattr(channel, "_answers", lambda responses: (taken.append(len(responses)), answers(responses)))
+    policy.decide_batch(engine.batch([1, 1, 1], first_cookie=1))
+    policy.decide_batch(engine.batch([1, 1], first_cookie=4))
+    a, b = group_ids(receive(theirs)), group_ids(receive(theirs))
+    respond(theirs, [b[1], a[0]], [SUCCESS, INVALID])  # two batches, the later one first
+    respond(theirs, [a[0], a[2], a[1]], [SUCCESS, SUCCESS, SUCCESS])  # a[0] again: late
+    theirs.send(struct.pack("<II", b[0], INVALID) + b"\x01")  # malformed, with one whole response
+    respond(theirs, [b[0]], [SUCCESS])  # late
+    await until(lambda: len(engine.answers) == 5 and policy.stats.late_answers == 2)
+    assert engine.answers == {1: INVALID, 2: SUCCESS, 3: SUCCESS, 4: INVALID, 5: SUCCESS}
+    assert (policy.stats.answered, policy.stats.malformed_packets) == (5, 1)
+    assert taken == [5, 2]  # the buffer held two packets (5 responses), then the last two
+
+
 async def test_a_packet_that_is_not_whole_responses_counts_what_is_whole(pair):
     ours, theirs = pair
     engine = Engine()

@@ -40,6 +40,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help=f"run the kernel tests on this lab kernel; repeatable (default: all of {', '.join(KERNELS)})")
     group.addoption("--lab-report", default=None, help=argparse.SUPPRESS)
     group.addoption("--lab-venv", default=None, help=argparse.SUPPRESS)  # systemd boot: the wheel's venv, packed
+    group.addoption("--lab-tools", default=None, help=argparse.SUPPRESS)  # the bench's C programs, built on the host
 
 
 def lab_kernels(config: pytest.Config) -> list[str]:
@@ -151,6 +152,7 @@ class LabItem(pytest.Item):
 
 
 def _run_guest_suite(session: pytest.Session, kernel: str, systemd: bool) -> dict | Exception:
+    from iopfd_dev.bench.tools import build_tools
     from iopfd_dev.lab import vm, wheel
     from iopfd_dev.lab.errors import LabError
     from iopfd_dev.lab.kernel import cache_root
@@ -161,8 +163,11 @@ def _run_guest_suite(session: pytest.Session, kernel: str, systemd: bool) -> dic
     shared.mkdir(parents=True, exist_ok=True)
     report = shared / "report.jsonl"
     report.unlink(missing_ok=True)
+    # The bench's C programs are compiled here, once (seconds each in the guest), and cached by content.
+    tools = build_tools(cache_root() / "bench")
     argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rfEs", "--color=no", "--durations=25",
-            f"--lab-report={report}", f"--lab-kernel={kernel}", "--rootdir", str(session.config.rootpath), *nodeids]
+            f"--lab-report={report}", f"--lab-kernel={kernel}", f"--lab-tools={tools.spec}",
+            "--rootdir", str(session.config.rootpath), *nodeids]
     capture = session.config.pluginmanager.getplugin("capturemanager")
     writer = session.config.get_terminal_writer()
     try:

@@ -9,6 +9,7 @@ import pytest
 from iopfd.iommufd import FaultQueue, Iommufd
 from iopfd.iommufd.probe import YES, probe
 from iopfd.iommufd.selftest import FaultingMockSetup
+from iopfd_dev.bench.tools import Tools, build_tools
 
 
 @pytest.fixture
@@ -28,6 +29,14 @@ def rig(ctx, queue):
     """A mock device on a nested HWPT whose faults go to ``queue``."""
     with FaultingMockSetup(ctx, queue.id) as setup:
         yield setup
+
+
+@pytest.fixture(scope="session")
+def bench_tools(request, tmp_path_factory) -> Tools:
+    """The bench's C programs (the fault trigger, the C loops, the peer): as the host built them for
+    this lab run, or compiled here."""
+    spec = request.config.getoption("--lab-tools")
+    return Tools.parse(spec) if spec else build_tools(tmp_path_factory.mktemp("tools"))
 
 
 @pytest.fixture(scope="session")

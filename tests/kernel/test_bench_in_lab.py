@@ -10,22 +10,20 @@ import sys
 
 import pytest
 
-from iopfd_dev.bench.cli import build_tools
 from iopfd_dev.bench.run import C_MAP, PAGING_POLICY, POLICIES, SEED_THREADS, paging_unsupported
 
 pytestmark = [pytest.mark.kernel, pytest.mark.guest, pytest.mark.timeout(600)]
 
 
-def _bench(tmp_path, *args: str) -> subprocess.CompletedProcess:
-    tools = build_tools(tmp_path)
+def _bench(tools, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "iopfd_dev", "bench", "--here", "--no-emulated",
                            "--tools", tools.spec, *args],
                           capture_output=True, text=True, timeout=600)
 
 
-def test_bench_runs_every_scenario_and_policy_and_leaves_nothing_open(tmp_path):
+def test_bench_runs_every_scenario_and_policy_and_leaves_nothing_open(tmp_path, bench_tools):
     out = tmp_path / "bench.json"
-    result = _bench(tmp_path, "--groups", "3000", "--repeat", "1", "--seed-faults", "4", "--out", str(out))
+    result = _bench(bench_tools, "--groups", "3000", "--repeat", "1", "--seed-faults", "4", "--out", str(out))
     assert result.returncode == 0, result.stdout + result.stderr
     results = json.loads(out.read_text())["results"]
     runs = {(r["scenario"], r["responder"], r["policy"], r["offered_rate"] and round(r["offered_rate"], -3),
@@ -52,10 +50,10 @@ def test_bench_runs_every_scenario_and_policy_and_leaves_nothing_open(tmp_path):
     assert "| iopfd rules" in result.stdout
 
 
-def test_the_ci_guard_holds(tmp_path):
+def test_the_ci_guard_holds(tmp_path, bench_tools):
     """The regression guard: fails when accept, rules or forward fall below their share of the C
     floor's burst throughput or shed, or a storm group is answered late."""
-    result = _bench(tmp_path, "--guard", "--out", str(tmp_path / "guard.json"))
+    result = _bench(bench_tools, "--guard", "--out", str(tmp_path / "guard.json"))
     print(result.stdout + result.stderr)
     assert "guard" in result.stderr and "burst rules" in result.stderr
     assert result.returncode == 0, result.stdout + result.stderr

@@ -26,7 +26,9 @@ from iopfd.protocol import ProtocolError
 from iopfd_dev.daemon import DaemonProcess, spawn_daemon
 from test_daemon import assert_kernel_has_nothing_pending, trigger
 
-# A daemon start takes 5-15 s in the TCG guest and several times that on a busy host (its wait is 180 s).
+# An exec'd daemon's start takes 5-15 s in the TCG guest and several times that on a busy host (its
+# wait is 180 s). The sidecars are forked (iopfd_dev.forked: the same `iopfd run`, without its start-up
+# imports); the VMM's exec with --forward-fd is exec'd.
 pytestmark = [pytest.mark.kernel, pytest.mark.guest, pytest.mark.timeout(600)]
 
 
@@ -39,7 +41,7 @@ def sidecar(tmp_path):
         path = path or str(tmp_path / "control.sock")
         (tmp_path / "iopfd.toml").write_text(textwrap.dedent(config))
         process = spawn_daemon(tmp_path, (), "--config", str(tmp_path / "iopfd.toml"), "--metrics-address", "off",
-                               env={"IOPFD_CONTROL__PATH": path})
+                               env={"IOPFD_CONTROL__PATH": path}, forked=True)
         started.append(process)
         return process, path
 

@@ -17,7 +17,9 @@ import pytest
 from iopfd.iommufd import PERM_READ, PERM_WRITE, SUCCESS
 from iopfd_dev.daemon import DaemonProcess, open_cookies, spawn_daemon
 
-# A daemon start takes 5-15 s in the TCG guest and several times that on a busy host (its wait is 180 s).
+# An exec'd daemon's start takes 5-15 s in the TCG guest and several times that on a busy host (its
+# wait is 180 s). The tests fork theirs (iopfd_dev.forked: the same `iopfd run`, without its start-up
+# imports), except where the exec is part of what is tested.
 pytestmark = [pytest.mark.kernel, pytest.mark.guest, pytest.mark.timeout(600)]
 
 
@@ -40,9 +42,9 @@ def assert_kernel_has_nothing_pending(queue, cookies: int) -> None:
 def daemon(tmp_path, queue):
     started = []
 
-    def start(*args: str, env: dict[str, str] | None = None) -> DaemonProcess:
+    def start(*args: str, env: dict[str, str] | None = None, forked: bool = True) -> DaemonProcess:
         env = {"IOPFD_CONTROL__PATH": str(tmp_path / "control.sock"), **(env or {})}
-        process = spawn_daemon(tmp_path, (queue.fd,), "--fault-fd", f"{queue.fd}:lab", *args, env=env)
+        process = spawn_daemon(tmp_path, (queue.fd,), "--fault-fd", f"{queue.fd}:lab", *args, env=env, forked=forked)
         started.append(process)
         return process
 
@@ -158,7 +160,7 @@ def test_a_raising_garbage_or_hanging_policy_costs_only_an_invalid_answer(daemon
 
 
 def test_ready_status_and_stopping_reach_the_notify_socket(daemon, rig, queue):
-    iopfd = daemon(env={"IOPFD_LOG_LEVEL": "debug"})
+    iopfd = daemon(env={"IOPFD_LOG_LEVEL": "debug"}, forked=False)  # the real start: exec, imports, READY=1
     assert next(m for m in iopfd.messages if not m.startswith("FDSTORE=")) == "READY=1"
     trigger(rig, 3)
     status = iopfd.wait_message(lambda m: m.startswith("STATUS=") and "3 groups answered" in m)

@@ -21,7 +21,7 @@ from iopfd.policies.ioas_map import IoasMapOptions
 from iopfd.protocol import ProtocolError
 from test_control_in_lab import sidecar, wait_answered  # noqa: F401  (sidecar is a fixture)
 
-# A daemon start takes 5-15 s in the TCG guest and several times that on a busy host (its wait is 180 s).
+# The sidecar is forked (test_control_in_lab's fixture).
 pytestmark = [pytest.mark.kernel, pytest.mark.guest, pytest.mark.timeout(600)]
 
 PAGE = 4096

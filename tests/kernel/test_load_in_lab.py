@@ -16,7 +16,6 @@ import pytest
 
 from iopfd.client import Client
 from iopfd.iommufd import FaultQueue
-from iopfd_dev.bench.cli import build_tools
 from iopfd_dev.bench.run import finish_trigger, start_trigger
 from iopfd_dev.daemon import DaemonProcess
 from test_daemon import assert_kernel_has_nothing_pending
@@ -37,8 +36,7 @@ def _fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def test_soak_at_20k_groups_per_second(tmp_path, ctx, queue, rig, capsys):
-    tools = build_tools(tmp_path / "tools")
+def test_soak_at_20k_groups_per_second(tmp_path, ctx, queue, rig, capsys, bench_tools):
     groups = int(SOAK_SECONDS * SOAK_RATE)
     iopfd = DaemonProcess(tmp_path, (queue.fd,), "--fault-fd", f"{queue.fd}:lab",
                           env={"IOPFD_CONTROL__PATH": "off", "IOPFD_METRICS_ADDRESS": "127.0.0.1:9772",
@@ -46,7 +44,7 @@ def test_soak_at_20k_groups_per_second(tmp_path, ctx, queue, rig, capsys):
     try:
         iopfd.wait_ready()
         pid = iopfd.proc.pid
-        stream = start_trigger(tools, ctx, rig, groups, SOAK_RATE)
+        stream = start_trigger(bench_tools, ctx, rig, groups, SOAK_RATE)
         time.sleep(min(5.0, SOAK_SECONDS / 10))  # warmed up: buffers grown, metrics scraped once
         urllib.request.urlopen("http://127.0.0.1:9772/metrics", timeout=10).read()
         start_rss, start_fds = _rss_kb(pid), _fds(pid)

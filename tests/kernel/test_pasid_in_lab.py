@@ -18,7 +18,8 @@ from iopfd.iommufd.selftest import SELFTEST_NESTED_DATA, MockDevice
 from iopfd_dev.daemon import DaemonProcess
 from test_daemon import assert_kernel_has_nothing_pending
 
-# A daemon start takes 5-15 s in the TCG guest and several times that on a busy host (its wait is 180 s).
+# The daemon is forked (iopfd_dev.forked: the same `iopfd run` without its start-up imports, which take
+# 5-15 s in the TCG guest).
 pytestmark = [pytest.mark.kernel, pytest.mark.guest, pytest.mark.timeout(600)]
 
 METRICS_PORT = 9781
@@ -138,7 +139,7 @@ def test_rules_decide_by_pasid_and_metrics_do_not_grow_with_pasids(tmp_path, ctx
     """))
     iopfd = DaemonProcess(tmp_path, (queue.fd,), "--fault-fd", f"{queue.fd}:lab", "--config", str(config),
                           "--metrics-address", f"127.0.0.1:{METRICS_PORT}",
-                          env={"IOPFD_CONTROL__PATH": "off", "IOPFD_WATCH_DEVICES": "false"})
+                          env={"IOPFD_CONTROL__PATH": "off", "IOPFD_WATCH_DEVICES": "false"}, forked=True)
     try:
         with PasidRig(ctx, queue.id) as rig:  # every HWPT delivers to the one queue the daemon serves
             rig.attach(100, rig.nested(queue.id))

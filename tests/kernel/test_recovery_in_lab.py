@@ -12,7 +12,8 @@ from iopfd.iommufd.fault import DEFAULT_BATCH_RECORDS
 from iopfd_dev.daemon import spawn_daemon
 from test_daemon import assert_kernel_has_nothing_pending, trigger
 
-# A daemon start takes 5-15 s in the TCG guest and several times that on a busy host (its wait is 180 s).
+# Both lives are forked (iopfd_dev.forked: the same `iopfd run` without its start-up imports, which
+# take 5-15 s in the TCG guest).
 pytestmark = [pytest.mark.kernel, pytest.mark.guest, pytest.mark.timeout(600)]
 
 
@@ -22,7 +23,7 @@ def test_kill_9_mid_stream_then_restart_on_the_stored_fd(tmp_path, rig, queue, p
     (tmp_path / "life1").mkdir()
     first = spawn_daemon(tmp_path / "life1", (queue.fd,), "--fault-fd", f"{queue.fd}:lab", "--policy", "stuck",
                          env={**common, "PYTHONPATH": plugin_path, "IOPFD_POLICIES__STUCK__TYPE": "lab-hang",
-                              "IOPFD_DEFAULTS__RESPONSE_DEADLINE": "60"})
+                              "IOPFD_DEFAULTS__RESPONSE_DEADLINE": "60"}, forked=True)
     try:
         stored = first.wait_message(lambda m: "FDSTORE=1" in m.splitlines())
         assert "FDNAME=queue-lab" in stored.splitlines() and "queue-lab" in first.stored_fds
@@ -37,7 +38,7 @@ def test_kill_9_mid_stream_then_restart_on_the_stored_fd(tmp_path, rig, queue, p
         stored_fd = first.stored_fds["queue-lab"]
         second = spawn_daemon(tmp_path / "life2", (stored_fd,), env={**common, "LISTEN_FDS": "1",
                                                                     "LISTEN_FDNAMES": "queue-lab"},
-                              systemd_fd=stored_fd)
+                              systemd_fd=stored_fd, forked=True)
         try:
             second.wait_answered(100)
             assert second.terminate() == 0

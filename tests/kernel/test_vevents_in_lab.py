@@ -40,7 +40,8 @@ from iopfd.iommufd.viommu import LOST_EVENTS, MAX_DEPTH, SELFTEST
 from iopfd_dev.daemon import spawn_daemon
 from test_daemon import assert_kernel_has_nothing_pending, trigger
 
-# A daemon start takes 5-15 s in the TCG guest and several times that on a busy host (its wait is 180 s).
+# The daemon is forked (iopfd_dev.forked: the same `iopfd run` without its start-up imports, which take
+# 5-15 s in the TCG guest).
 pytestmark = [pytest.mark.kernel, pytest.mark.guest, pytest.mark.timeout(600)]
 VIRT_ID = 0x99
 METRICS = "127.0.0.1:9773"
@@ -177,7 +178,7 @@ def test_the_daemon_serves_a_fault_fd_and_a_veventq_fd_and_forwards_both(tmp_pat
         type = "forward"
     """))
     iopfd = spawn_daemon(tmp_path, (), "--config", str(tmp_path / "iopfd.toml"), "--metrics-address", METRICS,
-                         env={"IOPFD_CONTROL__PATH": path})
+                         env={"IOPFD_CONTROL__PATH": path}, forked=True)
     try:
         vevents: list[tuple[int, int, bytes]] = []
 

@@ -17,12 +17,12 @@ from iopfd_dev.bench.run import (
     WARM_UP,
     WINDOW,
     Result,
-    Tools,
     _worst,
     mapper_argument,
     plan,
     shares,
 )
+from iopfd_dev.bench.tools import Tools
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
 """The lab's lighter start path (iopfd_dev.forked): a forked ``iopfd run`` starts, inherits only what it
-is given, takes an fd the way systemd passes it, and stops cleanly, like the exec'd command."""
+is given, takes an fd the way systemd passes it, finds plug-ins on PYTHONPATH, and stops cleanly, like
+the exec'd command."""
 
 from __future__ import annotations
 
@@ -14,10 +15,22 @@ def test_a_forked_daemon_inherits_only_its_fds_and_stops_cleanly(tmp_path):
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     listener.bind(str(tmp_path / "control.sock"))
     listener.listen()
+    plugins = tmp_path / "plugins"  # a plug-in package on PYTHONPATH, found through its entry point
+    (plugins / "forked_probe-1.0.dist-info").mkdir(parents=True)
+    (plugins / "forked_probe.py").write_text("from iopfd.policies import Policy\n\n"
+                                             "class Probe(Policy):\n    def __init__(self, name):\n"
+                                             "        self.name = name\n    async def decide(self, group):\n"
+                                             "        return 0\n")
+    (plugins / "forked_probe-1.0.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: forked-probe\nVersion: 1.0\n")
+    (plugins / "forked_probe-1.0.dist-info" / "entry_points.txt").write_text(
+        "[iopfd.policies]\nforked-probe = forked_probe:Probe\n")
+    (tmp_path / "iopfd.toml").write_text('policy = "probe"\n[policies.probe]\ntype = "forked-probe"\n')
     env = {"IOPFD_RUNTIME_DIR": str(tmp_path), "IOPFD_WATCH_DEVICES": "false", "LISTEN_FDS": "1",
-           "LISTEN_FDNAMES": "control"}
+           "LISTEN_FDNAMES": "control", "PYTHONPATH": str(plugins)}
     try:
-        daemon = spawn_daemon(tmp_path, (listener.fileno(),), "--metrics-address", "off", env=env,
+        daemon = spawn_daemon(tmp_path, (listener.fileno(),), "--metrics-address", "off",
+                              "--config", str(tmp_path / "iopfd.toml"), env=env,
                               systemd_fd=listener.fileno(), forked=True)
         try:
             held = {os.readlink(f"/proc/{daemon.proc.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{daemon.proc.pid}/fd")}

@@ -6,10 +6,12 @@ The lab itself is replaced by a fake ``vm.run`` that writes the report a guest w
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 
+from iopfd_dev.bench.tools import Tools
 from iopfd_dev.lab import vm, wheel
 from iopfd_dev.lab.errors import LabError
 
@@ -73,6 +75,8 @@ def test_guest_outcomes_are_reported_on_the_host_once_per_lab_kernel(pytester, g
     assert [kernel for kernel, _ in guest_boots] == ["6.12", "7.3"]  # one boot per kernel for the whole session
     for kernel, argv in guest_boots:  # the guest runs the plain tests and knows its kernel
         assert f"--lab-kernel={kernel}" in argv
+        (spec,) = [a.split("=", 1)[1] for a in argv if a.startswith("--lab-tools=")]  # built on the host
+        assert all(os.access(program, os.X_OK) for program in Tools.parse(spec).spec.split(":"))
         assert [a.rsplit("::", 1)[1] for a in argv if "::" in a] == ["test_passes", "test_fails", "test_missing",
                                                                      "test_skipped"]
     result.stdout.fnmatch_lines([  # in the order pytest prints them

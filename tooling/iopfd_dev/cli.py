@@ -17,7 +17,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from iopfd_dev.bench import cli as bench
-    from iopfd_dev.bench.run import POLICIES, SCENARIOS, Tools
+    from iopfd_dev.bench.run import POLICIES, SCENARIOS
+    from iopfd_dev.bench.tools import Tools
     from iopfd_dev.lab.kernel import KERNELS
 
     tools = Tools.parse(args.tools) if args.tools else None

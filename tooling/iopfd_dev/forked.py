@@ -112,6 +112,8 @@ def _become_exec_like(env: Mapping[str, str], pass_fds: Sequence[int], output: i
         os.set_inheritable(fd, True)
     os.environ.clear()
     os.environ.update(env)
+    # exec would have put PYTHONPATH first on sys.path, where plug-ins and their entry points are found
+    sys.path[:0] = [entry for entry in env.get("PYTHONPATH", "").split(os.pathsep) if entry]
     # pytest's captured streams are not the fds: write straight to them, unbuffered as PYTHONUNBUFFERED asks.
     sys.stdin = open(0, closefd=False)  # noqa: SIM115
     sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115

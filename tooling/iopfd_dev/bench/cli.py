@@ -9,19 +9,17 @@ sheds, or when a storm group is answered late.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-from iopfd_dev.bench.run import SEED_FAULTS_PER_THREAD, Result, Tools
+from iopfd_dev.bench.run import SEED_FAULTS_PER_THREAD, Result
+from iopfd_dev.bench.tools import Tools, build_tools
 from iopfd_dev.lab.guest import GUEST_ENV
 
-SOURCES = Path(__file__).with_name("c")  # package files: iopfd-dev installed without a checkout has them
 GUARD_GROUPS = 50_000
 # The guard's policies and the least share of the C floor's burst throughput each must keep. These
 # are regression floors, not the targets (docs/performance.md has both): about two thirds of the
@@ -35,23 +33,6 @@ MUST_NOT_SHED = ("accept", "rules")
 # A burst drains in well under a second, so one stall of the shared host moves its figure a lot:
 # the throughput scenarios (burst, multi) run this often, and the run with the median groups/s is reported.
 REPEATS = 3
-
-
-def build_tools(directory: Path) -> Tools:
-    """Compile the C programs (responder.c, trigger.c, peer.c, mapper.c, each with the bench.h they
-    share; cached by their content)."""
-    built = {}
-    shared = (SOURCES / "bench.h").read_bytes()
-    for name in ("responder", "trigger", "peer", "mapper"):
-        source = SOURCES / f"{name}.c"
-        binary = directory / f"{name}-{hashlib.sha256(shared + source.read_bytes()).hexdigest()[:12]}"
-        if not binary.exists():
-            directory.mkdir(parents=True, exist_ok=True)
-            print(f"[bench] compiling {source.name}", file=sys.stderr)
-            subprocess.run(["cc", "-O2", "-Wall", "-Wextra", "-Werror", "-pthread", "-o", str(binary), str(source)],
-                           check=True)
-        built[name] = str(binary)
-    return Tools(**built)
 
 
 def main(*, here: bool, kernels: list[str], scenarios: list[str], policies: list[str], groups: int,

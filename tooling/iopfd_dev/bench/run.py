@@ -41,6 +41,7 @@ from iopfd.iommufd.selftest import FaultingMockSetup, PagingMockSetup
 from iopfd.service.config import QueueDefaults
 from iopfd.uapi_ffi import ffi
 from iopfd_dev.bench.recorder import PROFILE_ENV
+from iopfd_dev.bench.tools import Tools
 from iopfd_dev.daemon import spawn_daemon
 from iopfd_dev.policies import DelayPolicy, ImmediatePolicy, import_path
 
@@ -109,25 +110,6 @@ backing = "{backing}"
 page_size = {page}
 """
 FIRST_ADDR = 0x1000  # fault i of a run is at FIRST_ADDR + i pages
-
-
-@dataclass(frozen=True)
-class Tools:
-    """The compiled C programs: the C loop, the fault trigger, the forward peer and the C map loop."""
-
-    responder: str
-    trigger: str
-    peer: str
-    mapper: str
-
-    @classmethod
-    def parse(cls, spec: str) -> Tools:
-        """From ``spec``: how the host passes the programs it compiled to the lab guest."""
-        return cls(*spec.split(":"))
-
-    @property
-    def spec(self) -> str:
-        return ":".join((self.responder, self.trigger, self.peer, self.mapper))
 
 
 @dataclass

@@ -451,6 +451,9 @@ class QueueResponder:
         if len(targets) == 1 or (route == route[0]).all():
             self._dispatch(targets[int(route[0])], batch, depth + 1)
             return
+        if all(isinstance(target, FixedPolicy) for target in targets):  # e.g. rules over accept and reject
+            self._answer(batch.read, batch.index, n.array([target.code for target in targets], n.uint32)[route])
+            return
         order = n.argsort(route, kind="stable")
         bounds = n.searchsorted(route[order], n.arange(len(targets) + 1))
         for target, start, end in zip(targets, bounds[:-1].tolist(), bounds[1:].tolist()):

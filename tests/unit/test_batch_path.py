@@ -97,6 +97,22 @@ async def settle(emulated: EmulatedFaultQueue, responder: QueueResponder) -> Non
 
 
 @pytest.mark.asyncio
+async def test_rules_over_fixed_answers_answer_each_group_of_a_mixed_read_by_its_rule():
+    rules = RulesPolicy("by-device", [(Rule(dev_id=[1], policy="accept"), FixedPolicy("accept", SUCCESS))],
+                        FixedPolicy("reject", INVALID))
+    emulated, responder = served(rules)
+    for i in range(500):
+        emulated.report(PageRequest(dev_id=1 + i % 2, addr=0x1000 * i, grpid=i % 512))
+    await settle(emulated, responder)
+    assert len(emulated.answers) == 500
+    assert all(code == (SUCCESS if group[-1].dev_id == 1 else INVALID) for group, code in emulated.answers)
+    outcomes = responder.stats.outcomes
+    assert (outcomes["success"], outcomes["invalid"], outcomes["error"]) == (250, 250, 0)
+    await responder.stop(0)
+    emulated.close()
+
+
+@pytest.mark.asyncio
 async def test_a_decide_that_never_awaits_costs_no_task():
     class Immediate(Policy):
         async def decide(self, group):

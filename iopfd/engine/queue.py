@@ -69,7 +69,7 @@ MAX_WAKEUP_SECONDS = 0.02
 # a deadline answer may take, since a deadline timer waits for the turn it falls in.
 MAX_AWAITING = 64
 DECIDE_CHUNK = 64  # groups whose columns _decide_each turns into lists at once
-# Per-group calls are started for at most this long per loop turn: a read of 1 024 groups would
+# Per-group calls are started for at most this long per loop turn: a read of 2 048 groups would
 # otherwise start them all in one callback, holding deadline timers and answers up behind it.
 DECIDE_SLICE = 0.005
 # Deleting every byte with the LAST_PAGE bit from a read's flag bytes leaves nothing exactly when

@@ -112,7 +112,7 @@ class Read:
     tile ``raw``: group i is records ``first[i]`` to ``last[i]``, and ``first[i + 1] == last[i] + 1``."""
 
     __slots__ = ("raw", "records", "first", "last", "single", "queue", "started_at", "serial", "open", "left",
-                 "tasks", "_columns")
+                 "parked_from", "tasks", "_columns")
 
     def __init__(self, raw: bytes, first: numpy.ndarray, last: numpy.ndarray, queue: str, started_at: float,
                  serial: int = 0) -> None:
@@ -126,6 +126,7 @@ class Read:
         self.started_at = started_at
         self.open = np().ones(len(last), bool)
         self.left = len(last)  # groups still open
+        self.parked_from = len(last)  # groups from this index on wait for room under max_pending (the engine's)
         self.tasks: set[Any] = set()  # policy calls still deciding groups of this read
         self._columns: dict[str, numpy.ndarray] = {}
 

@@ -63,6 +63,16 @@ MAX_READS_PER_WAKEUP = 4
 # (A quarter: after half, the drain of a 50 000-group storm could not end inside the deadline there.)
 BEHIND_FRACTION = 0.25
 MAX_WAKEUP_SECONDS = 0.02
+# Groups read while max_pending are being decided wait, read, for room (``_parked``), up to this many
+# times max_pending; only beyond that are they shed. A policy that keeps up then loses nothing to a
+# burst that fills the window, and what it cannot reach in time gets the deadline code at its deadline.
+# Only for policies that decide whole batches: per-group decide() calls are bounded by their own
+# latency, and parked groups queued behind them were answered late in the TCG lab, not decided.
+PARKED_FACTOR = 8
+# A parked group still waiting at this fraction of its deadline before its due time gets the deadline
+# code then: the policy would have too little time for it, and the deadline answers of a whole storm
+# written at once were 40 ms late in the TCG lab.
+PARKED_EARLY = 0.2
 # Per-group decide() calls that really await, in flight per queue; further groups wait their turn
 # inside their deadline. One loop turn resumes every call whose await has finished: 256 of them made
 # turns of 444 ms in the TCG lab on a loaded host (about a tenth of that idle), longer than the 50 ms
@@ -119,6 +129,10 @@ class QueueResponder:
         self._big_cookies: dict[int, tuple[int, int]] = {}  # the same for cookies beyond the table
         self._awaiting = 0  # per-group decide() tasks in flight
         self._waiting_turn: deque[tuple[Policy, Batch]] = deque()  # per-group work not yet started
+        self._parked: deque[Batch] = deque()  # groups read beyond max_pending, in read order
+        self._parked_open = 0  # of them, those still open
+        self._unpark_handle: asyncio.Handle | None = None
+        self._parked_timer: asyncio.TimerHandle | None = None
         # (read, group, code, policy name) of per-group calls that awaited, answered once per loop turn
         self._decided_groups: list[tuple[Read, int, int, str]] = []
         self._decided_handle: asyncio.Handle | None = None
@@ -128,6 +142,7 @@ class QueueResponder:
         self._outgoing: list[tuple[Any, float, tuple[tuple[str, int], ...]]] = []
         self._outgoing_count = 0
         self._fixed_code = policy.code if isinstance(policy, FixedPolicy) else None
+        self._parks = _decides_batches(policy)
         if self._fixed_code is None:
             np()  # import numpy now, before READY=1, not on the first fault
         self._loop: asyncio.AbstractEventLoop  # the running loop, from start()
@@ -151,6 +166,7 @@ class QueueResponder:
         finish with the one that has them."""
         self.policy = policy
         self._fixed_code = policy.code if isinstance(policy, FixedPolicy) else None
+        self._parks = _decides_batches(policy)
         if self._fixed_code is None:
             np()
 
@@ -162,6 +178,11 @@ class QueueResponder:
     def deciding(self) -> int:
         """Groups read and not yet answered."""
         return self._open
+
+    @property
+    def parked(self) -> int:
+        """Groups read and waiting for room under max_pending."""
+        return self._parked_open
 
     @property
     def pending(self) -> int:
@@ -232,11 +253,11 @@ class QueueResponder:
                 if self._answer_read(data, started, now, self.config.deadline_code, "deadline"):
                     self._warn_overdue(len(data) // RECORD.size)
                     continue
-            elif self._open + len(data) // RECORD.size > self.config.max_pending:
+            elif self._open + len(data) // RECORD.size > self._max_open():
                 # What does not fit is shed from its cookie column. The rest is admitted only if a
                 # whole read's worth fits: admitting the few groups that decisions free meanwhile
                 # made each read of a storm's drain cost twice as much.
-                room = self.config.max_pending - self._open
+                room = self._max_open() - self._open
                 room = room * RECORD.size if room >= self._read_size() else 0
                 if (not room or data[room - RECORD.size] & LAST_PAGE) and \
                         self._answer_read(data[room:], started, now, INVALID, "shed"):
@@ -262,6 +283,14 @@ class QueueResponder:
 
     def _read_size(self) -> int:
         return min(self.source.buffer_records, self.config.max_pending // 2)
+
+    def _max_open(self) -> int:
+        """Groups read and open at most: max_pending being decided, and those parked."""
+        return self.config.max_pending * (1 + PARKED_FACTOR if self._parks else 1)
+
+    def _room(self) -> int:
+        """Groups that may be handed to the policy now."""
+        return self.config.max_pending - (self._open - self._parked_open)
 
     def _pause(self, unread_since: float) -> None:
         """Stop reading until decisions make room for a whole read (``_close``) or until the groups
@@ -343,14 +372,80 @@ class QueueResponder:
             self._answer(read, n.arange(count), self.config.deadline_code, "deadline")
             self._warn_overdue(count)
             return
-        room = self.config.max_pending - (self._open - count)
-        if room < count:
-            self._answer(read, n.arange(max(room, 0), count), INVALID, "shed")
+        self._arm_deadline()
+        batch = Batch(read, n.flatnonzero(read.open), self._answer_codes)
+        room = self._room() + count  # this read's groups are counted open already
+        if self._parked or room < count:
+            if self._parks:
+                self._park(batch)
+                return
+            self._answer(read, batch.index[max(room, 0):], INVALID, "shed")
             self._warn_shed(count - max(room, 0))
             if room <= 0:
                 return
-        self._arm_deadline()
-        self._dispatch(self.policy, Batch(read, n.flatnonzero(read.open), self._answer_codes), 0)
+            batch = batch.take(slice(0, room))
+        self._dispatch(self.policy, batch, 0)
+
+    def _park(self, batch: Batch) -> None:
+        """``batch`` (all of a read's open groups) waits, read, for room under max_pending; it is
+        handed out as decisions close groups (``_unpark``), or answered with the deadline code at its
+        deadline. A read's parked groups are always its last ones: those from ``read.parked_from``."""
+        batch.read.parked_from = int(batch.index[0])
+        self._parked_open += len(batch)
+        self._parked.append(batch)
+        self._hand_out_parked()
+        self._arm_parked()
+
+    def _arm_parked(self) -> None:
+        if self._parked_timer is None and self._parked:
+            self._parked_timer = self._loop.call_at(self._parked[0].read.started_at + self._parked_due(),
+                                                    self._on_parked_due)
+
+    def _parked_due(self) -> float:
+        return self._due() - self.config.response_deadline * PARKED_EARLY
+
+    def _on_parked_due(self) -> None:
+        """Parked groups near their deadline get the deadline code now, and are written at once."""
+        self._parked_timer = None
+        limit = self._loop.time() - self._parked_due()
+        before = self._parked_open
+        while self._parked and self._parked[0].read.started_at <= limit:
+            batch = self._parked.popleft()
+            self._answer(batch.read, batch.index, self.config.deadline_code, "deadline")
+        if self._parked_open < before:
+            self._warn_at_most_each_second("groups parked behind max_pending did not reach the policy in time; "
+                                           "answered with the deadline code", before - self._parked_open,
+                                           policy=self.policy.name, code=self.config.deadline_code)
+            self._flush()
+        self._arm_parked()
+
+    def _unpark(self) -> None:
+        self._unpark_handle = None
+        self._hand_out_parked()
+
+    def _hand_out_parked(self) -> None:
+        """Hand parked groups to the policy, oldest first, as far as max_pending has room."""
+        while self._parked:
+            batch = self._parked[0]
+            still_open = batch.read.open[batch.index]
+            if not still_open.all():  # answered meanwhile (their deadline)
+                batch = self._parked[0] = batch.take(still_open)
+            room = self._room()
+            if not len(batch):
+                self._parked.popleft()
+                continue
+            if room <= 0:
+                return
+            self._parked.popleft()
+            if room < len(batch):
+                rest = batch.take(slice(room, None))
+                self._parked.appendleft(rest)
+                batch.read.parked_from = int(rest.index[0])
+                batch = batch.take(slice(0, room))
+            else:
+                batch.read.parked_from = len(batch.read)
+            self._parked_open -= len(batch)
+            self._dispatch(self.policy, batch, 0)
 
     def _raise_cookie_mark(self, highest: int) -> None:
         hook = self.cookie_mark_hook
@@ -672,6 +767,8 @@ class QueueResponder:
         read.open[index] = False
         read.left -= len(index)
         self._open -= len(index)
+        if read.parked_from < len(read):  # parked groups answered (their deadline, a detach, the stop)
+            self._parked_open -= int(np().count_nonzero(index >= read.parked_from))
         # Their cookies are free for the kernel to reissue at once: forgotten now, not when the whole
         # read is answered, or each read of a storm would look like a reissue (the slow path).
         cookies = read.column("cookie")[index]
@@ -683,13 +780,15 @@ class QueueResponder:
             cookies = cookies[cookies < MAX_TRACKED_COOKIE]
             mine = self._cookie_read[cookies] == read.serial
             self._cookie_read[cookies[mine]] = 0
+        if self._parked and self._unpark_handle is None:
+            self._unpark_handle = self._loop.call_soon(self._unpark)
         if self._resume_timer is not None and self._read_fits():
             self._resume()
         if read.left:
             return
         del self._reads[read.serial]
-        for task in read.tasks:  # every group is answered: nothing they decide can matter
-            task.cancel()
+        if read.tasks:  # every group is answered: nothing they decide can matter (cancelled after
+            self._loop.call_soon(_cancel, list(read.tasks))  # this turn's answers are written)
         if not self._reads and self._drained is not None:
             self._drained.set()
 
@@ -773,6 +872,11 @@ class QueueResponder:
         open with the deadline code, and write it all back. Nothing read stays unanswered."""
         self.stop_reading()
         self._waiting_turn.clear()  # never called: answered below with the rest
+        self._parked.clear()
+        for handle in (self._unpark_handle, self._parked_timer):
+            if handle is not None:
+                handle.cancel()
+        self._unpark_handle = self._parked_timer = None
         if self._reads and grace > 0:
             self._drained = asyncio.Event()
             with contextlib.suppress(TimeoutError):
@@ -823,6 +927,20 @@ async def _finish(call: Any, waiting_on: Any) -> Any:
 @cache
 def _response_dtype() -> Any:
     return np().dtype([("cookie", "<u4"), ("code", "<u4")])
+
+
+def _decides_batches(policy: Policy, depth: int = 0) -> bool:
+    """Whether every group ``policy`` gets is decided as part of a batch (no per-group decide())."""
+    if isinstance(policy, (FixedPolicy, BatchPolicy)):
+        return True
+    if isinstance(policy, RoutingPolicy) and depth < MAX_ROUTING_DEPTH:
+        return all(_decides_batches(target, depth + 1) for target in policy.targets)
+    return False
+
+
+def _cancel(tasks: list[asyncio.Task]) -> None:
+    for task in tasks:
+        task.cancel()
 
 
 def _cookies(payload: Any) -> list[int]:

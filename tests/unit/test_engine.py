@@ -11,8 +11,8 @@ import pytest
 import pytest_asyncio
 from structlog.testing import capture_logs
 
-from iopfd.engine import BatchPolicy, Engine, FixedPolicy, Policy, QueueConfig, QueueResponder
-from iopfd.engine.queue import MAX_READS_PER_WAKEUP
+from iopfd.engine import Batch, BatchPolicy, Engine, FixedPolicy, Policy, QueueConfig, QueueResponder
+from iopfd.engine.queue import MAX_READS_PER_WAKEUP, PARKED_FACTOR
 from iopfd.iommufd import INVALID, SUCCESS
 from iopfd.iommufd.fault import LAST_PAGE, RECORD, RESPONSE, FaultGroup, FaultQueue
 from iopfd.policies import Policies
@@ -39,6 +39,27 @@ class Gate(Policy):
             if not future.done():
                 future.set_result(code)
         self.waiting.clear()
+
+
+class BatchGate(BatchPolicy):
+    """Holds the batches it gets until the test releases them (or never)."""
+
+    name = "batch-gate"
+
+    def __init__(self) -> None:
+        self.batches: list[Batch] = []
+
+    @property
+    def holding(self) -> int:
+        return sum(len(batch) for batch in self.batches)
+
+    def decide_batch(self, batch: Batch) -> None:
+        self.batches.append(batch)
+
+    def release(self, code: int = SUCCESS) -> None:
+        for batch in self.batches:
+            batch.answer(slice(None), code)
+        self.batches.clear()
 
 
 class Served:
@@ -279,29 +300,49 @@ async def test_a_cookie_reissued_after_a_detach_voids_the_old_decision(served):
     assert [(group[0].dev_id, code) for group, code in s.emulated.answers] == [(1, INVALID), (2, SUCCESS)]
 
 
-async def test_beyond_max_pending_groups_are_shed_at_once(served):
-    gate = Gate()
+async def test_groups_read_beyond_max_pending_wait_parked_and_only_beyond_that_are_shed(served):
+    """A read that does not fit under max_pending loses nothing: its groups wait, read, for room (up
+    to PARKED_FACTOR times max_pending more) and reach the policy, oldest first, as decisions close
+    groups. Only what exceeds that is shed, at once."""
+    gate = BatchGate()
+    held = 4 * (1 + PARKED_FACTOR)
     s = served(gate, max_pending=4, response_deadline=30)
     with capture_logs() as logs:
-        s.report(10)
+        s.report(held + 6)  # one read
         await s.until(lambda: len(s.codes()) == 6)
     assert s.codes() == [INVALID] * 6 and s.responder.stats.outcomes["shed"] == 6
-    assert len(gate.waiting) == 4 and s.responder.pending == 4
+    assert gate.holding == 4 and s.responder.pending == held and s.responder.parked == held - 4
     assert any("shed" in entry["event"] for entry in logs)
-    gate.release(SUCCESS)
+    for _ in range(held // 4):  # each answer makes room for the next four
+        await s.until(lambda: gate.holding == 4)
+        gate.release(SUCCESS)
     await s.settle()
-    assert s.codes() == [INVALID] * 6 + [SUCCESS] * 4
+    assert s.codes() == [INVALID] * 6 + [SUCCESS] * held
+
+
+async def test_parked_groups_that_do_not_reach_the_policy_in_time_get_the_deadline_code_first(served):
+    """Parked groups still waiting near their deadline (PARKED_EARLY of it before the due time) are
+    answered with the deadline code then, ahead of the groups the policy holds, and never reach it."""
+    gate = BatchGate()
+    s = served(gate, max_pending=4, response_deadline=0.5)
+    s.report(12)  # one read: 4 for the policy, which never decides, and 8 parked
+    await s.until(lambda: len(s.codes()) == 8, timeout=5)
+    assert gate.holding == 4 and s.responder.parked == 0 and s.responder.pending == 4
+    await s.settle()
+    assert s.codes() == [INVALID] * 12 and s.responder.stats.outcomes["deadline"] == 12
+    assert gate.holding == 4  # the parked ones never reached it
 
 
 async def test_memory_stays_bounded_in_a_storm(served):
     """Groups beyond max_pending wait in the kernel; once they have waited unread for a quarter of
-    their deadline, reads resume and shed what does not fit: iopfd never holds more than max_pending."""
+    their deadline, reads resume and shed what does not fit: iopfd never holds more than max_pending
+    for a per-group policy (a batch policy's parked groups are bounded too: the state machine test)."""
     gate = Gate()
     s = served(gate, max_pending=64, response_deadline=0.4)
     for _ in range(20):
         s.report(500)
         await s.until(lambda: s.emulated.undelivered == 0)
-        assert s.responder.pending <= 64
+        assert s.responder.pending <= 64  # a per-group policy parks none
     await s.settle()
     outcomes = s.responder.stats.outcomes
     assert len(s.codes()) == 10000 and outcomes["shed"] + outcomes["deadline"] == 10000 and outcomes["shed"]

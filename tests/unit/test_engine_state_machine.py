@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from iopfd.engine import Batch, BatchPolicy, Policy, QueueConfig, QueueResponder
+from iopfd.engine.queue import PARKED_FACTOR
 from iopfd.iommufd import INVALID, SUCCESS
 from iopfd_dev.emulated import EmulatedFaultQueue, PageRequest
 
@@ -102,7 +103,12 @@ class EngineMachine(RuleBasedStateMachine):
 
     @invariant()
     def pending_is_bounded(self):
-        assert self.responder.deciding <= MAX_PENDING
+        """At most max_pending groups are with the policy; those read beyond wait parked, up to
+        PARKED_FACTOR times more, and every one of them is still open."""
+        responder = self.responder
+        assert responder.deciding - responder.parked <= MAX_PENDING
+        assert responder.deciding <= MAX_PENDING * (1 + PARKED_FACTOR)
+        assert 0 <= responder.parked == sum(int(b.read.open[b.index].sum()) for b in responder._parked)
 
     @invariant()
     def every_group_read_is_pending_or_answered_once(self):

@@ -68,7 +68,7 @@ MAX_WAKEUP_SECONDS = 0.02
 # burst that fills the window, and what it cannot reach in time gets the deadline code at its deadline.
 # Only for policies that decide whole batches: per-group decide() calls are bounded by their own
 # latency, and parked groups queued behind them were answered late in the TCG lab, not decided.
-PARKED_FACTOR = 8
+PARKED_FACTOR = 16
 # A parked group still waiting at this fraction of its deadline before its due time gets the deadline
 # code then: the policy would have too little time for it, and the deadline answers of a whole storm
 # written at once were 40 ms late in the TCG lab.
@@ -546,8 +546,9 @@ class QueueResponder:
         if len(targets) == 1 or (route == route[0]).all():
             self._dispatch(targets[int(route[0])], batch, depth + 1)
             return
-        if all(isinstance(target, FixedPolicy) for target in targets):  # e.g. rules over accept and reject
-            self._answer(batch.read, batch.index, n.array([target.code for target in targets], n.uint32)[route])
+        fixed = [target.code for target in targets if isinstance(target, FixedPolicy)]
+        if len(fixed) == len(targets):  # e.g. rules over accept and reject: each group its target's code
+            self._answer(batch.read, batch.index, n.array(fixed, n.uint32)[route])
             return
         order = n.argsort(route, kind="stable")
         bounds = n.searchsorted(route[order], n.arange(len(targets) + 1))

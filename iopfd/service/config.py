@@ -104,7 +104,9 @@ class QueueDefaults(BaseModel, extra="forbid"):
 
     response_deadline: Deadline = 1.0  # seconds a policy has before the group is answered with deadline_code
     deadline_code: CodeName = "invalid"
-    max_pending: MaxPending = 4096  # groups awaiting a decision; beyond it new groups are shed with INVALID
+    # groups with the policy at once; a batch policy's groups read beyond it wait parked (up to 16 times
+    # as many), and what exceeds that, or a per-group policy's beyond max_pending, is shed with INVALID
+    max_pending: MaxPending = 4096
 
 
 @dataclass(frozen=True)

@@ -68,7 +68,7 @@ def _guard_results(**overrides) -> list[Result]:
 @pytest.mark.parametrize(("policy", "seconds", "late", "shed", "verdict"), [
     ("accept", 4.0, 0, 0, 0), ("accept", 4.1, 0, 0, 1), ("rules", 7.6, 0, 0, 0), ("rules", 7.8, 0, 0, 1),
     ("rules", 3.3, 1, 0, 0), ("forward", 9.0, 0, 0, 0), ("forward", 9.2, 0, 0, 1),
-    ("accept", 1.0, 0, 1, 1), ("rules", 1.0, 0, 1, 1), ("forward", 1.0, 1, 1, 0)])
+    ("accept", 1.0, 0, 1, 1), ("rules", 1.0, 0, 1, 1), ("forward", 1.0, 0, 1, 1), ("forward", 1.0, 1, 0, 0)])
 def test_the_guard_holds_each_policy_to_its_share_of_the_c_floor(policy, seconds, late, shed, verdict):
     row = _result("burst", f"iopfd {policy}", seconds, late=late, shed=shed)
     assert check_guard(_guard_results(**{policy: row})) == verdict

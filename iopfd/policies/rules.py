@@ -102,6 +102,10 @@ class RulesPolicy(RoutingPolicy):
         n = np()
         if self._compiled is None:
             self._compiled = [_compile(rule) for rule, _ in self.rules]
+        if self._compiled:
+            hit = self._compiled[0](batch)
+            if hit.all():  # the first rule takes the whole batch (a burst of one kind)
+                return n.full(len(batch), self._rule_target[0], n.intp)
         route = n.full(len(batch), self._default_target, n.intp)
         unmatched = n.ones(len(batch), bool)
         for matches, target in zip(self._compiled, self._rule_target):

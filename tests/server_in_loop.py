@@ -15,8 +15,6 @@ from iopfd.service.control.transport import ControlSocket, bind_socket
 from iopfd.service.server import Server
 from iopfd.service.systemd import Notifier
 
-# The forward policy answers through batch.answer, which the per-group engine predating issue 13's
-# columnar path does not give it.
 
 async def start_server(tmp_path: Path, *, allowed_uids=None, **settings) -> tuple[Server, str, asyncio.Task]:
     """Serving once this returns; ``allowed_uids`` defaults to the test's own uid."""

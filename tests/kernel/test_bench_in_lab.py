@@ -40,7 +40,7 @@ def test_bench_runs_every_scenario_and_policy_and_leaves_nothing_open(tmp_path, 
     for r in results:  # each run checked its own count: here, what it reports
         assert r["answered"] == r["groups"] and r["groups_per_second"] > 0, r
         # Policies that decide at once answer a 3 000-group run in time even on a loaded host; the
-        # per-group plug-in and forward (a fifth of the C floor's rate, docs/performance.md) may not,
+        # per-group plug-in and forward (a quarter of the C floor's rate, docs/performance.md) may not,
         # so for them only what is answered is checked.
         if r["responder"] == "iopfd" and r["policy"] in ("accept", "reject", "rules", "slow"):
             assert r["late"] == 0 and r["shed"] == 0, (f"{r['scenario']} {r['policy']}: {r['late']} late, "

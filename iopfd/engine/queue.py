@@ -115,7 +115,6 @@ class QueueResponder:
 
     def __init__(self, source: FaultQueue, policy: Policy, config: QueueConfig) -> None:
         self.source = source
-        self.policy = policy
         self.config = config
         self.name = config.name
         self.stats = QueueStats()
@@ -141,10 +140,7 @@ class QueueResponder:
         # Answers not yet written: (responses, started_at, ((outcome, count), ...))
         self._outgoing: list[tuple[Any, float, tuple[tuple[str, int], ...]]] = []
         self._outgoing_count = 0
-        self._fixed_code = policy.code if isinstance(policy, FixedPolicy) else None
-        self._parks = _decides_batches(policy)
-        if self._fixed_code is None:
-            np()  # import numpy now, before READY=1, not on the first fault
+        self.use_policy(policy)
         self._loop: asyncio.AbstractEventLoop  # the running loop, from start()
         self._reading = False
         self._resume_timer: asyncio.TimerHandle | None = None  # set while reading is paused (back-pressure)
@@ -162,13 +158,13 @@ class QueueResponder:
         self._log_groups = _debug_enabled()
 
     def use_policy(self, policy: Policy) -> None:
-        """Decide the groups read from now on with ``policy`` (a config reload); those already read
-        finish with the one that has them."""
+        """Decide the groups handed out from now on with ``policy`` (a config reload; also at start):
+        those already handed to a policy finish with it, parked ones go to this one."""
         self.policy = policy
-        self._fixed_code = policy.code if isinstance(policy, FixedPolicy) else None
+        self._fixed_code: int | None = policy.code if isinstance(policy, FixedPolicy) else None
         self._parks = _decides_batches(policy)
         if self._fixed_code is None:
-            np()
+            np()  # import numpy now, before READY=1, not on the first fault
 
     @property
     def reading(self) -> bool:

@@ -323,8 +323,7 @@ class QueueResponder:
         columns[0::2] = cookies
         if code:
             columns[1::2] = array("I", (code,)) * count
-        if self.cookie_mark_hook is not None:  # only with crash recovery on: no scan otherwise
-            self._raise_cookie_mark(max(cookies))
+        self._raise_cookie_mark(data)
         stats = self.stats
         stats.faults += count
         stats.read_batches.observe(count)
@@ -343,8 +342,7 @@ class QueueResponder:
 
     def _admit(self, data: memoryview, started: float, now: float) -> None:
         n = np()
-        if self.cookie_mark_hook is not None:  # only with crash recovery on: no scan otherwise
-            self._raise_cookie_mark(int(n.frombuffer(data, "<u4")[_COOKIE_WORD::_RECORD_WORDS].max()))
+        self._raise_cookie_mark(data)
         raw, first, last, malformed = whole_groups(bytes(data))  # a copy: the read buffer is reused
         for cookie, reason in malformed:
             self._log.error("malformed fault group answered INVALID", cookie=cookie, reason=reason)
@@ -443,9 +441,14 @@ class QueueResponder:
             self._parked_open -= len(batch)
             self._dispatch(self.policy, batch, 0)
 
-    def _raise_cookie_mark(self, highest: int) -> None:
+    def _raise_cookie_mark(self, data: memoryview) -> None:
+        """With crash recovery on, raise the cookie mark to the highest cookie of a read. (With numpy:
+        max() over a memoryview of 2 048 cookies took 1.1 ms in the TCG lab, numpy 0.08 ms.)"""
         hook = self.cookie_mark_hook
-        if highest > self.cookie_mark and hook is not None:
+        if hook is None:
+            return
+        highest = int(np().frombuffer(data, "<u4")[_COOKIE_WORD::_RECORD_WORDS].max())
+        if highest > self.cookie_mark:
             self.cookie_mark = hook(highest)
 
     def _track_cookies(self, read: Read) -> None:
@@ -790,7 +793,8 @@ class QueueResponder:
             self._drained.set()
 
     def _queue_run(self, responses: Any, started_at: float, outcomes: tuple[tuple[str, int], ...]) -> None:
-        """Queue packed responses (any buffer of ``struct iommu_hwpt_page_response``) for the next write."""
+        """Queue packed responses (a new buffer of ``struct iommu_hwpt_page_response``, never changed
+        afterwards: an observer may keep it) for the next write."""
         self._outgoing.append((responses, started_at, outcomes))
         self._outgoing_count += len(memoryview(responses).cast("B")) // RESPONSE.size
         if self._flush_handle is None:

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 import structlog
 
 from iopfd.engine import Engine, EventQueueReader, Policy, QueueConfig, QueueResponder
-from iopfd.engine.batch import np
 from iopfd.iommufd import FaultQueue, Iommufd, IommufdError, VeventQueue
 from iopfd.policies import Policies, PolicyError
 from iopfd.service.config import QueueSettings, ResolvedQueue, Settings
@@ -65,8 +64,6 @@ class QueueRegistry:
         # Crash recovery needs systemd's fd store, so it is on exactly when systemd (or whoever owns
         # NOTIFY_SOCKET) listens.
         self.state = StateFile(settings.runtime_dir) if notifier.enabled else None
-        if self.state is not None:
-            np()  # the cookie mark is taken with numpy: imported before READY=1, not on the first read
         self._served: dict[str, ServedQueue] = {}
 
     def __contains__(self, name: object) -> bool:

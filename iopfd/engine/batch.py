@@ -45,7 +45,8 @@ def split_groups(records: numpy.ndarray) -> tuple[numpy.ndarray, numpy.ndarray, 
     Returns the first and last record index of each good group, and ``(cookie, reason)`` for each
     cookie of a malformed run (it mixes cookies, has cookie 0, does not end at LAST_PAGE, or shares
     its cookie with another group of the read). Those cookies are still pending in the kernel and
-    must be answered; cookie 0 (never issued) cannot be.
+    must be answered; cookie 0 (never issued) cannot be. For the common read (whole one-record
+    groups, cookies rising, none 0) first and last are one array, ``arange``: ``Read.rising``.
     """
     n = np()
     flags, cookies = records["flags"], records["cookie"]
@@ -115,8 +116,8 @@ class Read:
     """The groups of one read() that are in flight, with the moment their clock started. The groups
     tile ``raw``: group i is records ``first[i]`` to ``last[i]``, and ``first[i + 1] == last[i] + 1``."""
 
-    __slots__ = ("raw", "records", "first", "last", "single", "queue", "started_at", "serial", "open", "left",
-                 "parked_from", "tasks", "_columns")
+    __slots__ = ("raw", "records", "first", "last", "single", "rising", "every", "queue", "started_at", "serial",
+                 "open", "left", "parked_from", "tasks", "_columns")
 
     def __init__(self, raw: bytes, first: numpy.ndarray, last: numpy.ndarray, queue: str, started_at: float,
                  serial: int = 0) -> None:
@@ -126,6 +127,10 @@ class Read:
         self.first = first
         self.last = last
         self.single = bool(len(first) == len(records))  # one record per group: group i is record i
+        self.rising = first is last  # one record per group and cookies rising (split_groups' common read)
+        # Every group's index. A batch or answer whose index is this very array covers the whole read
+        # in order: the engine then needs no gather (``QueueResponder._answer``).
+        self.every = last if self.rising else np().arange(len(last))
         self.queue = queue
         self.started_at = started_at
         self.open = np().ones(len(last), bool)

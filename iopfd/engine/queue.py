@@ -349,23 +349,23 @@ class QueueResponder:
         count = len(last)
         if not count:
             return
-        stats = self.stats
-        stats.faults += int((last - first + 1).sum())
-        stats.read_batches.observe(count)
-        stats.unread_wait.observe(now - started, count)
         self._serial += 1
         read = Read(raw, first, last, self.name, started, self._serial)
+        stats = self.stats
+        stats.faults += len(read.records)
+        stats.read_batches.observe(count)
+        stats.unread_wait.observe(now - started, count)
         self._reads[read.serial] = read
         self._open += count
         self._track_cookies(read)
         if self._log_groups:
             self._log_read(read)
         if now - started >= self._due():
-            self._answer(read, n.arange(count), self.config.deadline_code, "deadline")
+            self._answer(read, read.every, self.config.deadline_code, "deadline")
             self._warn_overdue(count)
             return
         self._arm_deadline()
-        batch = Batch(read, n.flatnonzero(read.open), self._answer_codes)
+        batch = Batch(read, read.every, self._answer_codes)  # a new read's groups are all open
         room = self._room() + count  # this read's groups are counted open already
         if self._parked or room < count:
             if self._parks:
@@ -453,19 +453,19 @@ class QueueResponder:
         """Record which read holds each cookie open, voiding the open group of any cookie the kernel
         has reissued (it answered that group itself, on a detach or replace)."""
         n = np()
-        cookies = read.column("cookie")
-        small = cookies < MAX_TRACKED_COOKIE
-        positions = n.arange(len(read))
-        if not small.all():  # absurd cookies (a kernel bug): looked up one by one
-            for cookie, position in zip(cookies[~small].tolist(), positions[~small].tolist()):
-                holder = self._big_cookies.get(cookie)
-                if holder is not None:
-                    self._void_reissued(n.array([holder[0]]), n.array([holder[1]]))
-                self._big_cookies[cookie] = (read.serial, position)
-            cookies, positions = cookies[small], positions[small]
-            if not len(cookies):
-                return
-        highest = int(cookies.max())
+        cookies, positions = read.column("cookie"), read.every
+        if not (read.rising and cookies[-1] < MAX_TRACKED_COOKIE):  # (rising: none is larger than the last)
+            small = cookies < MAX_TRACKED_COOKIE
+            if not small.all():  # absurd cookies (a kernel bug): looked up one by one
+                for cookie, position in zip(cookies[~small].tolist(), positions[~small].tolist()):
+                    holder = self._big_cookies.get(cookie)
+                    if holder is not None:
+                        self._void_reissued(n.array([holder[0]]), n.array([holder[1]]))
+                    self._big_cookies[cookie] = (read.serial, position)
+                cookies, positions = cookies[small], positions[small]
+                if not len(cookies):
+                    return
+        highest = int(cookies[-1]) if read.rising else int(cookies.max())
         if self._cookie_read is None or highest >= len(self._cookie_read):
             size = 1 << max(12, highest.bit_length())
             grown_read, grown_group = n.zeros(size, n.int64), n.zeros(size, n.int32)
@@ -740,16 +740,20 @@ class QueueResponder:
         is one code for all or one per index; the outcome is "success"/"invalid" by code unless given."""
         n = np()
         index = n.asarray(index)
-        still_open = read.open[index]
-        if not still_open.all():
-            index = index[still_open]
-            if n.ndim(codes):
-                codes = n.asarray(codes)[still_open]
+        # The whole read, untouched: every group open, and no gather needed (a fifth of a decided
+        # read's time in the TCG lab went to gathers like these).
+        whole = index is read.every and read.left == len(read)
+        if not whole:
+            still_open = read.open[index]
+            if not still_open.all():
+                index = index[still_open]
+                if n.ndim(codes):
+                    codes = n.asarray(codes)[still_open]
         count = len(index)
         if not count:
             return
         responses = n.empty(count, _response_dtype())
-        responses["cookie"] = read.column("cookie")[index]
+        responses["cookie"] = read.column("cookie") if whole else read.column("cookie")[index]
         responses["code"] = codes
         if outcome is not None:
             outcomes: tuple[tuple[str, int], ...] = ((outcome, count),)
@@ -758,23 +762,32 @@ class QueueResponder:
             outcomes = (("success", succeeded), ("invalid", count - succeeded))
         else:
             outcomes = (("success" if codes == SUCCESS else "invalid", count),)
-        self._close(read, index)
+        self._close(read, index, whole)
         self._queue_run(responses.view(n.uint32), read.started_at, outcomes)
 
-    def _close(self, read: Read, index: Any) -> None:
-        read.open[index] = False
+    def _close(self, read: Read, index: Any, whole: bool = False) -> None:
+        """Close the open groups at ``index``; ``whole``: every group of the read, all still open."""
+        if whole:
+            read.open.fill(False)
+        else:
+            read.open[index] = False
         read.left -= len(index)
         self._open -= len(index)
         if read.parked_from < len(read):  # parked groups answered (their deadline, a detach, the stop)
             self._parked_open -= int(np().count_nonzero(index >= read.parked_from))
         # Their cookies are free for the kernel to reissue at once: forgotten now, not when the whole
         # read is answered, or each read of a storm would look like a reissue (the slow path).
-        cookies = read.column("cookie")[index]
-        if self._big_cookies:
+        cookies = read.column("cookie") if whole else read.column("cookie")[index]
+        absurd = bool(self._big_cookies)
+        if absurd:
             for cookie in cookies[cookies >= MAX_TRACKED_COOKIE].tolist():
                 if self._big_cookies.get(cookie, (0,))[0] == read.serial:
                     del self._big_cookies[cookie]
-        if self._cookie_read is not None:
+        if self._cookie_read is None:
+            pass
+        elif whole and not absurd:  # none voided (all open) and none absurd: every entry is this read's
+            self._cookie_read[cookies] = 0
+        else:
             cookies = cookies[cookies < MAX_TRACKED_COOKIE]
             mine = self._cookie_read[cookies] == read.serial
             self._cookie_read[cookies[mine]] = 0

@@ -32,6 +32,11 @@ def np() -> Any:
     return numpy
 
 
+def every(mask: numpy.ndarray) -> bool:
+    """``mask.all()`` for a boolean array, counted instead: a third of the time in the TCG lab."""
+    return int(np().count_nonzero(mask)) == mask.size
+
+
 @cache
 def record_dtype() -> numpy.dtype:
     dtype = np().dtype(list(RECORD_FIELDS))
@@ -50,10 +55,11 @@ def split_groups(records: numpy.ndarray) -> tuple[numpy.ndarray, numpy.ndarray, 
     """
     n = np()
     flags, cookies = records["flags"], records["cookie"]
-    if len(records) > 1 and (flags & LAST_PAGE).all() and (cookies[1:] > cookies[:-1]).all() and cookies[0]:
+    if len(records) > 1 and n.count_nonzero(flags & LAST_PAGE) == len(records) and \
+            every(cookies[1:] > cookies[:-1]) and cookies[0]:
         # The common read: whole one-record groups, cookies rising (lowest-free), none 0.
-        every = n.arange(len(records))
-        return every, every, []
+        indexes = n.arange(len(records))
+        return indexes, indexes, []
     last = n.flatnonzero(flags & LAST_PAGE)
     first = n.empty_like(last)
     first[:1] = 0
@@ -61,14 +67,14 @@ def split_groups(records: numpy.ndarray) -> tuple[numpy.ndarray, numpy.ndarray, 
     malformed: dict[int, str] = {}
     if len(last) and last[-1] == len(records) - 1 and len(last) == len(records):
         good = cookies != 0  # every group has one record: only cookie 0 can be wrong in itself
-        if not good.all():
+        if not every(good):
             for cookie in dict.fromkeys(cookies[~good].tolist()):
                 malformed[cookie] = "record with cookie 0 (the kernel never issues cookie 0)"
     else:
         group_cookie = n.repeat(cookies[last], last - first + 1) if len(last) else cookies[:0]
         wrong = (group_cookie != cookies[:len(group_cookie)]) | (cookies[:len(group_cookie)] == 0)
         good = n.ones(len(last), bool)
-        if wrong.any():
+        if n.count_nonzero(wrong):
             owner = n.repeat(n.arange(len(last)), last - first + 1)
             for index in dict.fromkeys(owner[wrong].tolist()):  # not numpy.unique: see _void_reissued
                 run = cookies[first[index]:last[index] + 1].tolist()
@@ -86,7 +92,7 @@ def split_groups(records: numpy.ndarray) -> tuple[numpy.ndarray, numpy.ndarray, 
     good_cookies = cookies[last[good]] if len(last) else cookies[:0]
     # Cookies are allocated lowest-free as the kernel fills the read, so they rise within it: then
     # none repeats, and the sort (a millisecond a read in the TCG lab) is not needed.
-    ordered = good_cookies if (good_cookies[1:] > good_cookies[:-1]).all() else n.sort(good_cookies)
+    ordered = good_cookies if every(good_cookies[1:] > good_cookies[:-1]) else n.sort(good_cookies)
     repeated = ordered[1:][ordered[1:] == ordered[:-1]]  # not numpy.unique: a third of the cost, on every read
     if len(repeated):
         for cookie in dict.fromkeys(repeated.tolist()):
@@ -117,7 +123,7 @@ class Read:
     tile ``raw``: group i is records ``first[i]`` to ``last[i]``, and ``first[i + 1] == last[i] + 1``."""
 
     __slots__ = ("raw", "records", "first", "last", "single", "rising", "every", "queue", "started_at", "serial",
-                 "open", "left", "parked_from", "tasks", "_columns")
+                 "open", "left", "parked_from", "tasks", "cookie_slots", "_columns")
 
     def __init__(self, raw: bytes, first: numpy.ndarray, last: numpy.ndarray, queue: str, started_at: float,
                  serial: int = 0) -> None:
@@ -137,6 +143,7 @@ class Read:
         self.left = len(last)  # groups still open
         self.parked_from = len(last)  # groups from this index on wait for room under max_pending (the engine's)
         self.tasks: set[Any] = set()  # policy calls still deciding groups of this read
+        self.cookie_slots: numpy.ndarray | None = None  # its tracked cookies as intp (the engine's)
         self._columns: dict[str, numpy.ndarray] = {}
 
     def __len__(self) -> int:

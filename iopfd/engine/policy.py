@@ -8,7 +8,7 @@ A policy is one of four kinds, told apart by its class, never by probing its att
   columns) and returns one code per group as an array, or an awaitable of that array, or None when it
   will answer later through ``batch.answer(positions, codes)`` (``forward``: the peer answers).
 - ``RoutingPolicy``: ``route(batch)`` returns, per group, the index into ``targets`` of the policy
-  that decides it (``rules``). Each target gets its sub-batch.
+  that decides it, or one index for the whole batch (``rules``). Each target gets its sub-batch.
 - ``Policy`` itself, for simple plug-ins: ``async decide(group) -> code`` for one ``FaultGroup``.
   The engine drives each call once; only a call that really awaits becomes a task, and at most
   ``MAX_AWAITING`` per queue are in flight (the rest wait inside their deadline).
@@ -102,5 +102,6 @@ class RoutingPolicy(Policy):
 
     targets: Sequence[Policy] = ()
 
-    def route(self, batch: Batch) -> numpy.ndarray:
+    def route(self, batch: Batch) -> numpy.ndarray | int:
+        """The index into ``targets`` of each group's policy, or one index for them all."""
         raise NotImplementedError

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from iopfd.engine.batch import Batch, np
+from iopfd.engine.batch import Batch, every, np
 from iopfd.engine.policy import Policy, RoutingPolicy
 from iopfd.iommufd.context import Iommufd
 from iopfd.iommufd.fault import FaultGroup
@@ -104,15 +104,15 @@ class RulesPolicy(RoutingPolicy):
             self._compiled = [_compile(rule) for rule, _ in self.rules]
         if self._compiled:
             hit = self._compiled[0](batch)
-            if hit.all():  # the first rule takes the whole batch (a burst of one kind)
-                return n.full(len(batch), self._rule_target[0], n.intp)
+            if every(hit):  # the first rule takes the whole batch (a burst of one kind)
+                return self._rule_target[0]
         route = n.full(len(batch), self._default_target, n.intp)
         unmatched = n.ones(len(batch), bool)
         for matches, target in zip(self._compiled, self._rule_target):
             hit = matches(batch) & unmatched
             route[hit] = target
             unmatched &= ~hit
-            if not unmatched.any():
+            if not n.count_nonzero(unmatched):
                 break
         return route
 
@@ -149,10 +149,13 @@ def _compile(rule: Rule) -> Callable[[Batch], Any]:
         tests.append(lambda batch: (batch.perm & refused) == 0)
     if rule.address is not None:
         start, end = rule.address
-        if end > 0xFFFFFFFFFFFFFFFF:  # [start, 2^64): no address is at or past the end
+        # Each bound only if it excludes an address: a test is a pass over the batch.
+        if start and end > 0xFFFFFFFFFFFFFFFF:  # [start, 2^64): no address is at or past the end
             tests.append(lambda batch: batch.addr_min >= n.uint64(start))
-        else:
+        elif start:
             tests.append(lambda batch: (batch.addr_min >= n.uint64(start)) & (batch.addr_max < n.uint64(end)))
+        elif end <= 0xFFFFFFFFFFFFFFFF:
+            tests.append(lambda batch: batch.addr_max < n.uint64(end))
     if not tests:
         return lambda batch: n.ones(len(batch), bool)
     if len(tests) == 1:

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from iopfd import protocol
-from iopfd.engine.batch import np
+from iopfd.engine.batch import every, np
 from iopfd.iommufd.fault import INVALID, SUCCESS
 from iopfd.iommufd.viommu import HEADER, LOST_EVENTS
 
@@ -104,7 +104,7 @@ class _Range:
 
     def closed(self) -> bool:
         """Nothing left to answer: the peer or the engine (deadline, shutdown) answered every group."""
-        return not self.left or not self.batch.read.open[self.batch.index].any()
+        return not self.left or not np().count_nonzero(self.batch.read.open[self.batch.index])
 
 
 class _Channel:
@@ -194,7 +194,7 @@ class FaultChannel(_Channel):
         n = np()
         sizes = batch.fault_count
         too_large = sizes > self.read_records
-        if too_large.any():
+        if n.count_nonzero(too_large):
             self.stats.oversized += int(too_large.sum())
             self._log.error("fault group larger than the peer reads at once; answered INVALID",
                             groups=int(too_large.sum()),
@@ -345,18 +345,18 @@ class FaultChannel(_Channel):
     def _answer_range(self, found: _Range, offsets: numpy.ndarray, codes: numpy.ndarray) -> int:
         """Answer the groups of ``found`` at ``offsets`` that are open; returns how many were."""
         n = np()
-        if len(offsets) > 1 and not (offsets[1:] > offsets[:-1]).all():  # not in order: maybe an id twice
+        if len(offsets) > 1 and not every(offsets[1:] > offsets[:-1]):  # not in order: maybe an id twice
             order = n.argsort(offsets, kind="stable")  # not numpy.unique (see _answers)
             ordered = offsets[order]
             first = n.concatenate(([True], ordered[1:] != ordered[:-1]))  # the first answer of an id counts
             offsets, codes = ordered[first], codes[order[first]]
         positions = offsets
         sent = positions < found.sent  # beyond: an id in a gap, or of a group not sent yet
-        if not sent.all():
+        if not every(sent):
             positions, codes = positions[sent], codes[sent]
         batch = found.batch
         fresh = ~found.answered[positions] & batch.read.open[batch.index[positions]]
-        if not fresh.all():
+        if not every(fresh):
             positions, codes = positions[fresh], codes[fresh]
         if not len(positions):
             return 0

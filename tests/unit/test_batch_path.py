@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from iopfd.engine import FixedPolicy, Policy, QueueConfig, QueueResponder
+from iopfd.engine import FixedPolicy, Policy, QueueConfig, QueueResponder, RoutingPolicy
 from iopfd.engine.batch import batch_of, record_dtype
 from iopfd.engine.queue import MAX_AWAITING
 from iopfd.iommufd import INVALID, SUCCESS
@@ -56,7 +56,7 @@ def test_rules_route_a_batch_as_each_rule_matches_each_group(batch_groups, rule_
     policy = RulesPolicy("r", list(zip(rule_list, targets)), FixedPolicy("reject", INVALID))
     for sub in {group.queue for group in batch_groups}:  # a batch is one queue's read
         one_queue = [group for group in batch_groups if group.queue == sub]
-        route = policy.route(batch_of(one_queue))
+        route = numpy.broadcast_to(policy.route(batch_of(one_queue)), (len(one_queue),))  # or one for all
         assert [policy.targets[i] for i in route.tolist()] == [policy.select(group) for group in one_queue]
 
 
@@ -108,6 +108,37 @@ async def test_rules_over_fixed_answers_answer_each_group_of_a_mixed_read_by_its
     assert all(code == (SUCCESS if group[-1].dev_id == 1 else INVALID) for group, code in emulated.answers)
     outcomes = responder.stats.outcomes
     assert (outcomes["success"], outcomes["invalid"], outcomes["error"]) == (250, 250, 0)
+    await responder.stop(0)
+    emulated.close()
+
+
+class ByRoute(RoutingPolicy):
+    """A third-party routing policy: returns what it is given, one index for all or one per group."""
+
+    def __init__(self, route) -> None:
+        super().__init__("by-route")
+        self.targets = [FixedPolicy("accept", SUCCESS), FixedPolicy("reject", INVALID)]
+        self.given = route
+
+    def route(self, batch):
+        return self.given(batch)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(("route", "codes", "errors"), [
+    (lambda batch: 1, [INVALID] * 6, 0),  # one index for the whole batch
+    (lambda batch: numpy.arange(len(batch)) % 2, [SUCCESS, INVALID] * 3, 0),
+    (lambda batch: 2, [INVALID] * 6, 6),  # no such target: every group an error
+    (lambda batch: numpy.full(len(batch), -1), [INVALID] * 6, 6),
+    (lambda batch: numpy.zeros(len(batch) + 1, int), [INVALID] * 6, 6),  # not one per group
+])
+async def test_a_routing_policy_sends_each_group_to_its_target_and_a_bad_route_answers_invalid(route, codes, errors):
+    emulated, responder = served(ByRoute(route))
+    for i in range(6):
+        emulated.report(PageRequest(dev_id=1, addr=0x1000 * i))
+    await settle(emulated, responder)
+    assert [code for _, code in sorted(emulated.answers, key=lambda answer: answer[0][-1].addr)] == codes
+    assert responder.stats.outcomes["error"] == errors
     await responder.stop(0)
     emulated.close()
 

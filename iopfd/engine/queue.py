@@ -3,8 +3,9 @@
 A fault's path, top to bottom of this file:
 
 1. ``_on_readable``: the event loop says the fd is readable. Each read() becomes one batch. The
-   groups' clock starts at the first readiness seen since the queue was last found empty, so time a
-   group waits unread in the kernel counts against its deadline. Reading pauses while a whole read
+   groups' clock starts at the first readiness seen since the queue was last found empty (a read
+   short of the buffer with nothing readable after it), so time a group waits unread in the kernel
+   counts against its deadline. Reading pauses while a whole read
    would not fit under ``max_pending`` (``_pause``), until decisions make room or the groups left in
    the kernel have waited a quarter of their deadline; then it drains the kernel's queue in short turns.
 2. A read whose every group gets one code without a decision (a fixed policy's; the deadline code
@@ -32,7 +33,6 @@ import asyncio
 import contextlib
 import inspect
 import select
-from array import array
 from collections import deque
 from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, field
@@ -209,11 +209,15 @@ class QueueResponder:
         if self._unread_since is None:
             self._unread_since = woke
         reads = 0
+        drained = False
         while True:
             # Write answers already made first: once a group is auto-answered by a detach, its cookie
             # can come back with a new group in the very next read, and a stale answer must never
             # reach that one. (So answers go out in one write() per read, like the C floor's.)
             self._flush()
+            if drained:  # a later group's clock starts at its own readiness
+                self._unread_since = None
+                return
             now = loop.time()
             if now - self._unread_since < self.config.response_deadline * BEHIND_FRACTION:
                 if reads >= MAX_READS_PER_WAKEUP:
@@ -235,6 +239,10 @@ class QueueResponder:
             if not data:
                 self._unread_since = None
                 return
+            # A read short of the buffer with nothing readable after it emptied the kernel's queue.
+            # (Else, under a steady stream, no read ever found it empty, and every group's clock ran
+            # from the stream's first readiness: a p99 of 788 ms for rules at 20k/s in the lab.)
+            drained = len(data) < self.source.buffer_records * RECORD.size and not self._readiness.poll(0)
             if self.cookie_mark_hook is not None:  # crash recovery is on
                 self._raise_cookie_mark(len(data) // RECORD.size)
             now = loop.time()
@@ -340,7 +348,6 @@ class QueueResponder:
         return bool(np().count_nonzero(table[cookies[cookies < len(table)]]))
 
     def _admit(self, data: memoryview, started: float, now: float) -> None:
-        n = np()
         raw, first, last, malformed = whole_groups(bytes(data))  # a copy: the read buffer is reused
         for cookie, reason in malformed:
             self._log.error("malformed fault group answered INVALID", cookie=cookie, reason=reason)

@@ -391,14 +391,17 @@ async def test_a_refused_response_is_skipped_and_counted_the_rest_written(served
 
 
 class Crafted(FaultQueue):
-    """Returns the given reads (records the kernel may or may never produce), then nothing."""
+    """Returns the given reads (records the kernel may or may never produce), then nothing; its fd
+    is readable while reads are left, as a fault fd is while groups are queued."""
 
     def __init__(self, emulated: EmulatedFaultQueue, *reads: bytes) -> None:
-        super().__init__(None, 0, emulated.fileno())
+        super().__init__(None, 0, os.eventfd(1 if reads else 0, os.EFD_NONBLOCK | os.EFD_CLOEXEC))
         self.reads, self.writes = list(reads), []
 
     def _readinto(self, buffer):
         data = self.reads.pop(0) if self.reads else b""
+        if data and not self.reads:
+            os.eventfd_read(self.fd)  # nothing left: no longer readable
         buffer[:len(data)] = data
         return len(data)
 
@@ -550,10 +553,12 @@ async def test_a_fault_fd_that_fails_stops_only_its_own_queue(errno_):
     logs why; the engine's other queues are served on, and the groups already read get answered."""
 
     class Failing(Crafted):
-        def _readinto(self, buffer):
+        def _readinto(self, buffer):  # the fd stays readable (poll() reports an fd in error so)
             if not self.reads:
                 raise OSError(errno_, os.strerror(errno_))
-            return super()._readinto(buffer)
+            data = self.reads.pop(0)
+            buffer[:len(data)] = data
+            return len(data)
 
     emulated = EmulatedFaultQueue()
     bad = Failing(emulated, record(7) + record(8))

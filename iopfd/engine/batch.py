@@ -278,8 +278,10 @@ class Batch:
 
     def answer(self, positions: numpy.ndarray | slice, codes: Any) -> None:
         """Answer the groups at ``positions`` (of this batch) with ``codes`` (one per group, or one for
-        all): SUCCESS or INVALID. Groups already answered (at their deadline) are skipped."""
-        self._answer(self.read, self.index[positions], codes)
+        all): SUCCESS or INVALID. Groups already answered (at their deadline) are skipped.
+        ``slice(None)``: the whole batch."""
+        whole = isinstance(positions, slice) and positions == slice(None)
+        self._answer(self.read, self.index if whole else self.index[positions], codes)
 
 
 def batch_of(groups: Sequence[FaultGroup], answer: Callable[[Read, numpy.ndarray, Any], None] | None = None) -> Batch:

@@ -91,12 +91,13 @@ def _response_dtype() -> numpy.dtype:
 class _Range:
     """The groups of one batch on the channel: ids ``start`` .. ``start + len - 1``."""
 
-    __slots__ = ("start", "batch", "ends", "data", "sent", "answered", "left")
+    __slots__ = ("start", "batch", "ends", "single", "data", "sent", "answered", "left")
 
     def __init__(self, start: int, batch: Batch, ends: numpy.ndarray, data: memoryview) -> None:
         self.start = start
         self.batch = batch
         self.ends = ends  # per group: the index just past its last record, within this range's records
+        self.single = batch.read.single  # one record a group: group i ends at record i + 1
         self.data = data  # the records as bytes (uint8), ids in place of cookies
         self.sent = 0  # groups sent (a prefix)
         self.answered = np().zeros(len(batch), bool)  # by the peer
@@ -192,6 +193,9 @@ class FaultChannel(_Channel):
         """Send ``batch``'s groups to the peer (now, or once the socket has room); their answers come
         back through ``batch.answer``. Groups larger than a packet are answered INVALID here."""
         n = np()
+        if batch.read.single:  # one record a group: every group fits a packet
+            self._queue_range(batch, None)
+            return
         sizes = batch.fault_count
         too_large = sizes > self.read_records
         if n.count_nonzero(too_large):
@@ -202,14 +206,19 @@ class FaultChannel(_Channel):
             batch.answer(n.flatnonzero(too_large), INVALID)
             batch = batch.take(~too_large)
             sizes = sizes[~too_large]
+        if len(batch):
+            self._queue_range(batch, sizes)
+
+    def _queue_range(self, batch: Batch, sizes: numpy.ndarray | None) -> None:
+        """Give ``batch`` (groups of ``sizes`` records; None: one each) ids and queue it to be sent."""
+        n = np()
         count = len(batch)
-        if not count:
-            return
         start = self._allocate(count)
         records = batch.records()
-        ids = (n.arange(start, start + count, dtype=n.int64) & ID_MASK).astype(n.uint32)
-        records["cookie"] = ids if len(records) == count else n.repeat(ids, sizes)
-        found = _Range(start, batch, n.cumsum(sizes), memoryview(records.view(n.uint8)))
+        ids = n.arange(start & ID_MASK, (start & ID_MASK) + count, dtype=n.uint32)  # _allocate: no wrap
+        records["cookie"] = ids if sizes is None else n.repeat(ids, sizes)
+        ends = n.arange(1, count + 1) if sizes is None else n.cumsum(sizes)
+        found = _Range(start, batch, ends, memoryview(records.view(n.uint8)))
         self._sweep()
         self._ranges.append(found)
         self._starts = None
@@ -243,7 +252,10 @@ class FaultChannel(_Channel):
                 if plan and not found.sent and found.closed():
                     break  # dropped once it is first
                 base = int(found.ends[found.sent - 1]) if found.sent else 0
-                stop = int(n.searchsorted(found.ends, base + room, "right"))  # the groups that fit
+                if found.single:
+                    stop = min(found.sent + room, len(found.ends))
+                else:
+                    stop = int(n.searchsorted(found.ends, base + room, "right"))  # the groups that fit
                 if stop <= found.sent:
                     break
                 end = int(found.ends[stop - 1])
@@ -345,6 +357,17 @@ class FaultChannel(_Channel):
     def _answer_range(self, found: _Range, offsets: numpy.ndarray, codes: numpy.ndarray) -> int:
         """Answer the groups of ``found`` at ``offsets`` that are open; returns how many were."""
         n = np()
+        count = len(found.ends)
+        if len(offsets) == count == found.sent == found.left and offsets[0] == 0 and offsets[-1] == count - 1 \
+                and every(offsets[1:] > offsets[:-1]) and found.batch.read.left == len(found.batch.read):
+            # The common answer: every group of a whole read, once each, in order (rising from 0 to the
+            # last: exactly each offset), none answered yet: no gathers.
+            found.answered.fill(True)
+            found.left = 0
+            self.stats.answered += count
+            self.stats.bad_codes += int(n.count_nonzero((codes != SUCCESS) & (codes != INVALID)))
+            found.batch.answer(slice(None), codes)
+            return count
         if len(offsets) > 1 and not every(offsets[1:] > offsets[:-1]):  # not in order: maybe an id twice
             order = n.argsort(offsets, kind="stable")  # not numpy.unique (see _answers)
             ordered = offsets[order]

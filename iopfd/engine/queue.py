@@ -423,18 +423,20 @@ class QueueResponder:
         self._hand_out_parked()
 
     def _hand_out_parked(self) -> None:
-        """Hand parked groups to the policy, oldest first, as far as max_pending has room."""
+        """Hand parked groups to the policy, oldest first, as far as max_pending has room: once it has
+        room for a read's worth, as reading waits. (Handed out as each answer made room, a forward
+        burst went to the peer in batches of a few hundred, each costing as much as a whole read.)"""
         while self._parked:
             batch = self._parked[0]
+            room = self._room()
+            if room < min(len(batch), self._read_size()):
+                return
             still_open = batch.read.open[batch.index]
             if not every(still_open):  # answered meanwhile (their deadline)
                 batch = self._parked[0] = batch.take(still_open)
-            room = self._room()
-            if not len(batch):
-                self._parked.popleft()
-                continue
-            if room <= 0:
-                return
+                if not len(batch):
+                    self._parked.popleft()
+                    continue
             self._parked.popleft()
             if room < len(batch):
                 rest = batch.take(slice(room, None))

@@ -103,7 +103,8 @@ def split_groups(records: numpy.ndarray) -> tuple[numpy.ndarray, numpy.ndarray, 
     return first[good], last[good], list(malformed.items())
 
 
-def whole_groups(raw: bytes) -> tuple[bytes, numpy.ndarray, numpy.ndarray, list[tuple[int, str]]]:
+def whole_groups(raw: bytes | memoryview) -> tuple[bytes | memoryview, numpy.ndarray, numpy.ndarray,
+                                                 list[tuple[int, str]]]:
     """split_groups() over the bytes of a read, with the records of malformed runs cut out, so that
     the groups returned tile the bytes returned (what ``Read`` expects)."""
     n = np()
@@ -125,9 +126,9 @@ class Read:
     __slots__ = ("raw", "records", "first", "last", "single", "rising", "every", "queue", "started_at", "serial",
                  "open", "left", "parked_from", "tasks", "cookie_slots", "_columns")
 
-    def __init__(self, raw: bytes, first: numpy.ndarray, last: numpy.ndarray, queue: str, started_at: float,
-                 serial: int = 0) -> None:
-        self.raw = raw  # the bytes read
+    def __init__(self, raw: bytes | memoryview, first: numpy.ndarray, last: numpy.ndarray, queue: str,
+                 started_at: float, serial: int = 0) -> None:
+        self.raw = raw  # the bytes read (read-only)
         self.records = records = np().frombuffer(raw, record_dtype())
         self.serial = serial  # the queue's number for this read, unique while it is in flight
         self.first = first
@@ -273,8 +274,8 @@ class Batch:
         """The group at ``position`` as a FaultGroup (for per-group policies)."""
         read, i = self.read, int(self.index[position])
         first, last = int(read.first[i]), int(read.last[i])
-        return FaultGroup(int(read.records["cookie"][last]), read.raw[first * RECORD.size:(last + 1) * RECORD.size],
-                          read.queue)
+        records = bytes(read.raw[first * RECORD.size:(last + 1) * RECORD.size])
+        return FaultGroup(int(read.records["cookie"][last]), records, read.queue)
 
     def answer(self, positions: numpy.ndarray | slice, codes: Any) -> None:
         """Answer the groups at ``positions`` (of this batch) with ``codes`` (one per group, or one for

@@ -218,17 +218,19 @@ class FaultQueue(FdObject):
     def buffer_records(self) -> int:
         return len(self._buffer) // RECORD.size
 
-    def read_raw(self, *, confirm_empty: bool = True) -> memoryview:
+    def read_raw(self, *, confirm_empty: bool = True, into: memoryview | None = None) -> memoryview:
         """Read as many whole groups as fit in the buffer (growing it when the first group does not
         fit); returns a view of the bytes read, valid until the next read. Empty: nothing pending.
+        ``into``: a writable byte buffer of the caller's to read into instead, if it is as large.
 
         Kernels before 6.12.101 return 0 bytes, not EINVAL, when the first group does not fit; only
         poll() tells that apart from an empty queue. ``confirm_empty=False`` skips that poll() when
         the caller knows the queue was just drained (it read groups a moment ago).
         """
         while True:
+            buffer = into if into is not None and len(into) >= len(self._buffer) else self._buffer
             try:
-                n = self._readinto(self._buffer)
+                n = self._readinto(buffer)
             except OSError as exc:
                 if exc.errno == errno.EINVAL:  # 6.12.101+: the first pending group does not fit
                     self._grow()
@@ -237,13 +239,13 @@ class FaultQueue(FdObject):
             if n == 0 and confirm_empty and self._has_input():
                 self._grow()
                 continue
-            return memoryview(self._buffer)[:n]
+            return memoryview(buffer)[:n]
 
     def read(self) -> list[FaultGroup]:
         return parse_groups(self.read_raw())
 
     # The three system calls, apart so the emulated queue can stand in for the kernel.
-    def _readinto(self, buffer: bytearray) -> int:
+    def _readinto(self, buffer: bytearray | memoryview) -> int:
         return os.readv(self.fd, [buffer])
 
     def _write(self, data: bytes | bytearray | memoryview) -> int:

@@ -148,7 +148,7 @@ class EmulatedFaultFd(FaultQueue):
         super().__init__(None, 0, emulated.fileno(), **kwargs)
         self.emulated = emulated
 
-    def _readinto(self, buffer: bytearray) -> int:
+    def _readinto(self, buffer: bytearray | memoryview) -> int:
         data = self.emulated.read(len(buffer))
         buffer[:len(data)] = data
         return len(data)

@@ -17,7 +17,8 @@ from iopfd_dev.bench.run import (
     WARM_UP,
     WINDOW,
     Result,
-    _worst,
+    _from_raise,
+    _percentiles,
     mapper_argument,
     plan,
     shares,
@@ -101,11 +102,13 @@ def test_the_plan_alternates_responders_and_gives_seed_rows_their_threads():
     assert next(r.groups for r in seed if r.threads == 512) == 102_400
 
 
-def test_seed_response_time_runs_from_the_raise_and_every_fault_needs_an_answer():
-    raised = [(0x1000, 10.0), (0x2000, 10.5)]
-    assert _worst(raised, [(0x2000, 10.6), (0x1000, 11.2)]) == pytest.approx(1.2)
-    with pytest.raises(RuntimeError, match=r"1 raised faults have no answer, e\.g\. address 0x2000"):
-        _worst(raised, [(0x1000, 11.0)])
+def test_response_time_runs_from_the_raise_and_every_fault_needs_an_answer():
+    raised = [(0x1000, 10.0), (0x2000, 10.5), (0x3000, 10.5)]
+    delays = _from_raise(raised, [(0x2000, 10.6), (0x1000, 11.2), (0x3000, 10.8)])
+    assert delays == pytest.approx([0.1, 0.3, 1.2])  # sorted: seed's worst is the last
+    assert _percentiles(delays) == pytest.approx({"p50": 0.3, "p99": 0.3, "p100": 1.2})
+    with pytest.raises(RuntimeError, match=r"2 raised faults have no answer, e\.g\. address 0x2000"):
+        _from_raise(raised, [(0x1000, 11.0)])
 
 
 def test_groups_are_shared_evenly_over_queues():

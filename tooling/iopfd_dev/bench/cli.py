@@ -164,10 +164,7 @@ def tables(results: list[Result]) -> str:
     parts = []
     for kernel in dict.fromkeys(r.kernel for r in results):
         mine = [r for r in results if r.kernel == kernel]
-        parts += [f"== {kernel} ==", issue_table(mine), runs_table(mine)]
-        seed = seed_table(mine)
-        if seed:
-            parts.append(seed)
+        parts += [f"== {kernel} ==", issue_table(mine), runs_table(mine), steady_table(mine), seed_table(mine)]
     return "\n\n".join(p for p in parts if p)
 
 
@@ -217,6 +214,19 @@ def runs_table(results: list[Result]) -> str:
                      f"{r.cpu_us_per_group:>10.2f} {r.maxrss_kb / 1024:>7.1f} {ms[0]:>7} {ms[1]:>7} {ms[2]:>8} "
                      f"{ms[3]:>7} {r.late if r.late is not None else '-':>5} "
                      f"{r.shed if r.shed is not None else '-':>6} {success:>8}")
+    return "\n".join(lines)
+
+
+def steady_table(results: list[Result]) -> str:
+    rows = [r for r in results if r.scenario == "steady" and r.from_raise]
+    if not rows:
+        return ""
+    lines = ["steady: from raising a fault (the trigger's clock) to the write of its answer, C loop and iopfd alike",
+             f"{'responder':<17} {'offered':>8} {'p50 ms':>7} {'p99 ms':>7} {'max ms':>7}"]
+    for r in sorted(rows, key=lambda r: (r.label, r.offered_rate or 0.0)):
+        assert r.from_raise is not None
+        ms = [_ms(r.from_raise[k]) for k in ("p50", "p99", "p100")]
+        lines.append(f"{r.label:<17} {r.scenario_label.split()[-1]:>8} {ms[0]:>7} {ms[1]:>7} {ms[2]:>7}")
     return "\n".join(lines)
 
 

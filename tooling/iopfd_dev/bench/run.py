@@ -133,6 +133,9 @@ class Result:
     peer_cpu_seconds: float | None = None  # forward: the peer's CPU time in this run
     threads: int | None = None  # seed: threads raising faults at once
     worst: float | None = None  # seed: the longest time from raising a fault to its answer
+    # steady: p50, p99, max (seconds) from the trigger raising each fault to its answer, for the C loop
+    # and iopfd alike (``latency`` runs from iopfd's clock start, which the C loop does not have)
+    from_raise: dict | None = None
     runs: list[float] = field(default_factory=list)  # groups/s of every repeat; this is the median one
 
     @property
@@ -175,7 +178,7 @@ class Run:
     rigs: list[FaultingMockSetup] = field(default_factory=list)
     name: str = ""  # iopfd: the queues are NAME-0, NAME-1, ...
     result: Result | None = None  # made by execute()
-    raised: list[tuple[int, float]] = field(default_factory=list)  # seed: (addr, when raised) of every fault
+    raised: list[tuple[int, float]] = field(default_factory=list)  # seed, steady: (addr, when raised) of every fault
     ctx: Iommufd | None = None  # brokered: the iommufd iopfd opened for the queue (else the bench's)
 
     @property
@@ -448,7 +451,7 @@ def execute(run: Run, ctx: Iommufd, tools: Tools, daemon: Daemon | None, tmp: Pa
             assert backing is not None
             command, fds = mapper_command(tools, ctx, run.rigs[0], run.queues[0], backing), [ctx.fd, backing]
         else:
-            answers_log = ["-l", str(log)] if run.scenario == "seed" else []
+            answers_log = ["-l", str(log)] if run.scenario in ("seed", "steady") else []
             command, fds = [tools.responder, *C_LOOPS[run.responder], *answers_log], []
         loop = subprocess.Popen([*command, *(str(q.fd) for q in run.queues if run.responder != C_MAP)],
                                 pass_fds=[*fds, *(q.fd for q in run.queues)], stdout=subprocess.PIPE, text=True)
@@ -465,10 +468,8 @@ def execute(run: Run, ctx: Iommufd, tools: Tools, daemon: Daemon | None, tmp: Pa
     else:
         cpu, peer_cpu = cpu_seconds(pid), cpu_seconds(peer) if peer else 0.0
         raised = tmp / f"{run.name}.raised"
-        offered = trigger(tools, ctx, run.rigs[0], run.groups, run.rate, threads=run.threads,
-                          log=raised if run.scenario == "seed" else None)
-        if run.scenario == "seed":
-            run.raised = _pairs(raised.read_bytes())
+        offered = trigger(tools, ctx, run.rigs[0], run.groups, run.rate, threads=run.threads, log=raised)
+        run.raised = _pairs(raised.read_bytes())
     if run.brokered:
         assert daemon is not None
         daemon.wait_answered(run)
@@ -496,7 +497,9 @@ def execute(run: Run, ctx: Iommufd, tools: Tools, daemon: Daemon | None, tmp: Pa
         if run.responder == C_MAP:
             result.outcomes = {"success": result.answered}
         if run.scenario == "seed":
-            result.worst = _worst(run.raised, _pairs(log.read_bytes()))
+            result.worst = max(_from_raise(run.raised, _pairs(log.read_bytes())))
+        elif run.scenario == "steady":
+            result.from_raise = _percentiles(_from_raise(run.raised, _pairs(log.read_bytes())))
 
 
 def finish_iopfd(run: Run, report: dict) -> None:
@@ -511,7 +514,9 @@ def finish_iopfd(run: Run, report: dict) -> None:
     if len(queues) == 1:
         r.latency = queues[0]["latency"]
     if run.scenario == "seed":
-        r.worst = _worst(run.raised, [(addr, at) for addr, at in queues[0]["answered_at"]])
+        r.worst = max(_from_raise(run.raised, [(addr, at) for addr, at in queues[0]["answered_at"]]))
+    elif run.scenario == "steady":
+        r.from_raise = _percentiles(_from_raise(run.raised, [(addr, at) for addr, at in queues[0]["answered_at"]]))
     if run.paging and r.outcomes["success"] != run.groups:
         raise RuntimeError(f"ioas-map answered {r.outcomes['success']} of {run.groups} groups SUCCESS ({r.outcomes}): "
                            "its CPU per group would not compare with the C map loop's, which maps every one")
@@ -543,13 +548,17 @@ def _pairs(data: bytes) -> list[tuple[int, float]]:
     return list(struct.iter_unpack("<Qd", data))
 
 
-def _worst(raised: list[tuple[int, float]], answered: list[tuple[int, float]]) -> float:
-    """The longest time from a fault's raising (the trigger's clock) to its group's answer."""
+def _from_raise(raised: list[tuple[int, float]], answered: list[tuple[int, float]]) -> list[float]:
+    """Each fault's time from its raising (the trigger's clock) to its group's answer, in order."""
     when = dict(answered)
     missing = [addr for addr, _ in raised if addr not in when]
     if missing:
         raise RuntimeError(f"{len(missing)} raised faults have no answer, e.g. address {missing[0]:#x}")
-    return max(when[addr] - at for addr, at in raised)
+    return sorted(when[addr] - at for addr, at in raised)
+
+
+def _percentiles(ordered: list[float]) -> dict:
+    return {f"p{q * 100:g}": ordered[int(q * (len(ordered) - 1))] for q in (0.5, 0.99, 1.0)}
 
 
 def trigger_argument(rig: FaultingMockSetup, first_addr: int = FIRST_ADDR) -> tuple[int, bytes, int, int]:

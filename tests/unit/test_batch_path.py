@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from iopfd.engine import FixedPolicy, Policy, QueueConfig, QueueResponder, RoutingPolicy
+from iopfd.engine import BatchPolicy, FixedPolicy, Policy, QueueConfig, QueueResponder, RoutingPolicy
 from iopfd.engine.batch import batch_of, record_dtype
 from iopfd.engine.queue import MAX_AWAITING
 from iopfd.iommufd import INVALID, SUCCESS
@@ -233,6 +233,35 @@ async def test_time_spent_unread_counts_against_the_deadline():
     assert len(codes) == 20 and codes[0] == INVALID and codes.count(SUCCESS) >= 12
     assert responder.stats.outcomes["deadline"] >= 12
     assert responder.stats.unread_wait.sum >= 12 * 0.2 and responder.stats.unread_wait.count == 20
+    await responder.stop(0)
+    emulated.close()
+
+
+@pytest.mark.asyncio
+async def test_a_group_that_arrives_after_a_read_emptied_the_queue_is_timed_from_its_own_readiness():
+    """Deciding the first read holds the loop for 0.3 s, past the 0.25 s deadline, and a group arrives
+    meanwhile. The first read had emptied the kernel's queue (short, and the fd not readable after
+    it), so the newcomer's clock starts at its own readiness: it is decided, not given the deadline
+    code as if it had waited since the first readiness (a steady stream never finds the queue empty
+    by a read that returns nothing)."""
+
+    class SlowFirstBatch(BatchPolicy):
+        def decide_batch(self, batch):
+            if not self.batches:
+                time.sleep(0.3)  # holds the loop, as a slow read did in the TCG lab ...
+                emulated.report(PageRequest(dev_id=1, addr=0x2000))  # ... while a group arrives
+            self.batches += 1
+            return numpy.full(len(batch), SUCCESS, numpy.uint32)
+
+    emulated = EmulatedFaultQueue()
+    policy = SlowFirstBatch("slow-first")
+    policy.batches = 0
+    responder = QueueResponder(emulated.open(), policy, QueueConfig("q", response_deadline=0.25))
+    responder.start()
+    emulated.report(PageRequest(dev_id=1, addr=0x1000))
+    await settle(emulated, responder)
+    assert [code for _, code in emulated.answers] == [SUCCESS, SUCCESS] and policy.batches == 2
+    assert responder.stats.outcomes["deadline"] == 0
     await responder.stop(0)
     emulated.close()
 

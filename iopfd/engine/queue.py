@@ -648,9 +648,10 @@ class QueueResponder:
         decide = policy.decide
         for chunk in range(0, len(batch), DECIDE_CHUNK):  # columns as lists, a chunk at a time
             index = batch.index[chunk:chunk + DECIDE_CHUNK]
+            groups = index.tolist()
+            firsts, lasts = (groups, groups) if read.single else (read.first[index].tolist(), read.last[index].tolist())
             for position, (group_index, is_open, first, last, cookie) in enumerate(zip(
-                    index.tolist(), read.open[index].tolist(), read.first[index].tolist(),
-                    read.last[index].tolist(), read.column("cookie")[index].tolist()), chunk):
+                    groups, read.open[index].tolist(), firsts, lasts, read.column("cookie")[index].tolist()), chunk):
                 if not is_open:
                     continue
                 if self._awaiting >= MAX_AWAITING or (not position % CLOCK_EVERY and loop.time() >= ends):

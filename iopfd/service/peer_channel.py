@@ -251,14 +251,15 @@ class FaultChannel(_Channel):
             for found in queue:
                 if plan and not found.sent and found.closed():
                     break  # dropped once it is first
-                base = int(found.ends[found.sent - 1]) if found.sent else 0
-                if found.single:
-                    stop = min(found.sent + room, len(found.ends))
+                if found.single:  # group i is record i: no lookups
+                    base = found.sent
+                    stop = end = min(base + room, len(found.ends))
                 else:
+                    base = int(found.ends[found.sent - 1]) if found.sent else 0
                     stop = int(n.searchsorted(found.ends, base + room, "right"))  # the groups that fit
+                    end = int(found.ends[stop - 1]) if stop else 0
                 if stop <= found.sent:
                     break
-                end = int(found.ends[stop - 1])
                 parts.append(found.data[base * protocol.RECORD_SIZE:end * protocol.RECORD_SIZE])
                 plan.append((found, stop))
                 room -= end - base

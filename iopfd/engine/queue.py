@@ -3,9 +3,9 @@
 A fault's path, top to bottom of this file:
 
 1. ``_on_readable``: the event loop says the fd is readable. Each read() becomes one batch. The
-   groups' clock starts at the first readiness seen since the queue was last found empty (a read
-   short of the buffer with nothing readable after it), so time a group waits unread in the kernel
-   counts against its deadline. Reading pauses while a whole read
+   groups' clock starts when the queue was last found empty (a read short of the buffer with nothing
+   readable after it), or at their readiness if it has been idle since, so time a group waits unread
+   in the kernel counts against its deadline. Reading pauses while a whole read
    would not fit under ``max_pending`` (``_pause``), until decisions make room or the groups left in
    the kernel have waited a quarter of their deadline; then it drains the kernel's queue in short turns.
 2. A read whose every group gets one code without a decision (a fixed policy's; the deadline code
@@ -94,6 +94,9 @@ _COOKIE_WORD = 9  # struct iommu_hwpt_pgfault.cookie, the last u32
 # loop turn it falls in, which may be a drain turn of MAX_WAKEUP_SECONDS, and a deadline answer must
 # not be late by that much (it was, by 20-45 ms, in the storm of the loaded TCG lab).
 DEADLINE_EARLY = MAX_WAKEUP_SECONDS
+# After the queue was found empty, a group read later is timed from that moment until the fd has been
+# seen idle this long after it; from then on, from its own readiness.
+IDLE_CHECK = 0.005
 # Routing policies (rules) may select other routing policies; the config forbids cycles.
 MAX_ROUTING_DEPTH = 16
 # How long stop() waits for cancelled policy tasks to unwind.
@@ -147,6 +150,7 @@ class QueueResponder:
         self._loop: asyncio.AbstractEventLoop  # the running loop, from start()
         self._reading = False
         self._resume_timer: asyncio.TimerHandle | None = None  # set while reading is paused (back-pressure)
+        self._idle_check: asyncio.TimerHandle | None = None  # after the queue was found empty (_found_empty)
         self._unread_since: float | None = None  # first readiness since the queue was last seen empty
         self._readiness = select.poll()  # whether the kernel's queue is empty, without a read
         self._spare: memoryview | None = None  # the next read's buffer (_read_buffer)
@@ -205,6 +209,9 @@ class QueueResponder:
         if self._resume_timer is not None:
             self._resume_timer.cancel()
             self._resume_timer = None
+        if self._idle_check is not None:
+            self._idle_check.cancel()
+            self._idle_check = None
 
     # -- read ----------------------------------------------------------------------------------
     def _on_readable(self) -> None:
@@ -213,14 +220,14 @@ class QueueResponder:
         if self._unread_since is None:
             self._unread_since = woke
         reads = 0
-        drained = False
+        drained, drained_at = False, woke
         while True:
             # Write answers already made first: once a group is auto-answered by a detach, its cookie
             # can come back with a new group in the very next read, and a stale answer must never
             # reach that one. (So answers go out in one write() per read, like the C floor's.)
             self._flush()
-            if drained:  # a later group's clock starts at its own readiness
-                self._unread_since = None
+            if drained:
+                self._found_empty(drained_at)
                 return
             now = loop.time()
             if now - self._unread_since < self.config.response_deadline * BEHIND_FRACTION:
@@ -241,12 +248,13 @@ class QueueResponder:
                 return
             reads += 1
             if not data:
-                self._unread_since = None
+                self._found_empty(now)
                 return
             # A read short of the buffer with nothing readable after it emptied the kernel's queue.
             # (Else, under a steady stream, no read ever found it empty, and every group's clock ran
             # from the stream's first readiness: a p99 of 788 ms for rules at 20k/s in the lab.)
             drained = len(data) < self.source.buffer_records * RECORD.size and not self._readiness.poll(0)
+            drained_at = now  # before the read
             if self.cookie_mark_hook is not None:  # crash recovery is on
                 self._raise_cookie_mark(len(data) // RECORD.size)
             now = loop.time()
@@ -291,9 +299,22 @@ class QueueResponder:
 
     def _end_turn(self) -> None:
         """A wakeup ends after a read that may have emptied the kernel's queue. Readiness is
-        level-triggered, so the loop calls back only if groups are left; if none is, the next
-        group's clock must start at its own readiness, not at this one (a group raised 0.8 s later
-        was once answered at once, as if it had waited unread all that time)."""
+        level-triggered, so the loop calls back only if groups are left."""
+        if not self._readiness.poll(0):
+            self._found_empty(self._loop.time())
+
+    def _found_empty(self, at: float) -> None:
+        """The kernel's queue was empty at ``at``. A group read later arrived after that, so its clock
+        starts there: the readiness the loop sees comes a busy turn late (the seed's forward groups
+        were answered up to 1.17 s after their raise when clocks started at it). Once the fd is still
+        idle a moment later (``_check_idle``), the next group's clock starts at its own readiness (a
+        group raised 0.8 s after the last was once answered at once, as if it had waited unread)."""
+        self._unread_since = at
+        if self._idle_check is None:
+            self._idle_check = self._loop.call_later(IDLE_CHECK, self._check_idle)
+
+    def _check_idle(self) -> None:
+        self._idle_check = None
         if not self._readiness.poll(0):
             self._unread_since = None
 

@@ -238,29 +238,45 @@ async def test_time_spent_unread_counts_against_the_deadline():
 
 
 @pytest.mark.asyncio
-async def test_a_group_that_arrives_after_a_read_emptied_the_queue_is_timed_from_its_own_readiness():
-    """Deciding the first read holds the loop for 0.3 s, past the 0.25 s deadline, and a group arrives
-    meanwhile. The first read had emptied the kernel's queue (short, and the fd not readable after
-    it), so the newcomer's clock starts at its own readiness: it is decided, not given the deadline
-    code as if it had waited since the first readiness (a steady stream never finds the queue empty
-    by a read that returns nothing)."""
+async def test_a_stream_that_never_leaves_the_queue_empty_at_a_read_is_timed_from_each_emptying_read():
+    """A stream: while each read is decided (20 ms, holding the loop) the next group arrives, so no
+    read ever returns nothing. Each read still empties the kernel's queue (short, and the fd not
+    readable right after it), so the next group's clock starts at that read, not at the stream's
+    first readiness: all 20 groups, 0.4 s of stream against a 0.25 s deadline, are decided in time."""
 
-    class SlowFirstBatch(BatchPolicy):
+    class Stream(BatchPolicy):
         def decide_batch(self, batch):
-            if not self.batches:
-                time.sleep(0.3)  # holds the loop, as a slow read did in the TCG lab ...
-                emulated.report(PageRequest(dev_id=1, addr=0x2000))  # ... while a group arrives
+            time.sleep(0.02)  # holds the loop, as a decided read does in the TCG lab ...
             self.batches += 1
+            if self.batches < 20:  # ... while the next group arrives
+                emulated.report(PageRequest(dev_id=1, addr=0x1000 * (self.batches + 1)))
             return numpy.full(len(batch), SUCCESS, numpy.uint32)
 
     emulated = EmulatedFaultQueue()
-    policy = SlowFirstBatch("slow-first")
+    policy = Stream("stream")
     policy.batches = 0
     responder = QueueResponder(emulated.open(), policy, QueueConfig("q", response_deadline=0.25))
     responder.start()
     emulated.report(PageRequest(dev_id=1, addr=0x1000))
     await settle(emulated, responder)
-    assert [code for _, code in emulated.answers] == [SUCCESS, SUCCESS] and policy.batches == 2
+    assert [code for _, code in emulated.answers] == [SUCCESS] * 20 and policy.batches == 20
+    assert responder.stats.outcomes["deadline"] == 0
+    assert responder.stats.latency.sum < 20 * 0.1  # each from its emptying read, not from the first
+    await responder.stop(0)
+    emulated.close()
+
+
+@pytest.mark.asyncio
+async def test_after_the_queue_was_idle_a_group_is_timed_from_its_own_readiness():
+    """The first group is answered and the queue stays empty; a group raised 0.3 s later, past the
+    0.25 s deadline, is timed from its own readiness and decided, not answered at once."""
+    emulated, responder = served(RulesPolicy("r", [], FixedPolicy("accept", SUCCESS)), response_deadline=0.25)
+    emulated.report(PageRequest(dev_id=1, addr=0x1000))
+    await settle(emulated, responder)
+    await asyncio.sleep(0.3)
+    emulated.report(PageRequest(dev_id=1, addr=0x2000))
+    await settle(emulated, responder)
+    assert [code for _, code in emulated.answers] == [SUCCESS, SUCCESS]
     assert responder.stats.outcomes["deadline"] == 0
     await responder.stop(0)
     emulated.close()

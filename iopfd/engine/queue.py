@@ -151,7 +151,7 @@ class QueueResponder:
         self._reading = False
         self._resume_timer: asyncio.TimerHandle | None = None  # set while reading is paused (back-pressure)
         self._idle_check: asyncio.TimerHandle | None = None  # after the queue was found empty (_found_empty)
-        self._unread_since: float | None = None  # first readiness since the queue was last seen empty
+        self._unread_since: float | None = None  # the next read's clock start (_found_empty)
         self._readiness = select.poll()  # whether the kernel's queue is empty, without a read
         self._spare: memoryview | None = None  # the next read's buffer (_read_buffer)
         self._deadline_timer: asyncio.TimerHandle | None = None

@@ -48,7 +48,7 @@ class QueueStats:
         self.faults = 0
         self.write_errors = 0
         self.latency = Histogram(LATENCY_BUCKETS)  # from the group's clock start (see unread_wait) to write()
-        # From the first readiness since the queue was last seen empty to the read() that took the group.
+        # From the group's clock start (QueueResponder._found_empty) to the read() that took the group.
         self.unread_wait = Histogram(LATENCY_BUCKETS)
         self.read_batches = Histogram(READ_BATCH_BUCKETS)
 

@@ -8,6 +8,7 @@ import pytest
 from iopfd_dev.bench import emulated
 from iopfd_dev.bench.cli import GUARD, check_guard, issue_table, tables
 from iopfd_dev.bench.plot import draw
+from iopfd_dev.bench.recorder import percentiles
 from iopfd_dev.bench.run import (
     C_MAP,
     MULTI_QUEUES,
@@ -18,7 +19,6 @@ from iopfd_dev.bench.run import (
     WINDOW,
     Result,
     _from_raise,
-    _percentiles,
     mapper_argument,
     plan,
     shares,
@@ -106,7 +106,7 @@ def test_response_time_runs_from_the_raise_and_every_fault_needs_an_answer():
     raised = [(0x1000, 10.0), (0x2000, 10.5), (0x3000, 10.5)]
     delays = _from_raise(raised, [(0x2000, 10.6), (0x1000, 11.2), (0x3000, 10.8)])
     assert delays == pytest.approx([0.1, 0.3, 1.2])  # sorted: seed's worst is the last
-    assert _percentiles(delays) == pytest.approx({"p50": 0.3, "p99": 0.3, "p100": 1.2})
+    assert percentiles(delays) == pytest.approx({"p50": 0.3, "p99": 0.3, "p99.9": 0.3, "p100": 1.2, "count": 3})
     with pytest.raises(RuntimeError, match=r"2 raised faults have no answer, e\.g\. address 0x2000"):
         _from_raise(raised, [(0x1000, 11.0)])
 

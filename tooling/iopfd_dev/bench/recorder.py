@@ -22,11 +22,11 @@ import resource
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import cache
 from pathlib import Path
 from typing import Any
 
 from iopfd.engine import Engine, QueueResponder
+from iopfd.engine.batch import np
 from iopfd.iommufd.fault import RECORD, RESPONSE
 
 # Set to a path, the daemon runs under cProfile from READY=1 to the end of its stop, and the stats
@@ -57,8 +57,8 @@ class QueueRecord:
         self._events += 1
         # numpy's strided copies: a memoryview's took 0.2 ms a column per 2 048 records in the TCG lab,
         # a tenth of a group's time in the accept burst (the daemon's CPU figure includes the recorder).
-        self._reads.append((self._events, _numpy().frombuffer(data, "<u4")[_COOKIE_WORD::_RECORD_WORDS].copy(),
-                            _numpy().frombuffer(data, "<u8")[_ADDR_QWORD::_RECORD_QWORDS].copy()))
+        self._reads.append((self._events, np().frombuffer(data, "<u4")[_COOKIE_WORD::_RECORD_WORDS].copy(),
+                            np().frombuffer(data, "<u8")[_ADDR_QWORD::_RECORD_QWORDS].copy()))
 
     def written(self, runs: list[tuple[Any, float, tuple[tuple[str, int], ...]]], now: float) -> None:
         self.last_write = now
@@ -165,21 +165,15 @@ class Recorder:
             queue_late = int(n.count_nonzero(samples > record.queue.config.response_deadline + LATE_SLACK))
             late += queue_late
             queues[name] = {"outcomes": dict(record.queue.stats.outcomes), "first_read": record.first_read,
-                            "last_write": record.last_write, "late": queue_late, "latency": _percentiles(samples),
+                            "last_write": record.last_write, "late": queue_late, "latency": percentiles(samples),
                             "answered_at": record.answered_at()}
         overall = n.sort(n.concatenate(every)) if every else n.array([])
         return {"queues": queues, "cpu_seconds": self.cpu_seconds, "maxrss_kb": self.maxrss_kb,
-                "overall": {"late": late, "latency": _percentiles(overall)}}
+                "overall": {"late": late, "latency": percentiles(overall)}}
 
 
-@cache
-def _numpy() -> Any:
-    import numpy
-
-    return numpy
-
-
-def _percentiles(ordered: Any) -> dict:
+def percentiles(ordered: Any) -> dict:
+    """p50, p99, p99.9 and max of sorted samples, and their count."""
     return {f"p{q * 100:g}": float(ordered[int(q * (len(ordered) - 1))]) if len(ordered) else None
             for q in (0.5, 0.99, 0.999, 1.0)} | {"count": len(ordered)}
 

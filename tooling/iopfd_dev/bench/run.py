@@ -40,7 +40,7 @@ from iopfd.iommufd.ioctl import lib, new
 from iopfd.iommufd.selftest import FaultingMockSetup, PagingMockSetup
 from iopfd.service.config import QueueDefaults
 from iopfd.uapi_ffi import ffi
-from iopfd_dev.bench.recorder import PROFILE_ENV
+from iopfd_dev.bench.recorder import PROFILE_ENV, percentiles
 from iopfd_dev.bench.tools import Tools
 from iopfd_dev.daemon import spawn_daemon
 from iopfd_dev.policies import DelayPolicy, ImmediatePolicy, import_path
@@ -133,7 +133,7 @@ class Result:
     peer_cpu_seconds: float | None = None  # forward: the peer's CPU time in this run
     threads: int | None = None  # seed: threads raising faults at once
     worst: float | None = None  # seed: the longest time from raising a fault to its answer
-    # steady: p50, p99, max (seconds) from the trigger raising each fault to its answer, for the C loop
+    # steady: p50, p99, p99.9, max (seconds) from the trigger raising each fault to its answer, for the C loop
     # and iopfd alike (``latency`` runs from iopfd's clock start, which the C loop does not have)
     from_raise: dict | None = None
     runs: list[float] = field(default_factory=list)  # groups/s of every repeat; this is the median one
@@ -499,7 +499,7 @@ def execute(run: Run, ctx: Iommufd, tools: Tools, daemon: Daemon | None, tmp: Pa
         if run.scenario == "seed":
             result.worst = max(_from_raise(run.raised, _pairs(log.read_bytes())))
         elif run.scenario == "steady":
-            result.from_raise = _percentiles(_from_raise(run.raised, _pairs(log.read_bytes())))
+            result.from_raise = percentiles(_from_raise(run.raised, _pairs(log.read_bytes())))
 
 
 def finish_iopfd(run: Run, report: dict) -> None:
@@ -516,7 +516,7 @@ def finish_iopfd(run: Run, report: dict) -> None:
     if run.scenario == "seed":
         r.worst = max(_from_raise(run.raised, [(addr, at) for addr, at in queues[0]["answered_at"]]))
     elif run.scenario == "steady":
-        r.from_raise = _percentiles(_from_raise(run.raised, [(addr, at) for addr, at in queues[0]["answered_at"]]))
+        r.from_raise = percentiles(_from_raise(run.raised, [(addr, at) for addr, at in queues[0]["answered_at"]]))
     if run.paging and r.outcomes["success"] != run.groups:
         raise RuntimeError(f"ioas-map answered {r.outcomes['success']} of {run.groups} groups SUCCESS ({r.outcomes}): "
                            "its CPU per group would not compare with the C map loop's, which maps every one")
@@ -555,10 +555,6 @@ def _from_raise(raised: list[tuple[int, float]], answered: list[tuple[int, float
     if missing:
         raise RuntimeError(f"{len(missing)} raised faults have no answer, e.g. address {missing[0]:#x}")
     return sorted(when[addr] - at for addr, at in raised)
-
-
-def _percentiles(ordered: list[float]) -> dict:
-    return {f"p{q * 100:g}": ordered[int(q * (len(ordered) - 1))] for q in (0.5, 0.99, 1.0)}
 
 
 def trigger_argument(rig: FaultingMockSetup, first_addr: int = FIRST_ADDR) -> tuple[int, bytes, int, int]:

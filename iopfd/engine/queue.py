@@ -838,14 +838,13 @@ class QueueResponder:
             for cookie in cookies[cookies >= MAX_TRACKED_COOKIE].tolist():
                 if self._big_cookies.get(cookie, (0,))[0] == read.serial:
                     del self._big_cookies[cookie]
-        if self._cookie_read is None:
-            pass
-        elif whole and not absurd:  # none voided (all open) and none absurd: every entry is this read's
-            self._cookie_read[read.cookie_slots] = 0
-        else:
-            cookies = cookies[cookies < MAX_TRACKED_COOKIE]
-            mine = self._cookie_read[cookies] == read.serial
-            self._cookie_read[cookies[mine]] = 0
+        if self._cookie_read is not None:
+            if whole and not absurd:  # none voided (all open) and none absurd: every entry is this read's
+                self._cookie_read[read.cookie_slots] = 0
+            else:
+                cookies = cookies[cookies < MAX_TRACKED_COOKIE]
+                mine = self._cookie_read[cookies] == read.serial
+                self._cookie_read[cookies[mine]] = 0
         if self._parked and self._unpark_handle is None:
             self._unpark_handle = self._loop.call_soon(self._unpark)
         if self._resume_timer is not None and self._read_fits():

@@ -358,39 +358,35 @@ class FaultChannel(_Channel):
     def _answer_range(self, found: _Range, offsets: numpy.ndarray, codes: numpy.ndarray) -> int:
         """Answer the groups of ``found`` at ``offsets`` that are open; returns how many were."""
         n = np()
-        count = len(found.ends)
+        batch, count = found.batch, len(found.ends)
+        positions: numpy.ndarray | slice
         if len(offsets) == count == found.sent == found.left and offsets[0] == 0 and offsets[-1] == count - 1 \
-                and every(offsets[1:] > offsets[:-1]) and found.batch.read.left == len(found.batch.read):
+                and every(offsets[1:] > offsets[:-1]) and batch.read.left == len(batch.read):
             # The common answer: every group of a whole read, once each, in order (rising from 0 to the
             # last: exactly each offset), none answered yet: no gathers.
-            found.answered.fill(True)
-            found.left = 0
-            self.stats.answered += count
-            self.stats.bad_codes += int(n.count_nonzero((codes != SUCCESS) & (codes != INVALID)))
-            found.batch.answer(slice(None), codes)
-            return count
-        if len(offsets) > 1 and not every(offsets[1:] > offsets[:-1]):  # not in order: maybe an id twice
-            order = n.argsort(offsets, kind="stable")  # not numpy.unique (see _answers)
-            ordered = offsets[order]
-            first = n.concatenate(([True], ordered[1:] != ordered[:-1]))  # the first answer of an id counts
-            offsets, codes = ordered[first], codes[order[first]]
-        positions = offsets
-        sent = positions < found.sent  # beyond: an id in a gap, or of a group not sent yet
-        if not every(sent):
-            positions, codes = positions[sent], codes[sent]
-        batch = found.batch
-        fresh = ~found.answered[positions] & batch.read.open[batch.index[positions]]
-        if not every(fresh):
-            positions, codes = positions[fresh], codes[fresh]
-        if not len(positions):
-            return 0
+            positions, taken = slice(None), count
+        else:
+            if len(offsets) > 1 and not every(offsets[1:] > offsets[:-1]):  # not in order: maybe an id twice
+                order = n.argsort(offsets, kind="stable")  # not numpy.unique (see _answers)
+                ordered = offsets[order]
+                first = n.concatenate(([True], ordered[1:] != ordered[:-1]))  # the first answer of an id counts
+                offsets, codes = ordered[first], codes[order[first]]
+            sent = offsets < found.sent  # beyond: an id in a gap, or of a group not sent yet
+            if not every(sent):
+                offsets, codes = offsets[sent], codes[sent]
+            fresh = ~found.answered[offsets] & batch.read.open[batch.index[offsets]]
+            if not every(fresh):
+                offsets, codes = offsets[fresh], codes[fresh]
+            positions, taken = offsets, len(offsets)
+            if not taken:
+                return 0
         found.answered[positions] = True
-        found.left -= len(positions)
-        self.stats.answered += len(positions)
+        found.left -= taken
+        self.stats.answered += taken
         # A code other than SUCCESS or INVALID: the engine answers that group INVALID as an error, and logs it
-        self.stats.bad_codes += int(((codes != SUCCESS) & (codes != INVALID)).sum())
+        self.stats.bad_codes += int(n.count_nonzero((codes != SUCCESS) & (codes != INVALID)))
         batch.answer(positions, codes)
-        return len(positions)
+        return taken
 
     def _sweep(self) -> None:
         """Forget the oldest ranges once every group in them is answered."""

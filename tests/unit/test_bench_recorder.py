@@ -12,7 +12,7 @@ import pytest
 from iopfd.engine import Engine, FixedPolicy, Policy, QueueConfig, QueueResponder
 from iopfd.iommufd import SUCCESS
 from iopfd.iommufd.fault import FaultGroup
-from iopfd_dev.bench.recorder import LATE_SLACK, PROFILE_ENV, Recorder
+from iopfd_dev.bench.recorder import LATE_SLACK, PROFILE_ENV, TRACED_ENV, Recorder
 from iopfd_dev.daemon import spawn_daemon
 from iopfd_dev.emulated import EmulatedFaultQueue, PageRequest
 
@@ -28,12 +28,15 @@ class Slow(Policy):
 
 
 @pytest.mark.asyncio
-async def test_every_group_answered_is_recorded_once_with_its_address():
+async def test_every_group_answered_is_recorded_once_with_its_address(monkeypatch):
+    monkeypatch.setenv(TRACED_ENV, "fixed,slow")  # "untraced" keeps its counts and clocks, not its reads
     recorder = Recorder()
     with recorder.installed():
         engine = Engine()
-        queues = {"fixed": EmulatedFaultQueue(), "slow": EmulatedFaultQueue()}
+        queues = {"fixed": EmulatedFaultQueue(), "slow": EmulatedFaultQueue(), "untraced": EmulatedFaultQueue()}
         engine.add(QueueResponder(queues["fixed"].open(), FixedPolicy("accept", SUCCESS), QueueConfig("fixed")))
+        engine.add(QueueResponder(queues["untraced"].open(), FixedPolicy("accept", SUCCESS),
+                                  QueueConfig("untraced")))
         engine.add(QueueResponder(queues["slow"].open(), Slow(), QueueConfig("slow", response_deadline=0.03)))
         engine.start()
         for round_ in range(3):  # the cookies of one round come back in the next
@@ -54,12 +57,15 @@ async def test_every_group_answered_is_recorded_once_with_its_address():
         assert figures["latency"]["count"] == 60
         assert figures["first_read"] <= figures["last_write"]
         answered = figures["answered_at"]
+        if name == "untraced":
+            assert answered == []
+            continue
         assert sorted(addr for addr, _ in answered) == addresses
         assert all(figures["first_read"] <= at <= figures["last_write"] for _, at in answered)
     assert report["queues"]["fixed"]["late"] == 0
     slow = report["queues"]["slow"]  # its slowest calls miss the 30 ms deadline: answered at it, not late
     assert slow["latency"]["p100"] <= 0.03 + LATE_SLACK and slow["late"] == 0
-    assert report["overall"]["latency"]["count"] == 120 and report["cpu_seconds"] > 0 and report["maxrss_kb"] > 0
+    assert report["overall"]["latency"]["count"] == 180 and report["cpu_seconds"] > 0 and report["maxrss_kb"] > 0
 
 
 @pytest.mark.timeout(200)

@@ -32,6 +32,10 @@ from iopfd.iommufd.fault import RECORD, RESPONSE
 # Set to a path, the daemon runs under cProfile from READY=1 to the end of its stop, and the stats
 # are written there (``iopfd-dev bench --profile``).
 PROFILE_ENV = "IOPFD_DEV_PROFILE"
+# Comma-separated names of the queues whose reads are traced (``QueueRecord.answered_at``: the seed and
+# steady runs, timed from the raise). Tracing costs the daemon two column copies a read (0.5 ms in the
+# TCG lab); the C loop records nothing per group in a burst, and nor does the recorder then.
+TRACED_ENV = "IOPFD_DEV_TRACED_QUEUES"
 LATE_SLACK = 0.05  # a group answered later than its deadline + this is late
 _RECORD_WORDS = RECORD.size // 4  # struct iommu_hwpt_pgfault: its cookie is the last u32 ...
 _COOKIE_WORD = 9
@@ -43,18 +47,22 @@ _RESPONSE_WORDS = RESPONSE.size // 4  # struct iommu_hwpt_page_response: its coo
 class QueueRecord:
     """What one queue read and wrote, and when (loop.time(), CLOCK_MONOTONIC)."""
 
-    def __init__(self, queue: QueueResponder) -> None:
+    def __init__(self, queue: QueueResponder, traced: bool) -> None:
         self.queue = queue
+        self.traced = traced
         self.first_read: float | None = None
         self.last_write: float | None = None
         self._events = 0  # reads and writes so far: orders them for answered_at()
         self._reads: list[tuple[int, Any, Any]] = []  # (event, cookies (u32), addresses (u64))
-        self._runs: list[tuple[int, memoryview, float, float]] = []  # (event, the responses, started_at, written at)
+        self._runs: list[tuple[int, int, float, float]] = []  # (event, responses, started_at, written at)
+        self._written: list[memoryview] = []  # traced: the responses of each run
 
     def read(self, data: memoryview, now: float) -> None:
         if self.first_read is None:
             self.first_read = now
         self._events += 1
+        if not self.traced:
+            return
         # numpy's strided copies: a memoryview's took 0.2 ms a column per 2 048 records in the TCG lab,
         # a tenth of a group's time in the accept burst (the daemon's CPU figure includes the recorder).
         self._reads.append((self._events, np().frombuffer(data, "<u4")[_COOKIE_WORD::_RECORD_WORDS].copy(),
@@ -63,14 +71,17 @@ class QueueRecord:
     def written(self, runs: list[tuple[Any, float, tuple[tuple[str, int], ...]]], now: float) -> None:
         self.last_write = now
         self._events += 1
-        for responses, started_at, _ in runs:  # not copied: the engine makes a new buffer for each run
-            self._runs.append((self._events, memoryview(responses).cast("B"), started_at, now))
+        for responses, started_at, _ in runs:
+            view = memoryview(responses).cast("B")
+            self._runs.append((self._events, view.nbytes // RESPONSE.size, started_at, now))
+            if self.traced:  # not copied: the engine makes a new buffer for each run
+                self._written.append(view)
 
     def latencies(self) -> Any:
         """Every answered group's latency, from its clock start to the write of its answer, sorted."""
         import numpy as n
 
-        counts = n.array([len(responses) // RESPONSE.size for _, responses, _, _ in self._runs], n.int64)
+        counts = n.array([count for _, count, _, _ in self._runs], n.int64)
         each = n.array([at - started for _, _, started, at in self._runs], n.float64)
         return n.sort(n.repeat(each, counts))
 
@@ -80,7 +91,7 @@ class QueueRecord:
         that carried it before the write (the kernel reissues a cookie only once it is answered)."""
         import numpy as n
 
-        if not self._runs or not self._reads:
+        if not self._written or not self._reads:  # untraced, or nothing answered
             return []
 
         def keys(events: list[int], cookies: list[Any]) -> Any:
@@ -92,7 +103,7 @@ class QueueRecord:
         addresses = n.concatenate([a for _, _, a in self._reads])
         order = n.argsort(read_keys, kind="stable")  # a cookie twice in one read: its last record wins
         read_keys, addresses = read_keys[order], addresses[order]
-        cookies = [n.frombuffer(responses, n.uint32)[0::_RESPONSE_WORDS] for _, responses, _, _ in self._runs]
+        cookies = [n.frombuffer(responses, n.uint32)[0::_RESPONSE_WORDS] for responses in self._written]
         write_keys = keys([e for e, _, _, _ in self._runs], cookies)
         written = n.repeat(n.array([at for _, _, _, at in self._runs]), [len(c) for c in cookies])
         found = n.searchsorted(read_keys, write_keys, side="right") - 1
@@ -108,6 +119,7 @@ class Recorder:
 
     def __init__(self) -> None:
         self.queues: dict[str, QueueRecord] = {}
+        self._traced = set(filter(None, os.environ.get(TRACED_ENV, "").split(",")))
         self.cpu_seconds = 0.0
         self.maxrss_kb = 0
         self._cpu_at_start = 0.0
@@ -120,7 +132,7 @@ class Recorder:
         recorder = self
 
         def recording_add(self: Engine, queue: QueueResponder) -> None:
-            record = QueueRecord(queue)
+            record = QueueRecord(queue, queue.name in recorder._traced)
             queue.observer = record
             add(self, queue)
             recorder.queues[queue.name] = record

@@ -40,7 +40,7 @@ from iopfd.iommufd.ioctl import lib, new
 from iopfd.iommufd.selftest import FaultingMockSetup, PagingMockSetup
 from iopfd.service.config import QueueDefaults
 from iopfd.uapi_ffi import ffi
-from iopfd_dev.bench.recorder import PROFILE_ENV, percentiles
+from iopfd_dev.bench.recorder import PROFILE_ENV, TRACED_ENV, percentiles
 from iopfd_dev.bench.tools import Tools
 from iopfd_dev.daemon import spawn_daemon
 from iopfd_dev.policies import DelayPolicy, ImmediatePolicy, import_path
@@ -354,7 +354,9 @@ class Daemon:
                 tmp, fds, "--config", str(config), *forward_args, "--metrics-address", "127.0.0.1:0",
                 program=("-m", "iopfd_dev.bench.recorder", str(self.report_path), "run"),
                 env={"IOPFD_CONTROL__PATH": str(self.control_path or "off"), "IOPFD_WATCH_DEVICES": "false",
-                     "IOPFD_RUNTIME_DIR": str(tmp), "IOPFD_LOG_LEVEL": "error"}
+                     "IOPFD_RUNTIME_DIR": str(tmp), "IOPFD_LOG_LEVEL": "error",
+                     TRACED_ENV: ",".join(name for run in runs if run.scenario in ("seed", "steady")
+                                          for name in run.names)}
                 | ({PROFILE_ENV: profile} if profile else {}))
         finally:
             for fd in fds[len(queues):]:

@@ -79,10 +79,17 @@ MAX_WAKEUP_SECONDS = 0.02
 # Only for policies that decide whole batches: per-group decide() calls are bounded by their own
 # latency, and parked groups queued behind them were answered late in the TCG lab, not decided.
 PARKED_FACTOR = 16
-# A parked group still waiting at this fraction of its deadline before its due time gets the deadline
-# code then: the policy would have too little time for it, and the deadline answers of a whole storm
-# written at once were 40 ms late in the TCG lab.
-PARKED_EARLY = 0.2
+# Parked groups get the deadline code ahead of their due time by twice the time that writing every
+# parked group's answer takes (the write cost per answer measured on this queue), and at least this
+# fraction of their deadline: the policy would have too little time for them, and the deadline answers
+# of a whole storm written at once were 40 ms late in the TCG lab. (A fixed fifth of the deadline left
+# the tail of a 100 000-group forward burst 250 ms it could have used.)
+PARKED_EARLY = 0.05
+PARKED_WRITE_MARGIN = 2
+# Seconds per answer written, until this queue has measured its own (a TCG guest's write took 2 µs an
+# answer, a loaded one more); writes of fewer answers than WRITE_COST_SAMPLE say little about it.
+WRITE_COST_START = 5e-6
+WRITE_COST_SAMPLE = 256
 # Per-group decide() calls that really await, in flight per queue; further groups wait their turn
 # inside their deadline. One loop turn resumes every call whose await has finished: 256 of them made
 # turns of 444 ms in the TCG lab on a loaded host (about a tenth of that idle), longer than the 50 ms
@@ -150,6 +157,7 @@ class QueueResponder:
         self._parked_open = 0  # of them, those still open
         self._unpark_handle: asyncio.Handle | None = None
         self._parked_timer: asyncio.TimerHandle | None = None
+        self._write_cost = WRITE_COST_START  # seconds per answer written (an average of recent writes)
         # (read, group, code, policy name) of per-group calls that awaited, answered once per loop turn
         self._decided_groups: list[tuple[Read, int, int, str]] = []
         self._decided_handle: asyncio.Handle | None = None
@@ -452,6 +460,9 @@ class QueueResponder:
         self._parked_open += len(batch)
         self._parked.append(batch)
         self._hand_out_parked()
+        if self._parked_timer is not None:  # more parked: their answers are due earlier
+            self._parked_timer.cancel()
+            self._parked_timer = None
         self._arm_parked()
 
     def _arm_parked(self) -> None:
@@ -460,7 +471,9 @@ class QueueResponder:
                                                     self._on_parked_due)
 
     def _parked_due(self) -> float:
-        return self._due() - self.config.response_deadline * PARKED_EARLY
+        """Seconds after its clock start at which a parked group gets the deadline code."""
+        margin = self._parked_open * self._write_cost * PARKED_WRITE_MARGIN
+        return self._due() - max(margin, self.config.response_deadline * PARKED_EARLY)
 
     def _on_parked_due(self) -> None:
         """Parked groups near their deadline get the deadline code now, and are written at once."""
@@ -893,6 +906,7 @@ class QueueResponder:
             return
         payload = outgoing[0][0] if len(outgoing) == 1 else b"".join(run[0] for run in outgoing)
         payload = memoryview(payload).cast("B")
+        began = self._loop.time()
         try:
             refused = respond_packed(self.source, payload)
         except IommufdError as exc:
@@ -902,6 +916,9 @@ class QueueResponder:
             self._fail(f"cannot write the fault fd: {exc}")
             return
         now = self._loop.time()
+        answers = len(payload) // RESPONSE.size
+        if answers >= WRITE_COST_SAMPLE:
+            self._write_cost += ((now - began) / answers - self._write_cost) / 4
         if self.observer is not None:
             self.observer.written(outgoing, now)
         stats = self.stats

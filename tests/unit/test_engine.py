@@ -12,7 +12,7 @@ import pytest_asyncio
 from structlog.testing import capture_logs
 
 from iopfd.engine import Batch, BatchPolicy, Engine, FixedPolicy, Policy, QueueConfig, QueueResponder
-from iopfd.engine.queue import MAX_READS_PER_WAKEUP, PARKED_FACTOR
+from iopfd.engine.queue import MAX_READS_PER_WAKEUP, PARKED_EARLY, PARKED_FACTOR, PARKED_WRITE_MARGIN
 from iopfd.iommufd import INVALID, SUCCESS
 from iopfd.iommufd.fault import LAST_PAGE, RECORD, RESPONSE, FaultGroup, FaultQueue
 from iopfd.policies import Policies
@@ -321,8 +321,9 @@ async def test_groups_read_beyond_max_pending_wait_parked_and_only_beyond_that_a
 
 
 async def test_parked_groups_that_do_not_reach_the_policy_in_time_get_the_deadline_code_first(served):
-    """Parked groups still waiting near their deadline (PARKED_EARLY of it before the due time) are
-    answered with the deadline code then, ahead of the groups the policy holds, and never reach it."""
+    """Parked groups still waiting near their deadline (at least PARKED_EARLY of it before the due
+    time) are answered with the deadline code then, ahead of the groups the policy holds, and never
+    reach it."""
     gate = BatchGate()
     s = served(gate, max_pending=4, response_deadline=0.5)
     s.report(12)  # one read: 4 for the policy, which never decides, and 8 parked
@@ -331,6 +332,28 @@ async def test_parked_groups_that_do_not_reach_the_policy_in_time_get_the_deadli
     await s.settle()
     assert s.codes() == [INVALID] * 12 and s.responder.stats.outcomes["deadline"] == 12
     assert gate.holding == 4  # the parked ones never reached it
+
+
+async def test_the_more_groups_are_parked_the_earlier_they_get_the_deadline_code(served):
+    """Parked groups get the deadline code ahead of their due time by twice what writing all their
+    answers takes at this queue's measured cost per answer, so that a storm's many deadline answers
+    are written in time, and by no more than PARKED_EARLY of the deadline when few are parked."""
+    gate = BatchGate()
+    s = served(gate, max_pending=64, response_deadline=1.0)
+    s.report(300)  # one read: 64 to the policy, 236 parked
+    await s.until(lambda: s.responder.parked == 236)
+    due = s.responder._due()
+    assert s.responder._parked_due() == pytest.approx(due - PARKED_EARLY)  # 236 answers: well under 50 ms
+    s.responder._write_cost = 2e-4  # as if each answer took 0.2 ms to write: 236 of them take 47 ms
+    assert s.responder._parked_due() == pytest.approx(due - 236 * 2e-4 * PARKED_WRITE_MARGIN)
+    s.report(300, start=300)  # more parked: due earlier still, and the timer is armed for that
+    await s.until(lambda: s.responder.parked == 536)
+    timer = s.responder._parked_timer
+    assert timer is not None and timer.when() == pytest.approx(
+        s.responder._reads[min(s.responder._reads)].started_at + due - 536 * 2e-4 * PARKED_WRITE_MARGIN, abs=1e-6)
+    await s.until(lambda: len(s.codes()) == 536, timeout=5)
+    assert s.codes() == [INVALID] * 536 and gate.holding == 64 and s.responder.parked == 0
+    assert s.responder._write_cost < 2e-4  # the write of those answers pulled the cost down
 
 
 async def test_memory_stays_bounded_in_a_storm(served):

@@ -105,7 +105,10 @@ class _Range:
 
     def closed(self) -> bool:
         """Nothing left to answer: the peer or the engine (deadline, shutdown) answered every group."""
-        return not self.left or not np().count_nonzero(self.batch.read.open[self.batch.index])
+        batch = self.batch
+        if not self.left or batch.index is batch.read.every:  # the whole read: its count of open groups says
+            return not self.left or not batch.read.left
+        return not np().count_nonzero(batch.read.open[batch.index])
 
 
 class _Channel:
@@ -335,7 +338,11 @@ class FaultChannel(_Channel):
         self._sweep()
         ranges = self._ranges
         late = len(responses)  # until shown to answer an open group
-        if ranges:
+        whole = self._whole_ranges(responses)
+        if whole:
+            late -= whole
+            responses = responses[whole:]
+        if ranges and len(responses):
             # Every id ever sent is one of the 2^32 sequence numbers just below _next.
             following = self._next
             seq = ((following - 1) & ~ID_MASK) + responses["cookie"].astype(n.int64)
@@ -355,13 +362,35 @@ class FaultChannel(_Channel):
             self.stats.late_answers += late
         self._sweep()
 
-    def _answer_range(self, found: _Range, offsets: numpy.ndarray, codes: numpy.ndarray) -> int:
-        """Answer the groups of ``found`` at ``offsets`` that are open; returns how many were."""
+    def _whole_ranges(self, responses: numpy.ndarray) -> int:
+        """Answer the open ranges that ``responses`` begin with, if each is answered whole, in order, once
+        per id (the answer a peer gives to what it was sent); returns how many responses that took."""
+        cookies, done = responses["cookie"], 0
+        if len(cookies) > 1 and not every(cookies[1:] > cookies[:-1]):
+            return 0
+        for found in self._ranges:
+            if done == len(cookies):
+                break
+            if not found.left:
+                continue
+            count, first = len(found.ends), found.start & ID_MASK
+            if not (found.sent == found.left == count and done + count <= len(cookies)
+                    and int(cookies[done]) == first and int(cookies[done + count - 1]) == first + count - 1
+                    and found.batch.read.left == len(found.batch.read)):
+                break  # (rising, and the first and last ids right: every id of the range once, in order)
+            self._answer_range(found, None, responses["code"][done:done + count])
+            done += count
+        return done
+
+    def _answer_range(self, found: _Range, offsets: numpy.ndarray | None, codes: numpy.ndarray) -> int:
+        """Answer the groups of ``found`` at ``offsets`` that are open; returns how many were. None: every
+        group of the range, in order, all open (``_whole_ranges`` has checked)."""
         n = np()
         batch, count = found.batch, len(found.ends)
         positions: numpy.ndarray | slice
-        if len(offsets) == count == found.sent == found.left and offsets[0] == 0 and offsets[-1] == count - 1 \
-                and every(offsets[1:] > offsets[:-1]) and batch.read.left == len(batch.read):
+        if offsets is None or (
+                len(offsets) == count == found.sent == found.left and offsets[0] == 0 and offsets[-1] == count - 1
+                and every(offsets[1:] > offsets[:-1]) and batch.read.left == len(batch.read)):
             # The common answer: every group of a whole read, once each, in order (rising from 0 to the
             # last: exactly each offset), none answered yet: no gathers.
             positions, taken = slice(None), count

@@ -200,6 +200,32 @@ async def test_answer_packets_received_back_to_back_are_taken_together_as_if_one
     assert taken == [5, 2]  # the buffer held two packets (5 responses), then the last two
 
 
+async def test_whole_batches_answered_in_order_are_taken_without_lookups_and_the_rest_as_usual(pair, monkeypatch):
+    """Answers that begin with whole batches, every id once and in order (what a peer sends back), are
+    taken batch by batch with no id lookups; what follows them takes the general path."""
+    ours, theirs = pair
+    engine = Engine()
+    channel, policy = channel_on(ours)
+    whole: list[bool] = []
+    answer_range = channel._answer_range
+
+    def watched(found, offsets, codes):
+        whole.append(offsets is None)
+        return answer_range(found, offsets, codes)
+
+    monkeypatch.setattr(channel, "_answer_range", watched)
+    for sizes, first_cookie in (([1, 1, 1], 1), ([1, 1], 4), ([1, 1], 6)):
+        policy.decide_batch(engine.batch(sizes, first_cookie=first_cookie))
+    a, b, c = (group_ids(receive(theirs)) for _ in range(3))
+    respond(theirs, [*a, *b, c[1]], [SUCCESS, INVALID, SUCCESS, SUCCESS, INVALID, SUCCESS])  # a and b whole, c in part
+    await until(lambda: len(engine.answers) == 6)
+    assert whole == [True, True, False]
+    respond(theirs, [c[0], a[0]], [INVALID, SUCCESS])  # the rest of c, and a[0] again: late
+    await until(lambda: len(engine.answers) == 7 and policy.stats.late_answers == 1)
+    assert engine.answers == {1: SUCCESS, 2: INVALID, 3: SUCCESS, 4: SUCCESS, 5: INVALID, 6: INVALID, 7: SUCCESS}
+    assert policy.stats.answered == 7 and whole == [True, True, False, False]  # a is forgotten: a[0] maps to none
+
+
 async def test_a_packet_that_is_not_whole_responses_counts_what_is_whole(pair):
     ours, theirs = pair
     engine = Engine()

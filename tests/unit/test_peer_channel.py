@@ -301,6 +301,32 @@ async def test_a_full_socket_does_not_block_and_groups_wait_their_turn(pair):
         theirs.recv(1)
 
 
+async def test_one_record_groups_go_in_full_packets_back_to_back_until_the_socket_is_full(pair):
+    """Batches of one-record groups go out in full packets back to back; a socket that fills midway
+    leaves the rest queued, sent in order once the peer reads: every group once, no packet over what
+    the peer reads, and packets full but for a tail with nothing queued behind it."""
+    ours, theirs = pair
+    engine = Engine()
+    channel, policy = channel_on(ours, read_records=16)
+    batches = [engine.batch([1] * 100, first_cookie=1 + 100 * i, addr=i << 20) for i in range(300)]
+    for batch in batches:
+        policy.decide_batch(batch)  # the peer reads nothing yet
+    assert 0 < channel.queued < 30000  # the socket filled midway
+    seen, sizes = [], []
+    while len(seen) < 30000:
+        packet = receive(theirs, 16)
+        sizes.append(len(packet))
+        seen += group_ids(packet)
+        await asyncio.sleep(0)  # the loop sends more as the peer reads
+    assert seen == list(range(seen[0], seen[0] + 30000))  # every group once, in order, ids in one run
+    # Full packets, but for a few around a batch's tail sent while nothing was queued behind it (before
+    # the socket filled); once batches wait, a tail shares a packet with the next one's head.
+    assert max(sizes) == 16 and sizes.count(16) > 1800
+    respond(theirs, seen[:16], [SUCCESS] * 16)
+    await until(lambda: len(engine.answers) == 16)
+    assert channel.queued == 0 and policy.stats.sent == 30000
+
+
 async def test_disconnect_answers_every_open_group_at_once_and_earlier_answers_count(pair):
     ours, theirs = pair
     engine = Engine()

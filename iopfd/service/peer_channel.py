@@ -105,9 +105,11 @@ class _Range:
 
     def closed(self) -> bool:
         """Nothing left to answer: the peer or the engine (deadline, shutdown) answered every group."""
+        if not self.left:
+            return True
         batch = self.batch
-        if not self.left or batch.index is batch.read.every:  # the whole read: its count of open groups says
-            return not self.left or not batch.read.left
+        if batch.index is batch.read.every:  # the whole read: its count of open groups says
+            return not batch.read.left
         return not np().count_nonzero(batch.read.open[batch.index])
 
 
@@ -281,37 +283,38 @@ class FaultChannel(_Channel):
                 self._gone(f"send failed: {exc.strerror or exc}")
                 return
             for found, stop in plan:
-                sent = stop - found.sent
-                self.queued -= sent
-                self.stats.sent += sent
-                found.sent = stop
-                if stop == len(found.ends):
-                    queue.popleft()
+                self._mark_sent(found, stop)
 
     def _send_full_packets(self, found: _Range) -> bool:
         """Send ``found``'s one-record groups in full packets, back to back, with the bookkeeping once
         (it cost as much as the send per packet in the TCG lab); False if the socket is full or the
         peer is gone."""
         size, count, total = self.read_records * protocol.RECORD_SIZE, self.read_records, len(found.ends)
-        data, sent, failed = found.data, found.sent, None
+        data, sent = found.data, found.sent
         try:
             while total - sent >= count:
                 self.sock.send(data[sent * protocol.RECORD_SIZE:sent * protocol.RECORD_SIZE + size])
                 sent += count
         except BlockingIOError:
-            failed = ""
-        except OSError as exc:
-            failed = f"send failed: {exc.strerror or exc}"
-        self.queued -= sent - found.sent
-        self.stats.sent += sent - found.sent
-        found.sent = sent
-        if sent == total:
-            self._queue.popleft()
-        if failed == "":
+            self._mark_sent(found, sent)
             self._wait_for_room()
-        elif failed is not None:  # the peer is gone; answers it sent before still count
-            self._gone(failed)
-        return failed is None
+            return False
+        except OSError as exc:  # the peer is gone; answers it sent before still count
+            self._mark_sent(found, sent)
+            self._gone(f"send failed: {exc.strerror or exc}")
+            return False
+        self._mark_sent(found, sent)
+        return True
+
+    def _mark_sent(self, found: _Range, stop: int) -> None:
+        """``found``'s groups up to ``stop`` went to the peer; a range sent whole leaves the queue
+        (ranges go out in queue order, so it is the first)."""
+        sent = stop - found.sent
+        self.queued -= sent
+        self.stats.sent += sent
+        found.sent = stop
+        if stop == len(found.ends):
+            self._queue.popleft()
 
     # -- in ------------------------------------------------------------------------------------
     def _on_readable(self) -> None:

@@ -26,7 +26,7 @@ from iopfd.iommufd.viommu import MalformedVevents, SequenceTracker, VeventQueue,
 
 log = structlog.get_logger("iopfd.engine")
 
-MAX_READS_PER_WAKEUP = 4  # as for fault queues: a flooding queue yields to the others
+MAX_READS_PER_WAKEUP = 4  # a flooding queue yields to the others (vEVENTs are few and small)
 
 
 @dataclass(frozen=True, slots=True)

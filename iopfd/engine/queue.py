@@ -61,8 +61,16 @@ log = structlog.get_logger("iopfd.engine")
 
 # Reads per readiness callback before yielding to the loop, so one flooding queue cannot starve the
 # others or its own policies (readiness is level-triggered: the loop calls back at once if more is
-# queued).
-MAX_READS_PER_WAKEUP = 4
+# queued). One: a read holds up to 8 192 groups, and a wakeup of 4 096 blocked the loop over 100 ms
+# in the TCG lab.
+MAX_READS_PER_WAKEUP = 1
+# max_pending unless configured: groups with the policy at once. A policy that decides whole batches
+# (or gives fixed answers) gets two whole reads: one with the policy, one being read (with one read's
+# worth, a forward peer idled while its window refilled). A per-group decide() costs about 15 µs a
+# group in the TCG lab: with a window of 16 384, a burst's groups were decided so late that some
+# missed their deadline, where with 4 096 the rest is shed at once.
+MAX_PENDING = 2 * DEFAULT_BATCH_RECORDS
+PER_GROUP_MAX_PENDING = 4096
 # Back-pressure: a queue reads only while a whole read fits under max_pending (or nothing is open);
 # otherwise it stops reading, and groups wait in the kernel until decisions make room, but only
 # until the oldest has waited unread for this fraction of its deadline. Then the queue reads until
@@ -130,7 +138,7 @@ class QueueConfig:
     name: str
     response_deadline: float = 1.0
     deadline_code: int = INVALID
-    max_pending: int = 4096
+    max_pending: int | None = None  # None: MAX_PENDING, or PER_GROUP_MAX_PENDING for decide() per group
     labels: Mapping[str, str] = field(default_factory=dict)  # e.g. the VM's name, in every log line
     device_names: Mapping[int, str] = field(default_factory=dict)  # dev_id -> name, in per-group lines
 
@@ -196,6 +204,13 @@ class QueueResponder:
             np()  # import numpy now, before READY=1, not on the first fault
 
     @property
+    def max_pending(self) -> int:
+        """Groups with the policy at once: as configured, else the default for the policy's kind."""
+        if self.config.max_pending is not None:
+            return self.config.max_pending
+        return MAX_PENDING if self._fixed_code is not None or self._parks else PER_GROUP_MAX_PENDING
+
+    @property
     def reading(self) -> bool:
         return self._reading
 
@@ -220,7 +235,7 @@ class QueueResponder:
         self._readiness.register(self.source.fileno(), select.POLLIN)
         self._reading = True
         self._log.info("serving fault queue", fd=self.source.fileno(), policy=self.policy.name,
-                       response_deadline=self.config.response_deadline, max_pending=self.config.max_pending)
+                       response_deadline=self.config.response_deadline, max_pending=self.max_pending)
 
     def stop_reading(self) -> None:
         if self._reading:
@@ -342,18 +357,18 @@ class QueueResponder:
         """A whole read (the buffer's worth of groups) fits under max_pending. With a max_pending
         below the read buffer, half of max_pending must be free: else one slow group open would keep
         every other group waiting in the kernel."""
-        return self._open + self._read_size() <= self.config.max_pending
+        return self._open + self._read_size() <= self.max_pending
 
     def _read_size(self) -> int:
-        return min(self.source.buffer_records, self.config.max_pending // 2)
+        return min(self.source.buffer_records, self.max_pending // 2)
 
     def _max_open(self) -> int:
         """Groups read and open at most: max_pending being decided, and those parked."""
-        return self.config.max_pending * (1 + PARKED_FACTOR if self._parks else 1)
+        return self.max_pending * (1 + PARKED_FACTOR if self._parks else 1)
 
     def _room(self) -> int:
         """Groups that may be handed to the policy now."""
-        return self.config.max_pending - (self._open - self._parked_open)
+        return self.max_pending - (self._open - self._parked_open)
 
     def _pause(self, unread_since: float) -> None:
         """Stop reading until decisions make room for a whole read (``_close``) or until the groups
@@ -807,7 +822,7 @@ class QueueResponder:
 
     def _warn_shed(self, groups: int) -> None:
         self._warn_at_most_each_second("queue full: groups shed with INVALID", groups,
-                                       max_pending=self.config.max_pending)
+                                       max_pending=self.max_pending)
 
     def _warn_at_most_each_second(self, event: str, groups: int, **fields: Any) -> None:
         """A warning that a storm would repeat for every read: logged at most once a second, with the

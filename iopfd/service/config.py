@@ -105,8 +105,9 @@ class QueueDefaults(BaseModel, extra="forbid"):
     response_deadline: Deadline = 1.0  # seconds a policy has before the group is answered with deadline_code
     deadline_code: CodeName = "invalid"
     # groups with the policy at once; a batch policy's groups read beyond it wait parked (up to 16 times
-    # as many), and what exceeds that, or a per-group policy's beyond max_pending, is shed with INVALID
-    max_pending: MaxPending = 4096
+    # as many), and what exceeds that, or a per-group policy's beyond max_pending, is shed with INVALID.
+    # None: the engine's default for the policy (16 384; 4 096 for a plug-in that decides group by group)
+    max_pending: MaxPending | None = None
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,7 @@ class ResolvedQueue:
     policy: str
     response_deadline: float
     deadline_code: int  # SUCCESS or INVALID, the kernel's page response code
-    max_pending: int
+    max_pending: int | None  # None: the engine's default for the policy
 
 
 class QueueSettings(BaseModel, extra="forbid"):

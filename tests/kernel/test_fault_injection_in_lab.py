@@ -15,6 +15,7 @@ import time
 
 import pytest
 
+from iopfd.engine.queue import MAX_PENDING
 from iopfd_dev.bench.run import finish_trigger, start_trigger
 from iopfd_dev.daemon import spawn_daemon
 from test_daemon import assert_kernel_has_nothing_pending, assert_kernel_has_nothing_pending_read, trigger
@@ -85,7 +86,7 @@ def test_kill_9_at_a_random_moment_then_restart_from_the_fd_store(run, tmp_path,
         (taken,) = [e for e in events if e["event"].startswith("fault queue taken back")]
         ready_at = next(i for i, e in enumerate(events) if e["event"] == "ready")
         assert events.index(taken) < ready_at  # swept before the first read
-        assert taken["answered_invalid"] <= 4096  # at most max_pending groups were read and held
+        assert taken["answered_invalid"] <= MAX_PENDING  # at most max_pending groups were read and held
         assert second.totals()["error"] == 0
         assert [e for e in events if "refused" in e["event"]] == []
     finally:

@@ -42,7 +42,7 @@ def test_defaults_without_a_file():
     assert settings.shutdown_grace == 2.0
     assert settings.policy == "accept"
     assert (settings.defaults.response_deadline, settings.defaults.deadline_code, settings.defaults.max_pending) == \
-        (1.0, "invalid", 4096)
+        (1.0, "invalid", None)  # None: the engine's default for the queue's policy
     assert settings.queues == [] and settings.policies == {}
     assert EX_CONFIG == 78
 
@@ -94,7 +94,7 @@ def test_example_file_loads_and_shows_the_defaults():
     for key in ("log_level", "log_format", "metrics_address", "shutdown_grace", "policy", "defaults"):
         assert getattr(settings, key) == getattr(defaults, key), key
     assert settings.queues[0].resolved(settings) == ResolvedQueue(
-        name="guest0", fd=3, policy="guest-rules", response_deadline=1.0, deadline_code=INVALID, max_pending=4096)
+        name="guest0", fd=3, policy="guest-rules", response_deadline=1.0, deadline_code=INVALID, max_pending=None)
     rules = settings.policies["guest-rules"]
     assert rules.type == "rules"
     assert rules.options == {"default": "reject", "rules": [

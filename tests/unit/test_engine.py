@@ -12,7 +12,14 @@ import pytest_asyncio
 from structlog.testing import capture_logs
 
 from iopfd.engine import Batch, BatchPolicy, Engine, FixedPolicy, Policy, QueueConfig, QueueResponder
-from iopfd.engine.queue import MAX_READS_PER_WAKEUP, PARKED_EARLY, PARKED_FACTOR, PARKED_WRITE_MARGIN
+from iopfd.engine.queue import (
+    MAX_PENDING,
+    MAX_READS_PER_WAKEUP,
+    PARKED_EARLY,
+    PARKED_FACTOR,
+    PARKED_WRITE_MARGIN,
+    PER_GROUP_MAX_PENDING,
+)
 from iopfd.iommufd import INVALID, SUCCESS
 from iopfd.iommufd.fault import LAST_PAGE, RECORD, RESPONSE, FaultGroup, FaultQueue
 from iopfd.policies import Policies
@@ -456,6 +463,23 @@ async def test_malformed_groups_are_answered_invalid():
     emulated.close()
 
 
+async def test_max_pending_unless_configured_is_the_default_for_the_policy_kind():
+    """Two whole reads for a policy that decides batches or gives fixed answers; a per-group decide()
+    gets fewer, and a reload to another kind of policy changes it; a configured value always holds."""
+    emulated = EmulatedFaultQueue()
+    responder = QueueResponder(emulated.open(), FixedPolicy("accept", SUCCESS), QueueConfig("q"))
+    assert responder.max_pending == MAX_PENDING == 2 * responder.source.buffer_records
+    responder.use_policy(Gate())
+    assert responder.max_pending == PER_GROUP_MAX_PENDING < MAX_PENDING
+    responder.use_policy(BatchGate())
+    assert responder.max_pending == MAX_PENDING
+    configured = QueueResponder(emulated.open(), Gate(), QueueConfig("q2", max_pending=10))
+    assert configured.max_pending == 10
+    configured.use_policy(BatchGate())
+    assert configured.max_pending == 10
+    emulated.close()
+
+
 class CountedAccept(FixedPolicy):
     def __init__(self) -> None:
         super().__init__("accept", SUCCESS)
@@ -475,10 +499,11 @@ async def test_a_fixed_answer_is_written_straight_from_the_cookie_column_of_each
     marks = []
     responder.cookie_mark_hook = lambda cookie: marks.append(cookie) or cookie
     responder.start()
+    # Each read's answers are written in one write(), in the wakeup that read it (one read a wakeup).
     responder._on_readable()
-    # Each read's answers are written in one write() before the next read (the third finds nothing).
-    assert source.writes == [RESPONSE.pack(7, code) + RESPONSE.pack(3, code) + RESPONSE.pack(9, code),
-                             RESPONSE.pack(4, code)]
+    assert source.writes == [RESPONSE.pack(7, code) + RESPONSE.pack(3, code) + RESPONSE.pack(9, code)]
+    responder._on_readable()
+    assert source.writes[1:] == [RESPONSE.pack(4, code)]
     assert responder.pending == 0
     assert getattr(responder.policy, "batches", 0) == 0  # the policy was never called
     assert responder.stats.outcomes[outcome] == 4 and responder.stats.faults == 4 and responder.stats.latency.count == 4
@@ -499,7 +524,9 @@ async def test_a_fixed_answer_takes_the_batch_path_for_multi_record_groups_and_a
     responder = QueueResponder(source, policy, QueueConfig("q"))
     responder.start()
     responder._on_readable()
-    assert source.writes == [RESPONSE.pack(5, SUCCESS), RESPONSE.pack(5, SUCCESS) + RESPONSE.pack(6, SUCCESS)]
+    assert source.writes == [RESPONSE.pack(5, SUCCESS)]
+    responder._on_readable()
+    assert source.writes[1:] == [RESPONSE.pack(5, SUCCESS) + RESPONSE.pack(6, SUCCESS)]
     assert policy.batches == 0 and responder.pending == 0
     assert responder.stats.outcomes["success"] == 3 and responder.stats.outcomes["error"] == 0
     assert responder.stats.faults == 4

@@ -21,6 +21,7 @@ import structlog
 
 from iopfd.cli import build_parser
 from iopfd.engine import Engine
+from iopfd.engine.queue import MAX_PENDING
 from iopfd.engine.stats import OUTCOMES
 from iopfd.iommufd import INVALID, SUCCESS
 from iopfd.iommufd.probe import probe
@@ -294,9 +295,9 @@ def test_a_config_queue_gets_its_own_limits(tmp_path):
     """)
     server = Server(load_settings(config, runtime_dir=str(tmp_path)), Engine(), Policies({}), Notifier(None))
     queue = server.queues.add("vm1", EmulatedFaultQueue().open(), policy="accept").queue
-    assert (queue.config.max_pending, queue.config.response_deadline) == (8, 0.5)
+    assert (queue.max_pending, queue.config.response_deadline) == (8, 0.5)
     other = server.queues.add("vm2", EmulatedFaultQueue().open()).queue
-    assert (other.config.max_pending, other.config.response_deadline) == (4096, 1.0)
+    assert (other.max_pending, other.config.response_deadline) == (MAX_PENDING, 1.0)  # accept's default
 
 
 def test_sighup_reloads_the_running_daemon_and_sigterm_still_stops_it(tmp_path):

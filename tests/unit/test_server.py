@@ -42,7 +42,7 @@ def test_fault_fds_fill_config_queues_by_name_and_add_the_rest(tmp_path):
     config.write_text('[[queues]]\nname = "vm1"\npolicy = "reject"\nmax_pending = 8\n')
     queues = resolve_queues(load_settings(config), [FaultFdArg(5, "vm1"), FaultFdArg(6)])
     assert [(q.name, q.fd, q.policy, q.max_pending) for q in queues] == [("vm1", 5, "reject", 8),
-                                                                        ("fd6", 6, "accept", 4096)]
+                                                                        ("fd6", 6, "accept", None)]
 
 
 def test_a_queue_without_fd_or_no_queue_at_all_is_refused(tmp_path):

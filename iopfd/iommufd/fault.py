@@ -38,8 +38,8 @@ CODES: dict[CodeName, int] = {"success": SUCCESS, "invalid": INVALID}
 
 # 320 KiB. A decided read costs the engine a fixed few dozen numpy calls (about 7 ms in the TCG lab),
 # and the fixed answers of a read a fixed 0.5 ms: reads of 8 192 records rather than 2 048 took
-# forward from 0.45 to 0.58 of the C floor's rate, rules from 0.64 to 0.89, accept from 0.87 to 1.02.
-# The engine reads only when half of max_pending is free.
+# every policy closer to the C floor (docs/performance.md). The engine reads only when half of
+# max_pending is free.
 DEFAULT_BATCH_RECORDS = 8192
 # A PRI page-request group is bounded by the device's outstanding-request credits; this is far above.
 MAX_BUFFER_RECORDS = 1 << 16

@@ -46,6 +46,7 @@ from iopfd.engine.policy import BatchPolicy, FixedPolicy, Policy, RoutingPolicy
 from iopfd.engine.stats import QueueObserver, QueueStats
 from iopfd.iommufd.errors import IommufdError
 from iopfd.iommufd.fault import (
+    COOKIE_OFFSET,
     DEFAULT_BATCH_RECORDS,
     INVALID,
     LAST_PAGE,
@@ -116,8 +117,7 @@ CLOCK_EVERY = 8  # per-group calls between looks at the clock (loop.time() cost 
 # every record is a whole one-record group (what a PRI device sends for single-page faults).
 _WITH_LAST_PAGE = bytes(b for b in range(256) if b & LAST_PAGE)
 _RECORD_WORDS = RECORD.size // 4
-_COOKIE_WORD = 9  # struct iommu_hwpt_pgfault.cookie, the last u32
-_COOKIE_OFFSET = _COOKIE_WORD * 4
+_COOKIE_WORD = COOKIE_OFFSET // 4
 # Deadline answers are due this fraction of the deadline early (50 ms of the default 1 s): a timer
 # waits for the loop turn it falls in, and a deadline answer must not be late by that much. Drain
 # turns last up to MAX_WAKEUP_SECONDS; with a peer holding 100 000 groups, a turn of its answers and
@@ -409,7 +409,7 @@ class QueueResponder:
         count = (end - begin) // RECORD.size
         responses = _responses(code, count)
         for byte in range(4):  # the u32 cookie, byte by byte, into each response's first word
-            responses[byte::RESPONSE.size] = raw[begin + _COOKIE_OFFSET + byte:end:RECORD.size]
+            responses[byte::RESPONSE.size] = raw[begin + COOKIE_OFFSET + byte:end:RECORD.size]
         stats = self.stats
         stats.faults += count
         stats.read_batches.observe(count)

@@ -25,6 +25,9 @@ RECORD = struct.Struct("<IIIIIIQII")  # struct iommu_hwpt_pgfault, checked again
 RESPONSE = struct.Struct("<II")       # struct iommu_hwpt_page_response
 assert RECORD.size == ffi.sizeof("struct iommu_hwpt_pgfault")
 assert RESPONSE.size == ffi.sizeof("struct iommu_hwpt_page_response")
+# Where a record's fields lie, for code that takes one column straight from a read's bytes.
+COOKIE_OFFSET = ffi.offsetof("struct iommu_hwpt_pgfault", "cookie")
+ADDR_OFFSET = ffi.offsetof("struct iommu_hwpt_pgfault", "addr")
 
 PASID_VALID = lib.IOMMU_PGFAULT_FLAGS_PASID_VALID
 LAST_PAGE = lib.IOMMU_PGFAULT_FLAGS_LAST_PAGE

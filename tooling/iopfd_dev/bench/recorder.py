@@ -27,7 +27,7 @@ from typing import Any
 
 from iopfd.engine import Engine, QueueResponder
 from iopfd.engine.batch import np
-from iopfd.iommufd.fault import RECORD, RESPONSE
+from iopfd.iommufd.fault import ADDR_OFFSET, COOKIE_OFFSET, RECORD, RESPONSE
 
 # Set to a path, the daemon runs under cProfile from READY=1 to the end of its stop, and the stats
 # are written there (``iopfd-dev bench --profile``).
@@ -37,10 +37,10 @@ PROFILE_ENV = "IOPFD_DEV_PROFILE"
 # TCG lab); the C loop records nothing per group in a burst, and nor does the recorder then.
 TRACED_ENV = "IOPFD_DEV_TRACED_QUEUES"
 LATE_SLACK = 0.05  # a group answered later than its deadline + this is late
-_RECORD_WORDS = RECORD.size // 4  # struct iommu_hwpt_pgfault: its cookie is the last u32 ...
-_COOKIE_WORD = 9
+_RECORD_WORDS = RECORD.size // 4
+_COOKIE_WORD = COOKIE_OFFSET // 4
 _RECORD_QWORDS = RECORD.size // 8
-_ADDR_QWORD = 3  # ... and its faulting address the fourth u64
+_ADDR_QWORD = ADDR_OFFSET // 8
 _RESPONSE_WORDS = RESPONSE.size // 4  # struct iommu_hwpt_page_response: its cookie is the first u32
 
 

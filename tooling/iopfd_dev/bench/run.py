@@ -19,7 +19,6 @@ bench builds their rigs in the iommufd iopfd hands back. After each ioas-map run
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import select
@@ -380,15 +379,16 @@ class Daemon:
         """Until iopfd has answered every group of ``run``; True if it had at the first look. Asks every
         0.2 s (each status request is iopfd CPU time in the run's figure)."""
         deadline = time.monotonic() + timeout
+        first_look = True
         with Client(str(self.control_path)) as client:
-            for looks in itertools.count():
+            while True:
                 answered = sum(sum(q["outcomes"].values()) for q in client.status()["queues"] if q["name"] in run.names)
                 if answered >= run.groups:
-                    return not looks
+                    return first_look
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"iopfd answered {answered} of {run.groups} groups of {run.name} in {timeout} s")
+                first_look = False
                 time.sleep(0.2)
-        raise AssertionError("unreachable")
 
     def peer_pid(self, policy: str | None) -> int | None:
         peer = self.peers.get(policy or "")
@@ -474,15 +474,12 @@ def execute(run: Run, ctx: Iommufd, tools: Tools, daemon: Daemon | None, tmp: Pa
         raised = tmp / f"{run.name}.raised"
         offered = trigger(tools, ctx, run.rigs[0], run.groups, run.rate, threads=run.threads, log=raised)
         run.raised = _pairs(raised.read_bytes())
-    if run.brokered:
-        assert daemon is not None
-        daemon.wait_answered(run)
-        time.sleep(0.3)  # as _wait_drained settles
     for queue in run.queues:
         _wait_drained(queue, settle=1.5 if run.scenario == "storm" else 0.3)
     cpu_start, cpu = cpu, cpu_seconds(pid) - cpu
-    # Every group read is not every group answered: a per-group plug-in may still be deciding. The
-    # next run stops iopfd (SIGSTOP) while it queues its burst, which would hold these groups up.
+    # Every group read is not every group answered: a per-group plug-in may still be deciding, and a
+    # brokered queue has no fd here to watch. The next run stops iopfd (SIGSTOP) while it queues its
+    # burst, which would hold these groups up.
     if daemon is not None and run.responder == "iopfd" and not daemon.wait_answered(run):
         cpu = cpu_seconds(pid) - cpu_start  # that work counts (and the status requests, a little)
     run.result = result = Result(
